@@ -1,0 +1,1 @@
+"""Graph passes, one a file. Each is `(gm, ctx) -> PassResult`; `samq_fx.pipeline` orders them."""

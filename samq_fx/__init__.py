@@ -1,0 +1,31 @@
+"""samq-fx: post-training quantization of Segment Anything, as FX graph passes."""
+
+from samq_fx.api import QuantizedSam, SaveFileError, load, quantize, save
+from samq_fx.calib import CalibrationError
+from samq_fx.capture import CaptureConfig, CapturedSam, capture
+from samq_fx.config import CalibConfig, Override, QuantConfig
+from samq_fx.models import ARCHS, CheckpointError, SamArch, arch_of, build_sam
+from samq_fx.report import RoleTable, roles
+
+__all__ = [
+    "ARCHS",
+    "CalibConfig",
+    "CalibrationError",
+    "CaptureConfig",
+    "CapturedSam",
+    "CheckpointError",
+    "Override",
+    "QuantConfig",
+    "QuantizedSam",
+    "RoleTable",
+    "SamArch",
+    "SaveFileError",
+    "arch_of",
+    "build_sam",
+    "capture",
+    "load",
+    "quantize",
+    "roles",
+    "save",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,212 @@
+"""The verb: `quantize(sam, calib_loader, config)`, and `save` / `load` of its result.
+
+    q = samq_fx.quantize(samq_fx.build_sam("tiny"), loader, samq_fx.QuantConfig.preset("W4A4"))
+    SamPredictor(q).set_image(image)          # a drop-in Sam
+    samq_fx.save(q, "tiny_w4a4.samq")
+
+`quantize` never edits the user's model: it captures a copy, plans and inserts quantizers as
+passes (`samq_fx.pipeline.quantize_passes`), calibrates weights from the weights themselves and
+activations on the calibration images, freezes every quantizer, and checks that what it returns
+quantizes exactly as deployment would (`assert_deployable`).
+
+A saved file holds tensors, quantizer state, the architecture, the config and the plan; no
+pickled code. `load` rebuilds the module tree from the architecture, captures it, replays the
+same passes from the config, checks the plan is the one saved, and loads the tensors: the result
+computes bit for bit what the saved model computed.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+import zipfile
+from pathlib import Path
+
+import torch
+from segment_anything.modeling import Sam
+
+from samq_fx.calib import prepare_calibration, run_calibration, validate_loader
+from samq_fx.capture import CapturedSam, capture
+from samq_fx.config import QuantConfig
+from samq_fx.meta import get_info
+from samq_fx.models import SamArch, arch_of, sam_from_arch
+from samq_fx.passes.insert_quantizers import weight_quantizer_inputs
+from samq_fx.passes.plan_quantization import check_overrides_matched
+from samq_fx.pipeline import PassContext, quantize_passes, run_passes
+from samq_fx.quantizers import Quantizer, assert_deployable
+
+FORMAT = "samq-fx"
+FORMAT_VERSION = 1
+PARTS = ("image_encoder", "mask_decoder")
+
+
+class QuantizedSam(CapturedSam):
+    """A captured `Sam` with fake quantizers in its graphs; `samq_config` says how."""
+
+    samq_config: QuantConfig
+
+
+class SaveFileError(ValueError):
+    """A saved model that cannot be loaded: not ours, another format version, truncated."""
+
+
+def _prepare_graphs(model: CapturedSam, cfg: QuantConfig) -> None:
+    """Plan and insert quantizers in both graphs (the part `load` replays)."""
+    arch = model.samq_arch
+    hits = [0] * len(cfg.overrides)
+    seen_roles: set[str] = set()
+    for part in PARTS:
+        gm = getattr(model, part)
+        ctx = PassContext(part=part, arch=arch, config=cfg, state={"override_hits": hits})
+        run_passes(gm, ctx, quantize_passes(cfg))
+        seen_roles |= {
+            get_info(n).role for n in gm.graph.nodes if get_info(n) and get_info(n).quant
+        }
+    check_overrides_matched(cfg, hits, {r for r in seen_roles if r})
+
+
+def _as_quantized(captured: CapturedSam) -> QuantizedSam:
+    captured.__class__ = QuantizedSam
+    return captured
+
+
+def quantizers(model: torch.nn.Module) -> dict[str, Quantizer]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, Quantizer)}
+
+
+@torch.no_grad()
+def calibrate_weights(model: torch.nn.Module) -> int:
+    n = 0
+    for part in PARTS:
+        for quantizer, weight in weight_quantizer_inputs(getattr(model, part)):
+            quantizer(weight)
+            quantizer.freeze()
+            n += 1
+    return n
+
+
+def quantize(
+    sam: Sam, calib_loader, config: QuantConfig | None = None, *, progress: bool = True
+) -> QuantizedSam:
+    """Quantize a SAM post-training.
+
+    Args:
+        sam: a `Sam` (eager or `samq_fx.capture`d). Not modified.
+        calib_loader: iterable of calibration samples (see `samq_fx.calib`): images as H x W x 3
+            uint8 arrays or paths, optionally with "boxes" / "points" prompts.
+        config: a `QuantConfig` (default W8A8 MSE); `QuantConfig.preset("W4A4")` for presets.
+        progress: print progress lines on stderr.
+
+    Returns:
+        A `QuantizedSam`: drop-in for `Sam` (SamPredictor accepts it).
+
+    Example:
+        >>> q = quantize(build_sam("tiny"), [{"image": img}], QuantConfig(w_bits=4, a_bits=4))
+    """
+    cfg = config or QuantConfig()
+    if not isinstance(cfg, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig, got {type(cfg).__name__}")
+    if isinstance(sam, QuantizedSam):
+        raise ValueError("this model is already quantized; pass the full-precision Sam")
+    if not isinstance(sam, Sam):
+        raise TypeError(f"quantize expects a segment_anything Sam, got {type(sam).__name__}")
+    start = time.perf_counter()
+    raws = validate_loader(calib_loader, cfg.calib)  # bad input fails before any work
+    model = copy.deepcopy(sam) if isinstance(sam, CapturedSam) else capture(sam)
+    items = prepare_calibration(model, raws, cfg.calib, progress)
+    _prepare_graphs(model, cfg)
+    model = _as_quantized(model)
+    calibrate_weights(model)
+    run_calibration(model, items, progress)
+    for quantizer in quantizers(model).values():
+        quantizer.freeze()
+    assert_deployable(model)
+    model.samq_config = cfg
+    model.samq_calibration = {
+        "image_ids": [it.image_id for it in items],
+        "num_prompts": sum(it.num_prompts for it in items),
+        "seconds": time.perf_counter() - start,
+    }
+    return model.eval()
+
+
+def _plan_of(model: torch.nn.Module) -> dict[str, dict]:
+    plan = {}
+    for part in PARTS:
+        for node in getattr(model, part).graph.nodes:
+            info = get_info(node)
+            if info is not None and info.quant and info.role is not None:
+                plan[f"{part}:{node.name}"] = dict(info.quant)
+    return plan
+
+
+def save(model: QuantizedSam, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write a quantized model: tensors, quantizer state, architecture, config, plan."""
+    if not isinstance(model, QuantizedSam):
+        raise TypeError(
+            f"save expects a QuantizedSam (from samq_fx.quantize), got {type(model).__name__}"
+        )
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --force) to replace it")
+    payload = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "arch": model.samq_arch.to_dict(),
+        "config": model.samq_config.to_dict(),
+        "plan": _plan_of(model),
+        "calibration": dict(model.samq_calibration),
+        "state_dict": {
+            k: v.detach().cpu() if isinstance(v, torch.Tensor) else v
+            for k, v in model.state_dict().items()
+        },
+    }
+    tmp = path.with_name(path.name + ".partial")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _read(path: Path) -> dict:
+    if not path.is_file():
+        raise SaveFileError(f"{path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise SaveFileError(
+            f"{path} cannot be read (truncated or not a samq-fx file?): {err}"
+        ) from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise SaveFileError(f"{path} is not a samq-fx quantized model")
+    if payload.get("version") != FORMAT_VERSION:
+        raise SaveFileError(
+            f"{path} has format version {payload.get('version')!r}; this samq-fx reads version "
+            f"{FORMAT_VERSION}: quantize the model again with this version"
+        )
+    return payload
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> QuantizedSam:
+    """Load a model written by `save`; it computes exactly what the saved model computed."""
+    path = Path(path)
+    payload = _read(path)
+    arch = SamArch.from_dict(payload["arch"])
+    cfg = QuantConfig.from_dict(payload["config"])
+    model = capture(sam_from_arch(arch))
+    _prepare_graphs(model, cfg)
+    model = _as_quantized(model)
+    if _plan_of(model) != payload["plan"]:
+        raise SaveFileError(
+            f"{path}: the quantization plan replayed from its config differs from the saved one "
+            "(saved by an incompatible samq-fx?)"
+        )
+    model.load_state_dict(payload["state_dict"], strict=True)
+    model.samq_config = cfg
+    model.samq_arch = arch
+    model.samq_calibration = payload.get("calibration", {})
+    assert_deployable(model)
+    return model.to(map_location).eval()
+
+
+__all__ = ["QuantizedSam", "SaveFileError", "arch_of", "load", "quantize", "save"]

@@ -1,0 +1,234 @@
+"""Quantization configs: frozen dataclasses, named presets, strict `from_dict`.
+
+`QuantConfig` says what to quantize and how; every default follows the papers' shared setting
+(papers.md §0): weights per output channel, asymmetric; activations per tensor, asymmetric; the
+inputs of every linear and convolution and both operands of both attention matmuls quantized;
+patch embedding, output upscaling, hypernetwork MLPs, IoU head and the final mask product kept in
+floating point (so are LayerNorms, GELU, residual adds and the prompt encoder, which have no
+quantizer site at all).
+
+A one-line override changes any group of layers, selected by role, attention kind, part or an
+anchored module-path pattern:
+
+    QuantConfig(w_bits=4, a_bits=4,
+                overrides=(Override(role="upscale_conv", quantize=True, w_bits=8, a_bits=8),))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from samq_fx.meta import ATTN_KINDS, ROLES
+
+BASE_METHODS = ("minmax", "percentile", "mse")
+METHODS = BASE_METHODS  # later methods (ptq4sam, saq-sam, car-sam) extend this tuple
+
+# Roles whose weight is quantized, and their activation input slot(s).
+WEIGHT_ROLES = (
+    "qkv_proj",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "out_proj",
+    "mlp_fc1",
+    "mlp_fc2",
+    "neck_conv",
+    "patch_embed",
+    "upscale_conv",
+    "hypernet_fc",
+    "iou_head_fc",
+)
+# The two attention matmuls: which operand slot is which.
+MATMUL_SLOTS = {"qk_matmul": ("q", "k"), "av_matmul": ("attn", "v")}
+DEFAULT_FP_ROLES = ("patch_embed", "upscale_conv", "hypernet_fc", "iou_head_fc", "mask_matmul")
+
+
+def _check_bits(name: str, bits: int | None, allow_none: bool = False) -> None:
+    if bits is None and allow_none:
+        return
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
+        raise ValueError(f"{name}={bits!r} is out of range: bit widths must be integers 2..8")
+
+
+def _strict_from_dict(cls, d: dict[str, Any]):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**d)
+
+
+@dataclass(frozen=True)
+class Override:
+    """Change the quantization of every site that matches all the given selectors.
+
+    Selectors: `role` (see `samq_fx.meta.ROLES`), `attn_kind`, `part` ("image_encoder" or
+    "mask_decoder"), `module` (a regular expression that must match the whole module path).
+    Effects: `quantize` (False keeps the layer in floating point; True quantizes a layer that
+    is floating point by default), `w_bits`, `a_bits`.
+    """
+
+    role: str | None = None
+    attn_kind: str | None = None
+    part: str | None = None
+    module: str | None = None
+    quantize: bool | None = None
+    w_bits: int | None = None
+    a_bits: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.role is not None and self.role not in ROLES:
+            raise ValueError(f"unknown role {self.role!r}; roles: {sorted(ROLES)}")
+        if self.attn_kind is not None and self.attn_kind not in ATTN_KINDS:
+            raise ValueError(f"unknown attn_kind {self.attn_kind!r}; kinds: {list(ATTN_KINDS)}")
+        if self.part not in (None, "image_encoder", "mask_decoder"):
+            raise ValueError(f"part must be image_encoder or mask_decoder, not {self.part!r}")
+        if self.module is not None:
+            re.compile(self.module)
+        if all(getattr(self, k) is None for k in ("role", "attn_kind", "part", "module")):
+            raise ValueError(
+                "an Override needs at least one selector (role, attn_kind, part, module)"
+            )
+        _check_bits("Override.w_bits", self.w_bits, allow_none=True)
+        _check_bits("Override.a_bits", self.a_bits, allow_none=True)
+
+    def matches(self, part: str, role: str | None, attn_kind: str | None, module_path: str) -> bool:
+        return (
+            (self.role is None or self.role == role)
+            and (self.attn_kind is None or self.attn_kind == attn_kind)
+            and (self.part is None or self.part == part)
+            and (self.module is None or re.fullmatch(self.module, module_path) is not None)
+        )
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Override:
+        return _strict_from_dict(cls, d)
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Calibration data handling.
+
+    Args:
+        num_images: how many images of the loader to use (the papers use 32).
+        max_prompts_per_image: boxes kept per image (seeded choice when there are more).
+        points_per_side: grid used to sample boxes the way SAM's automatic mask generator
+            does when a sample has no prompts (each grid point's full-precision mask gives a box).
+        seed: seeds every random choice; calibration is deterministic for a seed.
+    """
+
+    num_images: int = 32
+    max_prompts_per_image: int = 16
+    points_per_side: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_images < 1 or self.max_prompts_per_image < 1 or self.points_per_side < 1:
+            raise ValueError(f"CalibConfig values must be positive: {self}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CalibConfig:
+        return _strict_from_dict(cls, d)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize and how.
+
+    Args:
+        method: how ranges are chosen: "minmax", "percentile" or "mse" (Lp-optimal clip,
+            p = 2.4 as in PTQ4SAM).
+        w_bits, a_bits: 2..8. `a_bits=None` quantizes weights only (W4A16-style).
+        w_granularity: "channel" (per output channel) or "group" (with `w_group_size`).
+        w_symmetric, a_symmetric: symmetric grids (the papers use asymmetric for both).
+        percentile: kept quantile of the "percentile" method.
+        fp_roles: roles kept in floating point (see `DEFAULT_FP_ROLES`).
+        overrides: `Override`s applied in order; each must match at least one site.
+        calib: `CalibConfig`.
+
+    Example:
+        >>> cfg = QuantConfig.preset("W4A4")
+        >>> cfg.w_bits, cfg.a_bits, cfg.method
+        (4, 4, 'mse')
+    """
+
+    method: str = "mse"
+    w_bits: int = 8
+    a_bits: int | None = 8
+    w_granularity: str = "channel"
+    w_group_size: int | None = None
+    w_symmetric: bool = False
+    a_symmetric: bool = False
+    percentile: float = 0.9999
+    fp_roles: tuple[str, ...] = DEFAULT_FP_ROLES
+    overrides: tuple[Override, ...] = ()
+    calib: CalibConfig = field(default_factory=CalibConfig)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; methods: {list(METHODS)}")
+        _check_bits("w_bits", self.w_bits)
+        _check_bits("a_bits", self.a_bits, allow_none=True)
+        if self.w_granularity not in ("channel", "group"):
+            raise ValueError(
+                f"w_granularity must be 'channel' or 'group', not {self.w_granularity!r}"
+            )
+        unknown = [r for r in self.fp_roles if r not in ROLES]
+        if unknown:
+            raise ValueError(f"unknown fp_roles {unknown}; roles: {sorted(ROLES)}")
+        # tuples even when built from lists, so the config stays hashable and frozen
+        object.__setattr__(self, "fp_roles", tuple(self.fp_roles))
+        object.__setattr__(self, "overrides", tuple(self.overrides))
+
+    @property
+    def name(self) -> str:
+        a = "16" if self.a_bits is None else str(self.a_bits)
+        return f"W{self.w_bits}A{a}-{self.method}"
+
+    @classmethod
+    def preset(cls, name: str, **changes: Any) -> QuantConfig:
+        """A named preset ("W8A8", "W6A6", "W4A4", "W4A16", optionally "-minmax" etc.)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **changes)
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["fp_roles"] = list(self.fp_roles)
+        d["overrides"] = [o.to_dict() for o in self.overrides]
+        d["calib"] = self.calib.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> QuantConfig:
+        d = dict(d)
+        if "overrides" in d:
+            d["overrides"] = tuple(Override.from_dict(o) for o in d["overrides"])
+        if "calib" in d:
+            d["calib"] = CalibConfig.from_dict(d["calib"])
+        if "fp_roles" in d:
+            d["fp_roles"] = tuple(d["fp_roles"])
+        return _strict_from_dict(cls, d)
+
+
+def _presets() -> dict[str, QuantConfig]:
+    out = {}
+    for w, a in ((8, 8), (6, 6), (4, 4), (4, 8)):
+        for method in BASE_METHODS:
+            out[f"W{w}A{a}-{method}"] = QuantConfig(method=method, w_bits=w, a_bits=a)
+        out[f"W{w}A{a}"] = out[f"W{w}A{a}-mse"]
+    out["W8A16"] = QuantConfig(method="minmax", w_bits=8, a_bits=None)
+    out["W4A16"] = QuantConfig(method="mse", w_bits=4, a_bits=None)
+    return out
+
+
+PRESETS = _presets()

@@ -1,0 +1,35 @@
+"""Shared fixtures. Models are built once per session: export is the slow part on a CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import samq_fx
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _deterministic_threads():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_random():
+    torch.manual_seed(0)
+    return samq_fx.build_sam("tiny", pretrained=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_random_captured(tiny_random):
+    return samq_fx.capture(tiny_random)
+
+
+@pytest.fixture(scope="session")
+def vit_b_random():
+    torch.manual_seed(0)
+    return samq_fx.build_sam("vit_b")
+
+
+@pytest.fixture(scope="session")
+def vit_b_captured(vit_b_random):
+    return samq_fx.capture(vit_b_random)
