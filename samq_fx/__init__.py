@@ -5,7 +5,7 @@ from samq_fx.calib import CalibrationError
 from samq_fx.capture import CaptureConfig, CapturedSam, capture
 from samq_fx.config import CalibConfig, Override, QuantConfig
 from samq_fx.models import ARCHS, CheckpointError, SamArch, arch_of, build_sam
-from samq_fx.report import RoleTable, roles
+from samq_fx.report import QuantSummary, RoleTable, roles, summary
 
 __all__ = [
     "ARCHS",
@@ -17,6 +17,7 @@ __all__ = [
     "Override",
     "QuantConfig",
     "QuantizedSam",
+    "QuantSummary",
     "RoleTable",
     "SamArch",
     "SaveFileError",
@@ -27,5 +28,6 @@ __all__ = [
     "quantize",
     "roles",
     "save",
+    "summary",
 ]
 __version__ = "0.1.0"

@@ -44,6 +44,26 @@ class CapturedSam(Sam):
     samq_arch: SamArch
 
 
+class SamGraphModule(torch.fx.GraphModule):
+    """A GraphModule that keeps SAM's plain attributes (`img_size`, the pass log) on deepcopy.
+
+    `torch.fx.GraphModule.__deepcopy__` rebuilds a bare GraphModule and drops attributes the
+    graph does not reference, so `copy.deepcopy(captured)` would lose `image_encoder.img_size`,
+    which `Sam.preprocess` and `SamPredictor` read.
+    """
+
+    PRESERVED = ("img_size", "samq_pass_log")
+
+    def __deepcopy__(self, memo):
+        bare = torch.fx.GraphModule.__deepcopy__(self, memo)
+        copied = SamGraphModule(bare, bare.graph, class_name=self.__class__.__name__)
+        copied.meta = bare.meta
+        for name in self.PRESERVED:
+            if hasattr(self, name):
+                setattr(copied, name, copy.deepcopy(getattr(self, name), memo))
+        return copied
+
+
 def select_mask_outputs(
     masks: torch.Tensor, iou_pred: torch.Tensor, multimask_output: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +94,7 @@ def _as_plain_graph_module(exported: torch.fx.GraphModule, name: str) -> torch.f
         output.args = (outs[0],)
     else:
         output.args = (tuple(outs) if isinstance(outs, list) else outs,)
-    gm = torch.fx.GraphModule(exported, graph, class_name=name)
+    gm = SamGraphModule(exported, graph, class_name=name)
     gm.meta = {}
     return gm
 

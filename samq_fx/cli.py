@@ -69,7 +69,12 @@ examples:
   torchrun --nproc-per-node 8 -m samq_fx.cli eval ...   (images sharded over 8 processes;
       the numbers equal a 1-process run)""",
     )
-    p.add_argument("--model", required=True, help="architecture: tiny, vit_b, vit_l or vit_h")
+    p.add_argument("--model", help="architecture: tiny, vit_b, vit_l or vit_h")
+    p.add_argument(
+        "--quantized",
+        metavar="FILE",
+        help="a model saved by `samq-fx quantize`; adds fidelity against its full-precision model",
+    )
     p.add_argument(
         "--checkpoint",
         metavar="PATH",
@@ -152,6 +157,129 @@ def _add_roles(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_roles)
 
 
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "quantize",
+        help="quantize a SAM post-training and save it",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Capture a SAM, insert fake quantizers, calibrate them on a folder of "
+        "images and save the quantized model (tensors, quantizer state and config; no pickled "
+        "code). The saved file loads with samq_fx.load() and evaluates with "
+        "`samq-fx eval --quantized FILE`.",
+        epilog="""examples:
+  samq-fx quantize --model tiny --calib-images data/calib/images \\
+      --calib-annotations data/calib/annotations.json --method mse --w-bits 4 --a-bits 4 \\
+      --output tiny_w4a4.samq
+  samq-fx quantize --model vit_b --checkpoint sam_vit_b_01ec64.pth \\
+      --calib-images coco/train2017 --calib-size 32 --method mse --w-bits 6 --a-bits 6 \\
+      --output sam_b_w6a6.samq
+
+Without --calib-annotations each image gets boxes the way SAM's automatic mask generator finds
+objects (a point grid, the full-precision model's mask for each point, its box).""",
+    )
+    p.add_argument("--model", required=True, choices=["tiny", "vit_b", "vit_l", "vit_h"])
+    p.add_argument("--checkpoint", metavar="PATH", help="official SAM state dict to quantize")
+    p.add_argument("--calib-images", required=True, metavar="DIR", help="calibration images")
+    p.add_argument(
+        "--calib-annotations",
+        metavar="JSON",
+        help="COCO instances JSON for the calibration images: its boxes become the prompts",
+    )
+    p.add_argument("--calib-size", type=int, default=32, metavar="N", help="images used (32)")
+    p.add_argument("--method", default="mse", help="minmax, percentile or mse (default)")
+    p.add_argument("--w-bits", type=int, default=8, metavar="W", help="weight bits, 2..8")
+    p.add_argument(
+        "--a-bits",
+        type=int,
+        default=8,
+        metavar="A",
+        help="activation bits, 2..8; 16 = weights only",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seeds image choice and prompt sampling")
+    p.add_argument("--output", required=True, metavar="FILE", help="where to write the model")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --output")
+    p.add_argument("--device", default="cpu", help="torch device for calibration (cpu, cuda)")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(func=_cmd_quantize)
+
+
+def _calibration_loader(args: argparse.Namespace):
+    """Samples for `quantize` from a folder (and optionally its COCO annotations)."""
+    from pathlib import Path
+
+    import numpy as np
+
+    folder = Path(args.calib_images)
+    if not folder.is_dir():
+        parser_error(f"--calib-images folder {str(folder)!r} does not exist")
+    if args.calib_annotations:
+        from samq_fx.data import CocoDataset
+
+        ds = CocoDataset(folder, args.calib_annotations)
+        order = np.random.default_rng(args.seed).permutation(len(ds))[: args.calib_size]
+        return [ds[int(i)] for i in sorted(order)]
+    suffixes = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+    files = sorted(f for f in folder.iterdir() if f.suffix.lower() in suffixes)
+    if not files:
+        parser_error(f"--calib-images folder {str(folder)!r} has no images ({sorted(suffixes)})")
+    order = np.random.default_rng(args.seed).permutation(len(files))[: args.calib_size]
+    return [{"image": files[i], "image_id": files[i].name} for i in sorted(order)]
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import samq_fx
+    from samq_fx.config import CalibConfig, QuantConfig
+
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        parser_error(f"{out} exists; pass --force to overwrite it")
+    try:
+        cfg = QuantConfig(
+            method=args.method,
+            w_bits=args.w_bits,
+            a_bits=None if args.a_bits == 16 else args.a_bits,
+            calib=CalibConfig(num_images=args.calib_size, seed=args.seed),
+        )
+        loader = _calibration_loader(args)
+        sam = samq_fx.build_sam(args.model, args.checkpoint).to(args.device)
+        q = samq_fx.quantize(sam, loader, cfg, progress=not args.no_progress)
+    except (ValueError, OSError) as err:
+        parser_error(str(err))
+    q.samq_source = {"model": args.model, "checkpoint": args.checkpoint}
+    samq_fx.save(q, out, overwrite=args.force)
+    print(samq_fx.summary(q))
+    cal = q.samq_calibration
+    print(
+        f"calibrated on {len(cal['image_ids'])} images ({cal['num_prompts']} prompts) in "
+        f"{cal['seconds']:.1f} s; saved to {out}"
+    )
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="full precision vs W8A8 / W6A6 / W4A4 on the bundled tiny SAM, as one table",
+        description="Generate a validation set of synthetic scenes, quantize the bundled tiny "
+        "SAM with every method at W8A8, W6A6 and W4A4, and print mIoU, mask AP, fidelity "
+        "against full precision and quantization time. A few minutes on 2 CPU cores.",
+    )
+    p.add_argument("--num-val", type=int, default=24, metavar="N", help="validation images")
+    p.add_argument("--num-calib", type=int, default=8, metavar="N", help="calibration images")
+    p.add_argument("--data", metavar="DIR", help="keep the generated validation set here")
+    p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    p.add_argument("--progress", action="store_true", help="progress lines on stderr")
+
+    def _cmd_demo(args: argparse.Namespace) -> int:
+        from samq_fx.demo import demo_command
+
+        return demo_command(args)
+
+    p.set_defaults(func=_cmd_demo)
+
+
 def parser_error(message: str) -> None:
     """Exit with status 2 and one line on stderr, as argparse does for bad flags."""
     print(f"samq-fx: error: {message}", file=sys.stderr)
@@ -168,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_make_data(sub)
     _add_eval(sub)
     _add_roles(sub)
+    _add_quantize(sub)
+    _add_demo(sub)
     return parser
 
 

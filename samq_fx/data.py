@@ -46,12 +46,12 @@ class SceneConfig:
     long_side: tuple[int, int] = (192, 320)
     aspect: tuple[float, float] = (0.55, 1.0)  # short side / long side
     num_objects: tuple[int, int] = (1, 8)
-    object_radius: tuple[float, float] = (0.06, 0.4)  # of the short side, log-uniform
+    object_radius: tuple[float, float] = (0.08, 0.4)  # of the short side, log-uniform
     shapes: tuple[str, ...] = CATEGORIES
     touch_prob: float = 0.3  # place an object against the previous one
     clutter: tuple[int, int] = (0, 5)  # unannotated faint shapes painted into the background
-    min_visible_px: int = 40  # drop objects whose visible part is smaller...
-    min_visible_frac: float = 0.15  # ...or is this small a part of the whole shape
+    min_visible_px: int = 100  # drop objects whose visible part is smaller...
+    min_visible_frac: float = 0.35  # ...or is this small a part of the whole shape
     shadow_prob: float = 0.3
     shading_prob: float = 0.5
     blur_prob: float = 0.3
@@ -196,7 +196,7 @@ def _draw_shape(rng, kind: str, draw: ImageDraw.ImageDraw, cx, cy, r, fill=255) 
             rad += rng.uniform(0, 0.35 / k) * np.cos(k * a + rng.uniform(0, 2 * math.pi))
         draw.polygon(_ring_points(cx, cy, r * np.clip(rad, 0.25, None), a, rot), fill=fill)
     elif kind == "stroke":  # thin and elongated: a bar or a bent band
-        width = max(3, int(r * rng.uniform(0.12, 0.35)))
+        width = max(6, int(r * rng.uniform(0.15, 0.35)))
         t = np.linspace(-1, 1, 12)
         bend = rng.uniform(-0.6, 0.6) if rng.random() < 0.6 else 0.0
         x, y = t * r * 1.3, bend * r * (1 - t**2)

@@ -529,11 +529,16 @@ class LoadedModels:
 def _load_model_for_eval(args: argparse.Namespace, device: torch.device) -> LoadedModels:
     """Build the model(s) named on the command line.
 
-    One place to extend: a `--quantized FILE` option loads the saved quantized model here as
-    `model` and the FP model it came from as `reference` (fidelity against FP).
+    `--quantized FILE` loads the saved quantized model as `model` and rebuilds the
+    full-precision model it came from as `reference` (fidelity against FP): from `--checkpoint`,
+    else the checkpoint recorded when it was quantized, else the bundled tiny weights.
     """
     from samq_fx.models import ARCHS, arch_of, build_sam
 
+    if args.quantized is not None:
+        return _load_quantized_for_eval(args, device)
+    if args.model is None:
+        raise EvalError("give --model NAME (or --quantized FILE)")
     if args.model not in ARCHS:
         raise EvalError(f"unknown --model {args.model!r}; choose one of {sorted(ARCHS)}")
     model = build_sam(args.model, args.checkpoint).to(device)
@@ -546,12 +551,42 @@ def _load_model_for_eval(args: argparse.Namespace, device: torch.device) -> Load
     )
 
 
+def _load_quantized_for_eval(args: argparse.Namespace, device: torch.device) -> LoadedModels:
+    from samq_fx.api import load
+    from samq_fx.models import ARCHS, build_sam
+
+    q = load(args.quantized).to(device)
+    source = dict(getattr(q, "samq_source", None) or {})
+    name = source.get("model") or q.samq_arch.name
+    if args.model is not None and args.model != name:
+        raise EvalError(f"--model {args.model} but {args.quantized} holds a quantized {name}")
+    checkpoint = args.checkpoint or source.get("checkpoint")
+    reference = None
+    if name in ARCHS and (name == "tiny" or (checkpoint and Path(checkpoint).is_file())):
+        reference = build_sam(name, checkpoint).to(device)
+    else:
+        print(
+            f"samq-fx eval: no full-precision {name} to compare against (give --checkpoint); "
+            "fidelity is not computed",
+            file=sys.stderr,
+        )
+    return LoadedModels(
+        model=q,
+        reference=reference,
+        name=f"{name} {q.samq_config.name}",
+        config={"arch": q.samq_arch.to_dict(), "quant": q.samq_config.to_dict()},
+        source={"quantized": str(args.quantized), "checkpoint": checkpoint},
+    )
+
+
 def _check_inputs(args: argparse.Namespace) -> None:
     if not Path(args.images).is_dir():
         raise EvalError(f"images folder {str(args.images)!r} does not exist")
     for flag, path in (("--annotations", args.annotations), ("--prompts", args.prompts)):
         if path is not None and not Path(path).is_file():
             raise EvalError(f"{flag} file {str(path)!r} does not exist")
+    if args.quantized is not None and not Path(args.quantized).is_file():
+        raise EvalError(f"--quantized file {str(args.quantized)!r} does not exist")
     if args.checkpoint is not None and not Path(args.checkpoint).is_file():
         raise EvalError(f"--checkpoint file {str(args.checkpoint)!r} does not exist")
 
@@ -572,6 +607,7 @@ def _device_from_args(args: argparse.Namespace) -> torch.device:
 
 def eval_command(args: argparse.Namespace) -> int:
     """`samq-fx eval`: exit 0 on success, 2 with a one-line message for bad inputs."""
+    from samq_fx.api import SaveFileError
     from samq_fx.data import CocoDataset, DataError, load_detections
     from samq_fx.models import CheckpointError
 
@@ -597,7 +633,7 @@ def eval_command(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             process_group=group,
         )
-    except (EvalError, DataError, CheckpointError, OSError) as err:
+    except (EvalError, DataError, CheckpointError, SaveFileError, OSError) as err:
         print(f"samq-fx eval: error: {err}", file=sys.stderr)
         return 2
     finally:

@@ -119,3 +119,137 @@ def roles(model: torch.nn.Module) -> RoleTable:
                 )
             )
     return RoleTable(rows)
+
+
+@dataclass(frozen=True)
+class QuantRow:
+    part: str
+    module_path: str
+    role: str
+    attn_kind: str | None
+    slot: str
+    kind: str  # "uniform", "log2" or "fp"
+    bits: int | None
+    granularity: str | None
+    lo: float | None  # smallest representable value (over channels)
+    hi: float | None  # largest representable value (over channels)
+    detail: str = ""
+
+
+class QuantSummary:
+    """Per-site quantization of a `QuantizedSam`: bits, granularity, representable range."""
+
+    HEADERS = (
+        "part",
+        "module_path",
+        "role",
+        "attn_kind",
+        "slot",
+        "kind",
+        "bits",
+        "gran",
+        "range",
+        "detail",
+    )
+
+    def __init__(self, rows: list[QuantRow], title: str = ""):
+        self.rows, self.title = rows, title
+
+    def fp_sites(self) -> list[QuantRow]:
+        return [r for r in self.rows if r.kind == "fp"]
+
+    def to_dicts(self) -> list[dict]:
+        return [r.__dict__.copy() for r in self.rows]
+
+    def __str__(self) -> str:
+        def rng(r: QuantRow) -> str:
+            return "" if r.lo is None else f"[{r.lo:.4g}, {r.hi:.4g}]"
+
+        body = format_table(
+            self.HEADERS,
+            (
+                (
+                    r.part,
+                    r.module_path,
+                    r.role,
+                    r.attn_kind,
+                    r.slot,
+                    r.kind,
+                    r.bits,
+                    r.granularity,
+                    rng(r),
+                    r.detail,
+                )
+                for r in self.rows
+            ),
+        )
+        n_q = sum(r.kind != "fp" for r in self.rows)
+        fp = sorted({f"{r.role}" for r in self.fp_sites()})
+        tail = f"{n_q} quantized tensors, {len(self.fp_sites())} kept in floating point"
+        tail += f" ({', '.join(fp)})" if fp else ""
+        tail += "; not listed and always FP: LayerNorms, GELU/ReLU, residual adds, rel-pos, prompt encoder"
+        return "\n".join(x for x in (self.title, body, tail) if x)
+
+
+def _quant_row(info, slot: str, module) -> QuantRow:
+    base = dict(
+        part=info.part,
+        module_path=info.module_path,
+        role=info.role,
+        attn_kind=info.attn_kind,
+        slot=slot,
+    )
+    if module is None:
+        return QuantRow(**base, kind="fp", bits=None, granularity=None, lo=None, hi=None)
+    from samq_fx.quantizers import Log2Quantizer
+
+    qp = module.qparams()
+    scale, zp = qp.scale.float(), qp.zero_point.float()
+    if isinstance(module, Log2Quantizer):
+        return QuantRow(
+            **base,
+            kind="log2",
+            bits=module.bits,
+            granularity="tensor",
+            lo=0.0,
+            hi=float(scale),
+            detail=f"tau={module.tau}",
+        )
+    lo = ((qp.qmin - zp) * scale).min().item()
+    hi = ((qp.qmax - zp) * scale).max().item()
+    spec = module.spec
+    detail = [] if module.enabled else ["disabled"]
+    if getattr(module, "rounding", "nearest") != "nearest":
+        detail.append(f"rounding={module.rounding}")
+    return QuantRow(
+        **base,
+        kind="uniform",
+        bits=spec.bits,
+        granularity=spec.granularity,
+        lo=lo,
+        hi=hi,
+        detail=", ".join(detail),
+    )
+
+
+def summary(model: torch.nn.Module) -> QuantSummary:
+    """Per-layer bits, ranges and the layers left in full precision of a quantized SAM.
+
+    Example:
+        >>> print(samq_fx.summary(q))
+    """
+    from samq_fx.passes.insert_quantizers import QUANTIZERS_ATTR, site_key
+
+    rows = []
+    for _part, gm in graph_parts(model):
+        modules = getattr(gm, QUANTIZERS_ATTR, {})
+        for node in gm.graph.nodes:
+            info = get_info(node)
+            if info is None or info.role is None or not info.quant:
+                continue
+            for slot, decision in info.quant.items():
+                module = modules[site_key(info, slot)] if decision is not None else None
+                rows.append(_quant_row(info, slot, module))
+    cfg = getattr(model, "samq_config", None)
+    title = f"quantization summary: {cfg.name}" if cfg is not None else ""
+    return QuantSummary(rows, title)
