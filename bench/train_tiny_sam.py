@@ -11,8 +11,8 @@ plus MSE of the IoU head against the true IoU of every output.
 Losses are computed on the decoder's low-res logits (128x128 for the tiny SAM: 4x its 32x32
 embedding), against the GT resized with the image to the 256 frame and average-pooled 2x2, i.e.
 the fraction of each logit cell inside the mask. Soft targets keep the sub-cell boundary that
-the evaluation's bilinear upsampling recovers, and the loss costs 4x less than on logits
-upsampled to 256 (the first try, which was GPU-bound on the loss and the upsampling).
+the evaluation's bilinear upsampling recovers, at a quarter of the memory of a loss on logits
+upsampled to 256.
 
 The held-out score is the evaluation protocol: GT box prompts, `multimask_output=False`, masks =
 logits > 0 at the original image size, mean IoU over instances, on scenes of seed
@@ -21,8 +21,8 @@ logits > 0 at the original image size, mean IoU over instances, on scenes of see
     pip install --no-deps --no-build-isolation -e .   # samq_fx.passes is a mapped package
     python3 bench/train_tiny_sam.py --minutes 8 --batch-size 128 --workers 15 --log run.json
 
-On one H100 that runs ~505 images/s (~3.9 steps/s, GPU-bound: data-wait 0%) and reached a
-held-out mIoU of 0.824 in 8 minutes (1857 steps). A second run with `--init` on those weights
+On one H100 that runs ~505 images/s (~3.9 steps/s; data-wait 0%, so the GPU side limits) and
+reached a held-out mIoU of 0.824 in 8 minutes (1857 steps). A second run with `--init` on those weights
 and another `--seed` continues the training.
 """
 

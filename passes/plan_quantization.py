@@ -78,25 +78,24 @@ def plan_quantization(gm, ctx: PassContext) -> PassResult:
         slots = _site_slots(info.role if info else None)
         if not slots:
             continue
-        quantize = info.role not in cfg.fp_roles
-        w_bits, a_bits = cfg.w_bits, cfg.a_bits
-        for i, ov in enumerate(cfg.overrides):
-            if ov.matches(ctx.part, info.role, info.attn_kind, info.module_path):
-                hits[i] += 1
-                quantize = quantize if ov.quantize is None else ov.quantize
-                w_bits = ov.w_bits or w_bits
-                a_bits = ov.a_bits or a_bits
         plan = {}
         for slot in slots:
-            if not quantize or (slot != "weight" and a_bits is None):
+            quantize = info.role not in cfg.fp_roles
+            bits = cfg.w_bits if slot == "weight" else cfg.a_bits
+            for i, ov in enumerate(cfg.overrides):
+                if ov.matches(ctx.part, info.role, info.attn_kind, info.module_path, slot):
+                    hits[i] += 1
+                    quantize = quantize if ov.quantize is None else ov.quantize
+                    bits = (ov.w_bits if slot == "weight" else ov.a_bits) or bits
+            if not quantize or bits is None:
                 plan[slot] = None
             elif slot == "weight":
-                plan[slot] = uniform(weight_spec(cfg, w_bits, info.role))
+                plan[slot] = uniform(weight_spec(cfg, bits, info.role))
             else:
-                plan[slot] = uniform(activation_spec(cfg, a_bits))
+                plan[slot] = uniform(activation_spec(cfg, bits))
         update_info(node, "plan_quantization", quant=plan)
         counts["sites"] += 1
-        counts["quantized" if quantize else "fp"] += 1
+        counts["quantized" if any(plan.values()) else "fp"] += 1
     return PassResult(counts=counts)
 
 

@@ -43,6 +43,7 @@ WEIGHT_ROLES = (
 )
 # The two attention matmuls: which operand slot is which.
 MATMUL_SLOTS = {"qk_matmul": ("q", "k"), "av_matmul": ("attn", "v")}
+SLOTS = ("weight", "input", "q", "k", "attn", "v")
 DEFAULT_FP_ROLES = ("patch_embed", "upscale_conv", "hypernet_fc", "iou_head_fc", "mask_matmul")
 
 
@@ -66,7 +67,9 @@ class Override:
     """Change the quantization of every site that matches all the given selectors.
 
     Selectors: `role` (see `samq_fx.meta.ROLES`), `attn_kind`, `part` ("image_encoder" or
-    "mask_decoder"), `module` (a regular expression that must match the whole module path).
+    "mask_decoder"), `module` (a regular expression that must match the whole module path),
+    `slot` (which tensor of the site: "weight", "input", "q", "k", "attn" (the softmax output),
+    "v").
     Effects: `quantize` (False keeps the layer in floating point; True quantizes a layer that
     is floating point by default), `w_bits`, `a_bits`.
     """
@@ -75,6 +78,7 @@ class Override:
     attn_kind: str | None = None
     part: str | None = None
     module: str | None = None
+    slot: str | None = None
     quantize: bool | None = None
     w_bits: int | None = None
     a_bits: int | None = None
@@ -88,16 +92,21 @@ class Override:
             raise ValueError(f"part must be image_encoder or mask_decoder, not {self.part!r}")
         if self.module is not None:
             re.compile(self.module)
-        if all(getattr(self, k) is None for k in ("role", "attn_kind", "part", "module")):
+        if self.slot is not None and self.slot not in SLOTS:
+            raise ValueError(f"unknown slot {self.slot!r}; slots: {list(SLOTS)}")
+        if all(getattr(self, k) is None for k in ("role", "attn_kind", "part", "module", "slot")):
             raise ValueError(
-                "an Override needs at least one selector (role, attn_kind, part, module)"
+                "an Override needs at least one selector (role, attn_kind, part, module, slot)"
             )
         _check_bits("Override.w_bits", self.w_bits, allow_none=True)
         _check_bits("Override.a_bits", self.a_bits, allow_none=True)
 
-    def matches(self, part: str, role: str | None, attn_kind: str | None, module_path: str) -> bool:
+    def matches(
+        self, part: str, role: str | None, attn_kind: str | None, module_path: str, slot: str
+    ) -> bool:
         return (
-            (self.role is None or self.role == role)
+            (self.slot is None or self.slot == slot)
+            and (self.role is None or self.role == role)
             and (self.attn_kind is None or self.attn_kind == attn_kind)
             and (self.part is None or self.part == part)
             and (self.module is None or re.fullmatch(self.module, module_path) is not None)

@@ -120,15 +120,37 @@ def _fidelity(model, reference, n: int = 4) -> float:
     return float(np.mean(ious))
 
 
+@pytest.fixture(scope="module")
+def tiny_trained():
+    return samq_fx.build_sam("tiny")
+
+
 @pytest.mark.slow
-def test_w8a8_keeps_masks_w4a4_does_not(tiny_random, tiny_random_captured, w4a4):
-    """Fidelity (mask IoU vs FP on generated scenes): W8A8 >= 0.98, W4A4 visibly lower."""
+def test_w8a8_keeps_masks_w4a4_does_not(tiny_trained):
+    """On the trained tiny SAM and unseen scenes: fidelity (mask IoU vs FP) of W8A8 min-max is
+    at least 0.98 once the softmax outputs stay in floating point, and W4A4 is visibly lower.
+
+    With the papers' default, which also puts the softmax outputs on a uniform 8-bit grid,
+    fidelity drops to about 0.88 (bench/RESULTS.md): the token->image and global-attention
+    probabilities (1024 keys) sit mostly below one grid step. Those sites are what PTQ4SAM's
+    log2 quantizer (AGQ) exists for; the test pins both facts so neither drifts silently.
+    """
+    captured = samq_fx.capture(tiny_trained)
+    loader = _loader(4)
+    fp_probs = Override(slot="attn", quantize=False)
     w8 = samq_fx.quantize(
-        tiny_random_captured, _loader(), QuantConfig.preset("W8A8-minmax"), progress=False
+        captured, loader, QuantConfig(method="minmax", overrides=(fp_probs,)), progress=False
     )
-    f8, f4 = _fidelity(w8, tiny_random), _fidelity(w4a4, tiny_random)
-    assert f8 >= 0.98, f"W8A8 min-max fidelity {f8:.3f} < 0.98"
-    assert f4 < f8 - 0.02, f"W4A4 fidelity {f4:.3f} not visibly below W8A8's {f8:.3f}"
+    w8_all = samq_fx.quantize(captured, loader, QuantConfig.preset("W8A8-minmax"), progress=False)
+    w4 = samq_fx.quantize(captured, loader, QuantConfig.preset("W4A4-minmax"), progress=False)
+    f8 = _fidelity(w8, tiny_trained, n=6)
+    f8_all = _fidelity(w8_all, tiny_trained, n=6)
+    f4 = _fidelity(w4, tiny_trained, n=6)
+    assert f8 >= 0.98, f"W8A8 min-max (t2i probabilities FP) fidelity {f8:.3f} < 0.98"
+    assert f8_all < f8, (
+        f"quantizing t2i probabilities should cost fidelity: {f8_all:.3f} vs {f8:.3f}"
+    )
+    assert f4 < f8_all - 0.05, f"W4A4 fidelity {f4:.3f} not visibly below W8A8's {f8_all:.3f}"
 
 
 @pytest.mark.unit
