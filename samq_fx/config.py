@@ -24,7 +24,7 @@ from typing import Any
 from samq_fx.meta import ATTN_KINDS, ROLES
 
 BASE_METHODS = ("minmax", "percentile", "mse")
-METHODS = BASE_METHODS  # later methods (ptq4sam, saq-sam, car-sam) extend this tuple
+METHODS = BASE_METHODS + ("ptq4sam",)  # saq-sam, car-sam, samq come with their issues
 
 # Roles whose weight is quantized, and their activation input slot(s).
 WEIGHT_ROLES = (
@@ -150,6 +150,112 @@ class CalibConfig:
 
 
 @dataclass(frozen=True)
+class BimodalConfig:
+    """PTQ4SAM's Bimodal Integration (BIG), papers.md §1.1.
+
+    Args:
+        attn_kinds: attentions whose key projection is tested and folded (the reference folds
+            the decoder's token->image attentions only).
+        kde_points: grid points of the Gaussian KDE (Scott bandwidth) over [min, max].
+        peak_height: a peak counts if its density is at least this fraction of the density sum.
+        peak_distance: minimum distance between peaks, in grid points.
+        detect_image, detect_prompt: which calibration image and prompt the test looks at (the
+            reference uses image 0, box 0).
+    """
+
+    attn_kinds: tuple[str, ...] = ("token_to_image", "final_token_to_image")
+    kde_points: int = 128
+    peak_height: float = 0.01
+    peak_distance: int = 32
+    detect_image: int = 0
+    detect_prompt: int = 0
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "attn_kinds": list(self.attn_kinds)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BimodalConfig:
+        d = dict(d)
+        if "attn_kinds" in d:
+            d["attn_kinds"] = tuple(d["attn_kinds"])
+        return _strict_from_dict(cls, d)
+
+
+@dataclass(frozen=True)
+class AgqConfig:
+    """PTQ4SAM's Adaptive Granularity Quantization (AGQ) of post-softmax probabilities, §1.2.
+
+    Args:
+        taus: candidate bases 2^(1/tau).
+        search_images: calibration images the search looks at.
+        p: exponent of the error mean|A_hat V - A V|^p (the reference code uses 2.4, the paper 2).
+        scale_candidates: log-spaced candidates of s in [min(0.1, 0.01 max A), max A].
+    """
+
+    taus: tuple[int, ...] = (1, 2, 4)
+    search_images: int = 32
+    p: float = 2.0
+    scale_candidates: int = 48
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "taus": list(self.taus)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AgqConfig:
+        d = dict(d)
+        if "taus" in d:
+            d["taus"] = tuple(d["taus"])
+        return _strict_from_dict(cls, d)
+
+
+@dataclass(frozen=True)
+class ReconConfig:
+    """Block reconstruction (BRECQ / QDrop style), papers.md §1.3; defaults are PTQ4SAM-L's.
+
+    Args:
+        units: how the graph is partitioned: "ptq4sam" (each encoder attention and MLP, the
+            neck; each decoder attention and MLP), later "saq-stage" and "joint-cross".
+        iters: optimisation steps per unit (PTQ4SAM: 20,000).
+        lr_round: Adam learning rate of the AdaRound variables.
+        lr_scale: Adam learning rate of the activation step sizes (cosine to 0).
+        drop_prob: QDrop's probability of quantizing an activation element while optimising;
+            forced back to 1.0 (always quantize) when a unit is done.
+        round_weight, beta, warmup: the rounding regulariser weight * sum(1 - |2h - 1|^beta),
+            beta annealed from beta[0] to beta[1], off during the first `warmup` fraction.
+        max_prompts: prompts per image in each step (memory bound for large decoders).
+        seed: seeds batch order and QDrop masks.
+    """
+
+    units: str = "ptq4sam"
+    iters: int = 20_000
+    lr_round: float = 1e-3
+    lr_scale: float = 4e-5
+    drop_prob: float = 0.5
+    round_weight: float = 0.01
+    beta: tuple[float, float] = (20.0, 2.0)
+    warmup: float = 0.2
+    max_prompts: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.iters < 1 or not 0.0 < self.drop_prob <= 1.0 or not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"invalid ReconConfig: {self}")
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "beta": list(self.beta)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ReconConfig:
+        d = dict(d)
+        if "beta" in d:
+            d["beta"] = tuple(d["beta"])
+        return _strict_from_dict(cls, d)
+
+
+_SUBCONFIGS = {"bimodal": BimodalConfig, "agq": AgqConfig, "recon": ReconConfig}
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     """What to quantize and how.
 
@@ -163,6 +269,9 @@ class QuantConfig:
         fp_roles: roles kept in floating point (see `DEFAULT_FP_ROLES`).
         overrides: `Override`s applied in order; each must match at least one site.
         calib: `CalibConfig`.
+        bimodal, agq, recon: PTQ4SAM's parts (`BimodalConfig`, `AgqConfig`, `ReconConfig`);
+            None switches a part off. `method="ptq4sam"` with none of them is PTQ4SAM's
+            statistics with MSE ranges; the "ptq4sam" presets switch all three on.
 
     Example:
         >>> cfg = QuantConfig.preset("W4A4")
@@ -181,6 +290,9 @@ class QuantConfig:
     fp_roles: tuple[str, ...] = DEFAULT_FP_ROLES
     overrides: tuple[Override, ...] = ()
     calib: CalibConfig = field(default_factory=CalibConfig)
+    bimodal: BimodalConfig | None = None
+    agq: AgqConfig | None = None
+    recon: ReconConfig | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -215,6 +327,8 @@ class QuantConfig:
         d["fp_roles"] = list(self.fp_roles)
         d["overrides"] = [o.to_dict() for o in self.overrides]
         d["calib"] = self.calib.to_dict()
+        for key in _SUBCONFIGS:
+            d[key] = None if getattr(self, key) is None else getattr(self, key).to_dict()
         return d
 
     @classmethod
@@ -226,6 +340,9 @@ class QuantConfig:
             d["calib"] = CalibConfig.from_dict(d["calib"])
         if "fp_roles" in d:
             d["fp_roles"] = tuple(d["fp_roles"])
+        for key, sub in _SUBCONFIGS.items():
+            if d.get(key) is not None:
+                d[key] = sub.from_dict(d[key])
         return _strict_from_dict(cls, d)
 
 
@@ -235,6 +352,11 @@ def _presets() -> dict[str, QuantConfig]:
         for method in BASE_METHODS:
             out[f"W{w}A{a}-{method}"] = QuantConfig(method=method, w_bits=w, a_bits=a)
         out[f"W{w}A{a}"] = out[f"W{w}A{a}-mse"]
+        full = {"bimodal": BimodalConfig(), "agq": AgqConfig(), "recon": ReconConfig()}
+        out[f"W{w}A{a}-ptq4sam"] = QuantConfig(method="ptq4sam", w_bits=w, a_bits=a, **full)
+        out[f"W{w}A{a}-ptq4sam-s"] = QuantConfig(
+            method="ptq4sam", w_bits=w, a_bits=a, bimodal=BimodalConfig(), agq=AgqConfig()
+        )
     out["W8A16"] = QuantConfig(method="minmax", w_bits=8, a_bits=None)
     out["W4A16"] = QuantConfig(method="mse", w_bits=4, a_bits=None)
     return out

@@ -15,8 +15,12 @@ Schema (fields are None where they do not apply):
   attn_path     the module path of the attention the node belongs to
   block         ViT block index (encoder) or two-way layer index (decoder; the final
                 token-to-image attention gets `decoder_depth`)
+  unit          reconstruction unit this node belongs to ("enc.3.attn", "dec.0.t2i", ...),
+                written by `tag_blocks`; None for glue between units (residual adds, norms)
   touched_by    names of the passes that wrote this record, in order
-  quant         quantization decisions (a later pass); a mapping so passes can add keys
+  quant         quantization decisions (`plan_quantization`): slot -> decision
+  findings      what analysis passes measured and decided here, keyed by pass (BIG's peak
+                count and signs, AGQ's per-tau errors, PCC's metric curve, MAC's residuals)
 """
 
 from __future__ import annotations
@@ -75,12 +79,14 @@ class NodeInfo:
     attn_kind: str | None = None
     attn_path: str | None = None
     block: int | None = None
+    unit: str | None = None
     touched_by: tuple[str, ...] = ()
     quant: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+    findings: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
 
     def row(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["quant"] = dict(self.quant)
+        d["quant"], d["findings"] = dict(self.quant), dict(self.findings)
         return d
 
 
@@ -97,8 +103,9 @@ def update_info(node: torch.fx.Node, pass_name: str, **changes: Any) -> NodeInfo
     info = get_info(node)
     if info is None:
         raise KeyError(f"node {node.name!r} has no samq record; run annotate_roles first")
-    if "quant" in changes:
-        changes["quant"] = MappingProxyType(dict(changes["quant"]))
+    for key in ("quant", "findings"):
+        if key in changes:
+            changes[key] = MappingProxyType(dict(changes[key]))
     touched = info.touched_by if pass_name in info.touched_by else info.touched_by + (pass_name,)
     new = dataclasses.replace(info, touched_by=touched, **changes)
     set_info(node, new)
@@ -118,6 +125,14 @@ def innermost_module(node: torch.fx.Node) -> tuple[str, str]:
         return "", ""
     path, cls = stack[-1]
     return path, cls.rsplit(".", 1)[-1]
+
+
+def add_finding(node: torch.fx.Node, pass_name: str, finding: Any) -> NodeInfo:
+    """Record what `pass_name` measured or decided at `node` (under its own key)."""
+    info = get_info(node)
+    findings = dict(info.findings) if info is not None else {}
+    findings[pass_name] = finding
+    return update_info(node, pass_name, findings=findings)
 
 
 def nodes_with_role(gm: torch.fx.GraphModule, *roles: str) -> list[torch.fx.Node]:
