@@ -33,7 +33,7 @@ def weight_channel_axis(role: str) -> int:
 
 
 def weight_spec(cfg: QuantConfig, bits: int, role: str) -> QuantSpec:
-    observer = "mse" if cfg.method == "mse" else "minmax"
+    observer = "minmax" if cfg.method in ("minmax", "percentile") else "mse"
     group = cfg.w_granularity == "group" and role not in (
         "neck_conv",
         "patch_embed",
@@ -91,6 +91,8 @@ def plan_quantization(gm, ctx: PassContext) -> PassResult:
                 plan[slot] = None
             elif slot == "weight":
                 plan[slot] = uniform(weight_spec(cfg, bits, info.role))
+            elif slot == "attn" and cfg.agq is not None:
+                plan[slot] = {"kind": "log2", "bits": bits, "tau": 1}  # tau: search_agq
             else:
                 plan[slot] = uniform(activation_spec(cfg, bits))
         update_info(node, "plan_quantization", quant=plan)

@@ -33,8 +33,14 @@ from samq_fx.meta import get_info
 from samq_fx.models import SamArch, arch_of, sam_from_arch
 from samq_fx.passes.insert_quantizers import weight_quantizer_inputs
 from samq_fx.passes.plan_quantization import check_overrides_matched
-from samq_fx.pipeline import PassContext, quantize_passes, run_passes
-from samq_fx.quantizers import Quantizer, assert_deployable
+from samq_fx.pipeline import (
+    PassContext,
+    bimodal_passes,
+    calibrated_passes,
+    quantize_passes,
+    run_passes,
+)
+from samq_fx.quantizers import Log2Quantizer, Quantizer, assert_deployable
 
 FORMAT = "samq-fx"
 FORMAT_VERSION = 1
@@ -51,19 +57,26 @@ class SaveFileError(ValueError):
     """A saved model that cannot be loaded: not ours, another format version, truncated."""
 
 
+def _run_on_parts(model: CapturedSam, cfg: QuantConfig, passes, state: dict | None = None) -> dict:
+    """Run `passes` on both graphs; one `state` dict is shared by the two contexts."""
+    state = {} if state is None else state
+    for part in PARTS:
+        ctx = PassContext(part=part, arch=model.samq_arch, config=cfg, state=state)
+        run_passes(getattr(model, part), ctx, passes)
+    return state
+
+
 def _prepare_graphs(model: CapturedSam, cfg: QuantConfig) -> None:
     """Plan and insert quantizers in both graphs (the part `load` replays)."""
-    arch = model.samq_arch
     hits = [0] * len(cfg.overrides)
+    _run_on_parts(model, cfg, quantize_passes(cfg), {"override_hits": hits})
     seen_roles: set[str] = set()
     for part in PARTS:
-        gm = getattr(model, part)
-        ctx = PassContext(part=part, arch=arch, config=cfg, state={"override_hits": hits})
-        run_passes(gm, ctx, quantize_passes(cfg))
-        seen_roles |= {
-            get_info(n).role for n in gm.graph.nodes if get_info(n) and get_info(n).quant
-        }
-    check_overrides_matched(cfg, hits, {r for r in seen_roles if r})
+        for node in getattr(model, part).graph.nodes:
+            info = get_info(node)
+            if info is not None and info.quant and info.role:
+                seen_roles.add(info.role)
+    check_overrides_matched(cfg, hits, seen_roles)
 
 
 def _as_quantized(captured: CapturedSam) -> QuantizedSam:
@@ -115,12 +128,22 @@ def quantize(
     raws = validate_loader(calib_loader, cfg.calib)  # bad input fails before any work
     model = copy.deepcopy(sam) if isinstance(sam, CapturedSam) else capture(sam)
     items = prepare_calibration(model, raws, cfg.calib, progress)
+    data = {"model": model, "calib_items": items}
+    if cfg.bimodal is not None:  # folds into FP weights, before any weight observer
+        _run_on_parts(model, cfg, bimodal_passes(cfg), data)
+    fp_model = copy.deepcopy(model) if cfg.recon is not None else None
     _prepare_graphs(model, cfg)
     model = _as_quantized(model)
     calibrate_weights(model)
     run_calibration(model, items, progress)
-    for quantizer in quantizers(model).values():
-        quantizer.freeze()
+    _freeze(model, skip_log2=cfg.agq is not None)
+    if cfg.agq is not None:  # log2 quantizers pass values through until the search sets them
+        _run_on_parts(model, cfg, calibrated_passes(cfg), data)
+    _freeze(model)
+    if cfg.recon is not None:
+        from samq_fx.recon import reconstruct
+
+        model.samq_recon = reconstruct(model, fp_model, items, cfg.recon, progress=progress)
     assert_deployable(model)
     model.samq_config = cfg
     model.samq_calibration = {
@@ -129,6 +152,12 @@ def quantize(
         "seconds": time.perf_counter() - start,
     }
     return model.eval()
+
+
+def _freeze(model: torch.nn.Module, skip_log2: bool = False) -> None:
+    for quantizer in quantizers(model).values():
+        if not (skip_log2 and isinstance(quantizer, Log2Quantizer)):
+            quantizer.freeze()
 
 
 def _plan_of(model: torch.nn.Module) -> dict[str, dict]:

@@ -52,14 +52,15 @@ class SamGraphModule(torch.fx.GraphModule):
     which `Sam.preprocess` and `SamPredictor` read.
     """
 
-    PRESERVED = ("img_size", "samq_pass_log")
+    PRESERVED = ("img_size", "samq_pass_log", "samq_units")
+    PRESERVED_MODULES = ("samq_quantizers",)  # a ModuleDict; a bare copy makes it a Module
 
     def __deepcopy__(self, memo):
         bare = torch.fx.GraphModule.__deepcopy__(self, memo)
         copied = SamGraphModule(bare, bare.graph, class_name=self.__class__.__name__)
         copied.meta = bare.meta
-        for name in self.PRESERVED:
-            if hasattr(self, name):
+        for name in self.PRESERVED + self.PRESERVED_MODULES:
+            if hasattr(self, name):  # memo: the same quantizer objects the graph calls
                 setattr(copied, name, copy.deepcopy(getattr(self, name), memo))
         return copied
 

@@ -189,13 +189,14 @@ class AgqConfig:
         taus: candidate bases 2^(1/tau).
         search_images: calibration images the search looks at.
         p: exponent of the error mean|A_hat V - A V|^p (the reference code uses 2.4, the paper 2).
-        scale_candidates: log-spaced candidates of s in [min(0.1, 0.01 max A), max A].
+        scale_candidates: candidates of s tried (log-spaced in [min(0.1, 0.01 max A), max A],
+            coarse then fine around the best).
     """
 
     taus: tuple[int, ...] = (1, 2, 4)
     search_images: int = 32
     p: float = 2.0
-    scale_candidates: int = 48
+    scale_candidates: int = 12
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "taus": list(self.taus)}

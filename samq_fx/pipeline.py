@@ -89,6 +89,21 @@ def capture_passes() -> list[GraphPass]:
     return [canonicalize, annotate_roles]
 
 
+def bimodal_passes(config: Any) -> list[GraphPass]:
+    """PTQ4SAM's BIG: detect bimodal keys, fold their signs (before any weight observer)."""
+    from samq_fx.passes.detect_bimodal import detect_bimodal
+    from samq_fx.passes.fold_bimodal_signs import fold_bimodal_signs
+
+    return [detect_bimodal, fold_bimodal_signs]
+
+
+def calibrated_passes(config: Any) -> list[GraphPass]:
+    """Passes that need calibrated quantizers in place (AGQ's base search)."""
+    from samq_fx.passes.search_agq import search_agq
+
+    return [search_agq] if config.agq is not None else []
+
+
 def quantize_passes(config: Any) -> list[GraphPass]:
     """Passes that turn a captured graph into a fake-quantized one, in order, for `config`."""
     from samq_fx.passes.insert_quantizers import insert_quantizers
