@@ -34,7 +34,7 @@ from samq_fx.pipeline import PassContext, PassResult
 
 aten = torch.ops.aten
 
-_VIEW_OPS = {
+VIEW_OPS = {
     aten.view.default,
     aten.reshape.default,
     aten.transpose.int,
@@ -43,7 +43,7 @@ _VIEW_OPS = {
     aten.unsqueeze.default,
     aten.flatten.using_ints,
 }
-_SCALE_OPS = {aten.mul.Tensor, aten.div.Tensor}
+SCALE_OPS = {aten.mul.Tensor, aten.div.Tensor}
 _ACTIVATIONS = {aten.relu.default, aten.gelu.default}
 _BLOCK_TYPES = {"Block", "TwoWayAttentionBlock"}
 
@@ -59,8 +59,8 @@ def _is(node: torch.fx.Node, *targets) -> bool:
 def _through_views(node: torch.fx.Node) -> torch.fx.Node:
     """Walk back through view-like ops and scalar scaling to the producing op."""
     while node.op == "call_function" and (
-        node.target in _VIEW_OPS
-        or (node.target in _SCALE_OPS and not isinstance(node.args[1], torch.fx.Node))
+        node.target in VIEW_OPS
+        or (node.target in SCALE_OPS and not isinstance(node.args[1], torch.fx.Node))
     ):
         node = node.args[0]
     return node
@@ -69,7 +69,7 @@ def _through_views(node: torch.fx.Node) -> torch.fx.Node:
 def _forward_through_views(node: torch.fx.Node) -> torch.fx.Node:
     while len(node.users) == 1:
         (user,) = node.users
-        if not _is(user, *_VIEW_OPS):
+        if not _is(user, *VIEW_OPS):
             break
         node = user
     return node
@@ -83,7 +83,7 @@ def _logits_source(softmax: torch.fx.Node) -> torch.fx.Node | None:
         if _is(node, aten.matmul.default):
             return node
         if node.op == "call_function" and (
-            node.target in _VIEW_OPS or node.target in _SCALE_OPS or node.target == aten.add.Tensor
+            node.target in VIEW_OPS or node.target in SCALE_OPS or node.target == aten.add.Tensor
         ):
             frontier.append(node.args[0])
     return None

@@ -36,22 +36,13 @@ import torch
 import torch.fx
 
 from samq_fx.meta import add_finding, get_info, nodes_with_role
+from samq_fx.passes.annotate_roles import SCALE_OPS, VIEW_OPS
 from samq_fx.passes.detect_bimodal import PASS as DETECT_PASS
 from samq_fx.passes.detect_bimodal import key_nodes
 from samq_fx.pipeline import PassContext, PassResult
 
 PASS = "fold_bimodal_signs"
 aten = torch.ops.aten
-_VIEW_OPS = {
-    aten.view.default,
-    aten.reshape.default,
-    aten.transpose.int,
-    aten.permute.default,
-    aten.contiguous.default,
-    aten.unsqueeze.default,
-    aten.flatten.using_ints,
-}
-_SCALE_OPS = {aten.mul.Tensor, aten.div.Tensor}
 
 
 class FoldError(ValueError):
@@ -87,10 +78,10 @@ def _is(node, *targets) -> bool:
 
 def _is_passthrough(user: torch.fx.Node, node: torch.fx.Node) -> bool:
     """Ops that commute with a channel sign flip: views, and scaling by a Python scalar."""
-    if _is(user, *_VIEW_OPS):
+    if _is(user, *VIEW_OPS):
         return user.args[0] is node
     return (
-        _is(user, *_SCALE_OPS)
+        _is(user, *SCALE_OPS)
         and user.args[0] is node
         and not isinstance(user.args[1], torch.fx.Node)
     )

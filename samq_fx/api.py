@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import os
 import time
-import zipfile
 from pathlib import Path
 
 import torch
@@ -41,6 +40,7 @@ from samq_fx.pipeline import (
     run_passes,
 )
 from samq_fx.quantizers import Log2Quantizer, Quantizer, assert_deployable
+from samq_fx.serial import load_tensors
 
 FORMAT = "samq-fx"
 FORMAT_VERSION = 1
@@ -200,12 +200,7 @@ def save(model: QuantizedSam, path: str | os.PathLike, *, overwrite: bool = Fals
 def _read(path: Path) -> dict:
     if not path.is_file():
         raise SaveFileError(f"{path} does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise SaveFileError(
-            f"{path} cannot be read (truncated or not a samq-fx file?): {err}"
-        ) from err
+    payload = load_tensors(path, SaveFileError, "a samq-fx quantized model")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise SaveFileError(f"{path} is not a samq-fx quantized model")
     if payload.get("version") != FORMAT_VERSION:

@@ -186,7 +186,25 @@ objects (a point grid, the full-precision model's mask for each point, its box).
         help="COCO instances JSON for the calibration images: its boxes become the prompts",
     )
     p.add_argument("--calib-size", type=int, default=32, metavar="N", help="images used (32)")
-    p.add_argument("--method", default="mse", help="minmax, percentile or mse (default)")
+    p.add_argument(
+        "--method",
+        default="mse",
+        choices=["minmax", "percentile", "mse", "ptq4sam"],
+        help="range setting (minmax, percentile, mse) or a paper's method: ptq4sam (BIG sign "
+        "folding + AGQ log2 softmax quantizer + QDrop block reconstruction)",
+    )
+    p.add_argument(
+        "--recon-iters",
+        type=int,
+        metavar="N",
+        help="reconstruction steps per unit (ptq4sam; default 20000 as in the paper)",
+    )
+    for part, what in (
+        ("big", "bimodal sign folding"),
+        ("agq", "log2 softmax quantizer"),
+        ("recon", "block reconstruction"),
+    ):
+        p.add_argument(f"--no-{part}", action="store_true", help=f"ptq4sam without {what}")
     p.add_argument("--w-bits", type=int, default=8, metavar="W", help="weight bits, 2..8")
     p.add_argument(
         "--a-bits",
@@ -236,10 +254,14 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         parser_error(f"{out} exists; pass --force to overwrite it")
     try:
-        cfg = QuantConfig(
-            method=args.method,
-            w_bits=args.w_bits,
-            a_bits=None if args.a_bits == 16 else args.a_bits,
+        cfg = QuantConfig.for_method(
+            args.method,
+            args.w_bits,
+            None if args.a_bits == 16 else args.a_bits,
+            bimodal=not args.no_big,
+            agq=not args.no_agq,
+            recon=not args.no_recon,
+            recon_iters=args.recon_iters,
             calib=CalibConfig(num_images=args.calib_size, seed=args.seed),
         )
         loader = _calibration_loader(args)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from samq_fx.meta import ATTN_KINDS, ROLES
+from samq_fx.serial import strict_from_dict
 
 BASE_METHODS = ("minmax", "percentile", "mse")
 METHODS = BASE_METHODS + ("ptq4sam",)  # saq-sam, car-sam, samq come with their issues
@@ -52,14 +53,6 @@ def _check_bits(name: str, bits: int | None, allow_none: bool = False) -> None:
         return
     if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
         raise ValueError(f"{name}={bits!r} is out of range: bit widths must be integers 2..8")
-
-
-def _strict_from_dict(cls, d: dict[str, Any]):
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - known
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(known)}")
-    return cls(**d)
 
 
 @dataclass(frozen=True)
@@ -117,7 +110,7 @@ class Override:
 
     @classmethod
     def from_dict(cls, d: dict) -> Override:
-        return _strict_from_dict(cls, d)
+        return strict_from_dict(cls, d)
 
 
 @dataclass(frozen=True)
@@ -146,7 +139,7 @@ class CalibConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> CalibConfig:
-        return _strict_from_dict(cls, d)
+        return strict_from_dict(cls, d)
 
 
 @dataclass(frozen=True)
@@ -178,7 +171,7 @@ class BimodalConfig:
         d = dict(d)
         if "attn_kinds" in d:
             d["attn_kinds"] = tuple(d["attn_kinds"])
-        return _strict_from_dict(cls, d)
+        return strict_from_dict(cls, d)
 
 
 @dataclass(frozen=True)
@@ -206,7 +199,7 @@ class AgqConfig:
         d = dict(d)
         if "taus" in d:
             d["taus"] = tuple(d["taus"])
-        return _strict_from_dict(cls, d)
+        return strict_from_dict(cls, d)
 
 
 @dataclass(frozen=True)
@@ -250,7 +243,7 @@ class ReconConfig:
         d = dict(d)
         if "beta" in d:
             d["beta"] = tuple(d["beta"])
-        return _strict_from_dict(cls, d)
+        return strict_from_dict(cls, d)
 
 
 _SUBCONFIGS = {"bimodal": BimodalConfig, "agq": AgqConfig, "recon": ReconConfig}
@@ -314,7 +307,39 @@ class QuantConfig:
     @property
     def name(self) -> str:
         a = "16" if self.a_bits is None else str(self.a_bits)
-        return f"W{self.w_bits}A{a}-{self.method}"
+        name = f"W{self.w_bits}A{a}-{self.method}"
+        if self.method == "ptq4sam":
+            parts = (("bimodal", "big"), ("agq", "agq"), ("recon", "recon"))
+            name += "".join(f"-no{label}" for key, label in parts if getattr(self, key) is None)
+        return name
+
+    @classmethod
+    def for_method(
+        cls,
+        method: str,
+        w_bits: int,
+        a_bits: int | None,
+        *,
+        bimodal: bool = True,
+        agq: bool = True,
+        recon: bool = True,
+        recon_iters: int | None = None,
+        **changes: Any,
+    ) -> QuantConfig:
+        """A method with its parts switched on or off one by one (the papers' ablations).
+
+        The switches apply to the methods that have those parts ("ptq4sam": BIG, AGQ,
+        reconstruction); for "minmax", "percentile" and "mse" they are ignored.
+        """
+        parts: dict[str, Any] = {}
+        if method == "ptq4sam":
+            recon_cfg = ReconConfig() if recon_iters is None else ReconConfig(iters=recon_iters)
+            parts = {
+                "bimodal": BimodalConfig() if bimodal else None,
+                "agq": AgqConfig() if agq else None,
+                "recon": recon_cfg if recon else None,
+            }
+        return cls(method=method, w_bits=w_bits, a_bits=a_bits, **parts, **changes)
 
     @classmethod
     def preset(cls, name: str, **changes: Any) -> QuantConfig:
@@ -344,7 +369,7 @@ class QuantConfig:
         for key, sub in _SUBCONFIGS.items():
             if d.get(key) is not None:
                 d[key] = sub.from_dict(d[key])
-        return _strict_from_dict(cls, d)
+        return strict_from_dict(cls, d)
 
 
 def _presets() -> dict[str, QuantConfig]:

@@ -19,12 +19,13 @@ import torch
 
 from samq_fx.api import quantize
 from samq_fx.capture import capture
-from samq_fx.config import BASE_METHODS, CalibConfig, QuantConfig
+from samq_fx.config import CalibConfig, QuantConfig
 from samq_fx.data import CocoDataset, generate_scene, make_dataset, mask_box
 from samq_fx.eval import evaluate
 from samq_fx.models import build_sam
 from samq_fx.report import format_table
 
+DEMO_METHODS = ("minmax", "percentile", "mse", "ptq4sam")
 VAL_SEED = 20_000  # generator seeds never used for training (bench/train_tiny_sam.py) ...
 CALIB_SEED = 30_000  # ... nor for validation
 
@@ -90,14 +91,33 @@ def calibration_samples(num_images: int, seed: int = CALIB_SEED) -> list[dict]:
     return samples
 
 
-def run_demo(
+def demo_settings(
+    bits: tuple[int, ...] = (8, 6, 4),
+    methods: tuple[str, ...] = DEMO_METHODS,
+    num_calib: int = 8,
+    recon_iters: int | None = None,
+) -> list[QuantConfig]:
+    """The demo's rows: every method at every bit width. "ptq4sam" runs without reconstruction
+    unless `recon_iters` is given (20,000 steps a unit do not fit a CPU demo)."""
+    calib = CalibConfig(num_images=num_calib)
+    return [
+        QuantConfig.for_method(
+            m, b, b, recon=recon_iters is not None, recon_iters=recon_iters, calib=calib
+        )
+        for b in bits
+        for m in methods
+    ]
+
+
+def run_table(
+    settings: list[QuantConfig],
     num_val: int = 24,
     num_calib: int = 8,
-    bits: tuple[int, ...] = (8, 6, 4),
-    methods: tuple[str, ...] = BASE_METHODS,
     data_dir: str | None = None,
     progress: bool = False,
+    on_row=None,
 ) -> DemoReport:
+    """Full precision, then each setting: quantize a copy of the captured tiny SAM, evaluate."""
     torch.manual_seed(0)
     report = DemoReport()
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,20 +130,11 @@ def run_demo(
         calib = calibration_samples(num_calib)
         start = time.perf_counter()
         res = evaluate(fp, dataset, progress=progress)
-        report.rows.append(
-            DemoRow(
-                "FP32",
-                "-",
-                None,
-                None,
-                res.miou,
-                res.mask_ap,
-                res.mask_ap50,
-                None,
-                None,
-                time.perf_counter() - start,
-            )
+        fp_s = time.perf_counter() - start
+        row = DemoRow(
+            "FP32", "-", None, None, res.miou, res.mask_ap, res.mask_ap50, None, None, fp_s
         )
+        report.rows.append(row)
         report.meta = {
             "val_images": res.num_images,
             "val_instances": res.num_instances,
@@ -131,32 +142,34 @@ def run_demo(
             "val_seed": VAL_SEED,
             "calib_seed": CALIB_SEED,
         }
-        for b in bits:
-            for method in methods:
-                cfg = QuantConfig(
-                    method=method, w_bits=b, a_bits=b, calib=CalibConfig(num_images=num_calib)
-                )
-                print(f"demo: {cfg.name} ...", file=sys.stderr, flush=True)
-                start = time.perf_counter()
-                q = quantize(captured, calib, cfg, progress=progress)
-                q_s = time.perf_counter() - start
-                start = time.perf_counter()
-                res = evaluate(q, dataset, reference=fp, progress=progress)
-                report.rows.append(
-                    DemoRow(
-                        f"W{b}A{b}",
-                        method,
-                        b,
-                        b,
-                        res.miou,
-                        res.mask_ap,
-                        res.mask_ap50,
-                        res.fidelity_miou,
-                        q_s,
-                        time.perf_counter() - start,
-                    )
-                )
+        for cfg in settings:
+            print(f"demo: {cfg.name} ...", file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            q = quantize(captured, calib, cfg, progress=progress)
+            q_s = time.perf_counter() - start
+            start = time.perf_counter()
+            res = evaluate(q, dataset, reference=fp, progress=progress)
+            setting, method = cfg.name.split("-", 1)
+            row = DemoRow(
+                setting, method, cfg.w_bits, cfg.a_bits, res.miou, res.mask_ap, res.mask_ap50,
+                res.fidelity_miou, q_s, time.perf_counter() - start,
+            )  # fmt: skip
+            report.rows.append(row)
+            if on_row is not None:
+                on_row(report, q)
     return report
+
+
+def run_demo(
+    num_val: int = 24,
+    num_calib: int = 8,
+    bits: tuple[int, ...] = (8, 6, 4),
+    methods: tuple[str, ...] = DEMO_METHODS,
+    data_dir: str | None = None,
+    progress: bool = False,
+) -> DemoReport:
+    settings = demo_settings(bits, methods, num_calib)
+    return run_table(settings, num_val, num_calib, data_dir, progress)
 
 
 def demo_command(args) -> int:

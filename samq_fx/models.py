@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import zipfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -26,6 +25,8 @@ from segment_anything.modeling import (
     Sam,
     TwoWayTransformer,
 )
+
+from samq_fx.serial import load_tensors, strict_from_dict
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -62,13 +63,9 @@ class SamArch:
 
     @classmethod
     def from_dict(cls, d: dict) -> SamArch:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown SamArch keys {sorted(unknown)}; known: {sorted(known)}")
         d = dict(d)
         d["encoder_global_attn_indexes"] = tuple(d.get("encoder_global_attn_indexes", ()))
-        return cls(**d)
+        return strict_from_dict(cls, d)
 
 
 ARCHS: dict[str, SamArch] = {
@@ -237,13 +234,7 @@ def load_checkpoint(sam: Sam, checkpoint: str | os.PathLike, arch: SamArch) -> N
     path = Path(checkpoint)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist (expected {arch.name})")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} cannot be read as a PyTorch state dict "
-            f"(truncated or corrupt?): {err}"
-        ) from err
+    state = load_tensors(path, CheckpointError, f"a PyTorch state dict (expected {arch.name})")
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

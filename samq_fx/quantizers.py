@@ -40,6 +40,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from samq_fx.serial import strict_from_dict
+
 GRANULARITIES = ("tensor", "channel", "group")
 OBSERVERS = ("minmax", "percentile", "mse")
 LOG2_TAUS = (1, 2, 4)
@@ -135,11 +137,7 @@ class QuantSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> QuantSpec:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown QuantSpec keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+        return strict_from_dict(cls, d)
 
 
 def _check_bits(bits: object) -> None:

@@ -469,7 +469,7 @@ def optimise_unit(
                 last = last + rec.detach()
             done = step + 1
             if progress and (done == cfg.iters or time.perf_counter() - bar.last >= bar.every_s):
-                bar.update(done, f"loss {float(rec):.4g}")
+                bar.update(done, f"loss {float(rec.detach()):.4g}")
         return (
             cfg.iters,
             len(rounding),

@@ -219,6 +219,9 @@ def _quant_row(info, slot: str, module) -> QuantRow:
     hi = ((qp.qmax - zp) * scale).max().item()
     spec = module.spec
     detail = [] if module.enabled else ["disabled"]
+    folded = info.findings.get("fold_bimodal_signs")
+    if folded and slot == "weight":
+        detail.append(f"BIG: {folded['flipped']} channels sign-flipped")
     if getattr(module, "rounding", "nearest") != "nearest":
         detail.append(f"rounding={module.rounding}")
     return QuantRow(

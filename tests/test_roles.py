@@ -145,7 +145,8 @@ def test_missing_role_is_named(tiny_random_captured):
     with pytest.raises(RoleError, match=r"attn_softmax: expected 4, found 3"):
         annotate_roles(gm, ctx)
     with pytest.raises(
-        PassError, match=r"while running 'annotate_roles' on image_encoder after \[\]"
+        PassError,
+        match=r"while running 'annotate_roles' on image_encoder after \['canonicalize', 'annotate_roles'\]",
     ):
         run_passes(gm, ctx, [annotate_roles])
 

@@ -1,0 +1,98 @@
+"""Accuracy table of the quantization methods on the tiny SAM's generated validation set.
+
+One row per setting (mIoU with ground-truth boxes, mask AP, fidelity against full precision,
+quantization seconds), printed as a table and written as JSON (rows appended as they finish),
+plus what BIG and AGQ saw on the model (bimodal keys, chosen log2 bases) and the reconstruction
+report per unit.
+
+    python bench/quant_table.py --table ptq4sam --recon-iters 100 --json bench/ptq4sam_table.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __package__ is None and "samq_fx" not in sys.modules:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from samq_fx.config import CalibConfig, QuantConfig  # noqa: E402
+from samq_fx.demo import run_table  # noqa: E402
+from samq_fx.meta import get_info  # noqa: E402
+
+
+def ptq4sam_settings(recon_iters: int, num_calib: int) -> list[QuantConfig]:
+    calib = CalibConfig(num_images=num_calib)
+
+    def cfg(method: str, b: int, **switches) -> QuantConfig:
+        return QuantConfig.for_method(
+            method, b, b, recon_iters=recon_iters, calib=calib, **switches
+        )
+
+    rows = []
+    for b in (8, 6, 4):
+        rows += [cfg("minmax", b), cfg("mse", b), cfg("ptq4sam", b, recon=False), cfg("ptq4sam", b)]
+    # ablation (paper Table: BIG and AGQ), statistics only and with reconstruction
+    rows += [
+        cfg("ptq4sam", 4, recon=False, bimodal=False),
+        cfg("ptq4sam", 4, recon=False, agq=False),
+        cfg("ptq4sam", 4, recon=False, bimodal=False, agq=False),
+        cfg("ptq4sam", 4, bimodal=False),
+        cfg("ptq4sam", 4, agq=False),
+    ]
+    return rows
+
+
+def method_findings(q) -> dict:
+    """BIG verdicts and AGQ bases per attention, reconstruction per unit."""
+    out = {"big": [], "agq": []}
+    for part in ("image_encoder", "mask_decoder"):
+        for node in getattr(q, part).graph.nodes:
+            info = get_info(node)
+            if info is None:
+                continue
+            big = info.findings.get("detect_bimodal")
+            if big is not None:
+                out["big"].append(
+                    {"attn": info.attn_path, "kind": info.attn_kind, "peaks": big.get("peaks"),
+                     "bimodal": big.get("bimodal"), "flipped": big.get("flipped")}
+                )  # fmt: skip
+            agq = info.findings.get("search_agq")
+            if agq is not None:
+                out["agq"].append({"attn": info.attn_path, "kind": info.attn_kind, **agq})
+    recon = getattr(q, "samq_recon", None)
+    if recon is not None:
+        out["recon"] = recon.to_dict()
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--table", choices=["ptq4sam"], default="ptq4sam")
+    p.add_argument("--recon-iters", type=int, default=100)
+    p.add_argument("--num-val", type=int, default=24)
+    p.add_argument("--num-calib", type=int, default=8)
+    p.add_argument("--json", type=Path, required=True)
+    args = p.parse_args(argv)
+    settings = ptq4sam_settings(args.recon_iters, args.num_calib)
+    findings = {}
+
+    def on_row(report, q) -> None:
+        findings[report.rows[-1].setting + "-" + report.rows[-1].method] = method_findings(q)
+        record = {
+            **report.to_dict(),
+            "findings": findings,
+            "args": vars(args) | {"json": str(args.json)},
+        }
+        args.json.write_text(json.dumps(record, indent=1, default=str) + "\n")
+        print(report.table(), flush=True)
+
+    report = run_table(settings, args.num_val, args.num_calib, progress=True, on_row=on_row)
+    print(report.table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
