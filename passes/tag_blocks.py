@@ -23,7 +23,6 @@ Modes, and the units of each (forward order = order of a unit's first node):
                  layer, then dec.final_t2i.                     (tiny: 9 + 9; SAM-B: 25 + 9 = 34)
   "joint-cross"  as ptq4sam, but a decoder layer's t2i, mlp and i2t, with the residual adds,
                  norms and pe adds between them, form one unit dec.{i}.cross (CAR-SAM JCAR).
-  "saq-stage"    SAQ-SAM's encoder stages ending at global blocks: reserved, raises for now.
 
 Glue (residual adds, the LayerNorms between units, window partition, pe adds, the decoder's
 token/embedding set-up) gets unit None: it is computed by the full model while inputs are
@@ -49,8 +48,7 @@ from samq_fx.meta import get_info, module_stack, update_info
 from samq_fx.pipeline import PassContext, PassResult
 
 PASS_NAME = "tag_blocks"
-UNIT_MODES = ("ptq4sam", "joint-cross", "saq-stage")
-IMPLEMENTED_MODES = ("ptq4sam", "joint-cross")
+UNIT_MODES = ("ptq4sam", "joint-cross")  # SAQ-SAM's "saq-stage" comes with its issue
 UNITS_ATTR = "samq_units"
 
 _DECODER_ATTN = {
@@ -80,10 +78,6 @@ def units_mode(ctx: PassContext) -> str:
     mode = getattr(recon, "units", None) or "ptq4sam"
     if mode not in UNIT_MODES:
         raise UnitError(f"unknown reconstruction unit mode {mode!r}; modes: {list(UNIT_MODES)}")
-    if mode not in IMPLEMENTED_MODES:
-        raise NotImplementedError(
-            f"unit mode {mode!r} is not implemented yet; implemented: {list(IMPLEMENTED_MODES)}"
-        )
     return mode
 
 

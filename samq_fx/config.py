@@ -208,7 +208,8 @@ class ReconConfig:
 
     Args:
         units: how the graph is partitioned: "ptq4sam" (each encoder attention and MLP, the
-            neck; each decoder attention and MLP), later "saq-stage" and "joint-cross".
+            neck; each decoder attention and MLP) or "joint-cross" (a decoder layer's t2i, MLP
+            and i2t as one unit).
         iters: optimisation steps per unit (PTQ4SAM: 20,000).
         lr_round: Adam learning rate of the AdaRound variables.
         lr_scale: Adam learning rate of the activation step sizes (cosine to 0).
