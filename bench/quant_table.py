@@ -50,7 +50,7 @@ def method_findings(q) -> dict:
     for part in ("image_encoder", "mask_decoder"):
         for node in getattr(q, part).graph.nodes:
             info = get_info(node)
-            if info is None:
+            if info is None or info.role is None:  # quantizer nodes copy their consumer's record
                 continue
             big = info.findings.get("detect_bimodal")
             if big is not None:

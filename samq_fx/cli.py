@@ -286,9 +286,13 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         help="full precision vs W8A8 / W6A6 / W4A4 on the bundled tiny SAM, as one table",
         description="Generate a validation set of synthetic scenes, quantize the bundled tiny "
         "SAM with every method at W8A8, W6A6 and W4A4, and print mIoU, mask AP, fidelity "
-        "against full precision and quantization time. A few minutes on 2 CPU cores.",
+        "against full precision and quantization time. A few minutes on 2 CPU cores. ptq4sam "
+        "runs without its block reconstruction unless --recon-iters is given.",
     )
-    p.add_argument("--num-val", type=int, default=24, metavar="N", help="validation images")
+    p.add_argument(
+        "--recon-iters", type=int, metavar="N", help="add ptq4sam's reconstruction, N steps a unit"
+    )
+    p.add_argument("--num-val", type=int, default=16, metavar="N", help="validation images")
     p.add_argument("--num-calib", type=int, default=8, metavar="N", help="calibration images")
     p.add_argument("--data", metavar="DIR", help="keep the generated validation set here")
     p.add_argument("--json", metavar="FILE", help="also write the table as JSON")

@@ -8,6 +8,7 @@ quantization took. The model is captured once; each setting quantizes a copy.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import tempfile
@@ -19,7 +20,7 @@ import torch
 
 from samq_fx.api import quantize
 from samq_fx.capture import capture
-from samq_fx.config import CalibConfig, QuantConfig
+from samq_fx.config import AgqConfig, CalibConfig, QuantConfig
 from samq_fx.data import CocoDataset, generate_scene, make_dataset, mask_box
 from samq_fx.eval import evaluate
 from samq_fx.models import build_sam
@@ -100,18 +101,21 @@ def demo_settings(
     """The demo's rows: every method at every bit width. "ptq4sam" runs without reconstruction
     unless `recon_iters` is given (20,000 steps a unit do not fit a CPU demo)."""
     calib = CalibConfig(num_images=num_calib)
-    return [
+    settings = [
         QuantConfig.for_method(
             m, b, b, recon=recon_iters is not None, recon_iters=recon_iters, calib=calib
         )
         for b in bits
         for m in methods
     ]
+    # AGQ's base search on 4 images keeps the demo within its CPU budget
+    fast_agq = AgqConfig(search_images=min(4, num_calib))
+    return [dataclasses.replace(c, agq=fast_agq) if c.agq else c for c in settings]
 
 
 def run_table(
     settings: list[QuantConfig],
-    num_val: int = 24,
+    num_val: int = 16,
     num_calib: int = 8,
     data_dir: str | None = None,
     progress: bool = False,
@@ -161,20 +165,25 @@ def run_table(
 
 
 def run_demo(
-    num_val: int = 24,
+    num_val: int = 16,
     num_calib: int = 8,
     bits: tuple[int, ...] = (8, 6, 4),
     methods: tuple[str, ...] = DEMO_METHODS,
     data_dir: str | None = None,
     progress: bool = False,
+    recon_iters: int | None = None,
 ) -> DemoReport:
-    settings = demo_settings(bits, methods, num_calib)
+    settings = demo_settings(bits, methods, num_calib, recon_iters)
     return run_table(settings, num_val, num_calib, data_dir, progress)
 
 
 def demo_command(args) -> int:
     report = run_demo(
-        num_val=args.num_val, num_calib=args.num_calib, data_dir=args.data, progress=args.progress
+        num_val=args.num_val,
+        num_calib=args.num_calib,
+        data_dir=args.data,
+        progress=args.progress,
+        recon_iters=args.recon_iters,
     )
     print(report.table())
     if args.json:
