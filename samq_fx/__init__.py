@@ -1,5 +1,6 @@
 """samq-fx: post-training quantization of Segment Anything, as FX graph passes."""
 
+from samq_fx import _source_layout  # noqa: F401  (first: maps samq_fx.passes in a checkout)
 from samq_fx.api import QuantizedSam, SaveFileError, load, quantize, save
 from samq_fx.calib import CalibrationError
 from samq_fx.capture import CaptureConfig, CapturedSam, capture
