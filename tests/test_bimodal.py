@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from samq_fx.calib import CalibItem, forward_item
 from samq_fx.config import BimodalConfig, QuantConfig
-from samq_fx.meta import get_info, nodes_with_role
+from samq_fx.meta import ATTN_KINDS, get_info, nodes_with_role
 from samq_fx.passes.detect_bimodal import bimodal_test, channel_signs, detect_bimodal
 from samq_fx.passes.fold_bimodal_signs import (
     FoldError,
@@ -172,14 +172,7 @@ def test_property_covers_every_attention_kind(tiny_exact):
         for part in ("image_encoder", "mask_decoder")
         for n in nodes_with_role(getattr(model, part), "qk_matmul")
     }
-    assert kinds == {
-        "enc_window",
-        "enc_global",
-        "dec_self",
-        "token_to_image",
-        "image_to_token",
-        "final_token_to_image",
-    }
+    assert kinds == set(ATTN_KINDS)
 
 
 @pytest.mark.unit
