@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from samq_fx.meta import ATTN_KINDS, ROLES
-from samq_fx.serial import strict_from_dict
+from samq_fx.serial import DictConfig, strict_from_dict
 
 BASE_METHODS = ("minmax", "percentile", "mse")
 METHODS = BASE_METHODS + ("ptq4sam",)  # saq-sam, car-sam, samq come with their issues
@@ -114,7 +114,7 @@ class Override:
 
 
 @dataclass(frozen=True)
-class CalibConfig:
+class CalibConfig(DictConfig):
     """Calibration data handling.
 
     Args:
@@ -134,16 +134,9 @@ class CalibConfig:
         if self.num_images < 1 or self.max_prompts_per_image < 1 or self.points_per_side < 1:
             raise ValueError(f"CalibConfig values must be positive: {self}")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> CalibConfig:
-        return strict_from_dict(cls, d)
-
 
 @dataclass(frozen=True)
-class BimodalConfig:
+class BimodalConfig(DictConfig):
     """PTQ4SAM's Bimodal Integration (BIG), papers.md §1.1.
 
     Args:
@@ -163,19 +156,9 @@ class BimodalConfig:
     detect_image: int = 0
     detect_prompt: int = 0
 
-    def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "attn_kinds": list(self.attn_kinds)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> BimodalConfig:
-        d = dict(d)
-        if "attn_kinds" in d:
-            d["attn_kinds"] = tuple(d["attn_kinds"])
-        return strict_from_dict(cls, d)
-
 
 @dataclass(frozen=True)
-class AgqConfig:
+class AgqConfig(DictConfig):
     """PTQ4SAM's Adaptive Granularity Quantization (AGQ) of post-softmax probabilities, §1.2.
 
     Args:
@@ -191,19 +174,9 @@ class AgqConfig:
     p: float = 2.0
     scale_candidates: int = 12
 
-    def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "taus": list(self.taus)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> AgqConfig:
-        d = dict(d)
-        if "taus" in d:
-            d["taus"] = tuple(d["taus"])
-        return strict_from_dict(cls, d)
-
 
 @dataclass(frozen=True)
-class ReconConfig:
+class ReconConfig(DictConfig):
     """Block reconstruction (BRECQ / QDrop style), papers.md §1.3; defaults are PTQ4SAM-L's.
 
     Args:
@@ -235,16 +208,6 @@ class ReconConfig:
     def __post_init__(self) -> None:
         if self.iters < 1 or not 0.0 < self.drop_prob <= 1.0 or not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"invalid ReconConfig: {self}")
-
-    def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "beta": list(self.beta)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ReconConfig:
-        d = dict(d)
-        if "beta" in d:
-            d["beta"] = tuple(d["beta"])
-        return strict_from_dict(cls, d)
 
 
 _SUBCONFIGS = {"bimodal": BimodalConfig, "agq": AgqConfig, "recon": ReconConfig}

@@ -26,14 +26,14 @@ from segment_anything.modeling import (
     TwoWayTransformer,
 )
 
-from samq_fx.serial import load_tensors, strict_from_dict
+from samq_fx.serial import DictConfig, load_tensors
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 
 
 @dataclass(frozen=True)
-class SamArch:
+class SamArch(DictConfig):
     """The hyper-parameters that fix a SAM module tree."""
 
     name: str
@@ -55,17 +55,6 @@ class SamArch:
     @property
     def image_embedding_size(self) -> int:
         return self.img_size // self.patch_size
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["encoder_global_attn_indexes"] = list(self.encoder_global_attn_indexes)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> SamArch:
-        d = dict(d)
-        d["encoder_global_attn_indexes"] = tuple(d.get("encoder_global_attn_indexes", ()))
-        return strict_from_dict(cls, d)
 
 
 ARCHS: dict[str, SamArch] = {

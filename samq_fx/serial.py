@@ -30,3 +30,19 @@ def load_tensors(path: Path, error: type[Exception], what: str) -> Any:
         raise error(
             f"{str(path)!r} cannot be read as {what} (truncated or corrupt?): {err}"
         ) from err
+
+
+class DictConfig:
+    """Mixin for frozen config dataclasses: `to_dict` gives JSON-ready values (tuples as
+    lists), `from_dict` rejects unknown keys and turns lists back into tuples for tuple fields."""
+
+    def to_dict(self) -> dict:
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        tuple_fields = {f.name for f in dataclasses.fields(cls) if str(f.type).startswith("tuple")}
+        d = {k: tuple(v) if k in tuple_fields and isinstance(v, list) else v for k, v in d.items()}
+        return strict_from_dict(cls, d)
