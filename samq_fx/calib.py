@@ -183,6 +183,8 @@ def _device(model: Sam) -> torch.device:
 def preprocess_image(model: Sam, image: np.ndarray):
     """SamPredictor.set_image's preprocessing: (x (1,3,S,S), input_size, original_size, transform)."""
     transform = ResizeLongestSide(model.image_encoder.img_size)
+    if model.image_format != "RGB":
+        image = image[..., ::-1]
     resized = transform.apply_image(image)
     x = torch.as_tensor(resized, device=_device(model)).permute(2, 0, 1).contiguous()[None]
     input_size = tuple(x.shape[-2:])
@@ -191,7 +193,7 @@ def preprocess_image(model: Sam, image: np.ndarray):
 
 @torch.no_grad()
 def _amg_boxes(
-    model: Sam, x: torch.Tensor, raw: RawSample, cfg: CalibConfig, transform
+    model: Sam, x: torch.Tensor, input_size, raw: RawSample, cfg: CalibConfig, transform
 ) -> np.ndarray:
     """Boxes of the FP model's best mask at each point of a grid (SAM's AMG, without the NMS)."""
     h, w = raw.image.shape[:2]
@@ -210,9 +212,6 @@ def _amg_boxes(
         multimask_output=True,
     )
     best = iou.argmax(1)
-    input_size = tuple(
-        int(s) for s in transform.get_preprocess_shape(h, w, model.image_encoder.img_size)
-    )
     masks = model.postprocess_masks(low_res, input_size, (h, w))
     masks = masks[torch.arange(len(best)), best] > model.mask_threshold
     boxes = []
@@ -236,7 +235,7 @@ def prepare_calibration(
         x, input_size, original_size, transform = preprocess_image(model, raw.image)
         boxes, points, labels = raw.boxes, raw.points, raw.point_labels
         if boxes is None and points is None:
-            boxes = _amg_boxes(model, x, raw, cfg, transform)
+            boxes = _amg_boxes(model, x, input_size, raw, cfg, transform)
         n = len(boxes) if boxes is not None else len(points)
         keep = (
             np.sort(rng.choice(n, cfg.max_prompts_per_image, replace=False))
@@ -255,9 +254,15 @@ def prepare_calibration(
     return items
 
 
-def forward_item(model: Sam, item: CalibItem, multimask_output: bool = False):
-    """Encoder, prompt encoder and decoder on one item: (low-res masks, predicted IoU)."""
-    emb = model.image_encoder(item.image)
+def forward_item(
+    model: Sam,
+    item: CalibItem,
+    multimask_output: bool = False,
+    image_embeddings: torch.Tensor | None = None,
+):
+    """Encoder (unless `image_embeddings` are given), prompt encoder and decoder on one item:
+    (low-res masks, predicted IoU)."""
+    emb = model.image_encoder(item.image) if image_embeddings is None else image_embeddings
     pts = None if item.points is None else (item.points, item.point_labels)
     sparse, dense = model.prompt_encoder(points=pts, boxes=item.boxes, masks=None)
     return model.mask_decoder(

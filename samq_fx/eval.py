@@ -41,7 +41,6 @@ import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +53,7 @@ from pycocotools.cocoeval import COCOeval
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from samq_fx.calib import preprocess_image
 from samq_fx.progress import Progress
 
 __all__ = [
@@ -260,12 +260,6 @@ def _mean(values: Sequence[float]) -> float | None:
 # --------------------------------------------------------------------------- the model side
 
 
-def _device_of(module: torch.nn.Module) -> torch.device:
-    for t in chain(module.parameters(), module.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
 @dataclass
 class _Embedded:
     model: Sam
@@ -277,16 +271,9 @@ class _Embedded:
 
 def _embed(model: Sam, image: np.ndarray) -> _Embedded:
     """`SamPredictor.set_image`, through the public `Sam` surface only."""
-    device = _device_of(model)
-    transform = ResizeLongestSide(model.image_encoder.img_size)
-    if model.image_format != "RGB":
-        image = image[..., ::-1]
-    resized = transform.apply_image(image)
-    x = torch.as_tensor(resized, device=device).permute(2, 0, 1).contiguous()[None]
-    embedding = model.image_encoder(model.preprocess(x))
-    return _Embedded(
-        model, embedding, transform, tuple(x.shape[-2:]), tuple(int(s) for s in image.shape[:2])
-    )
+    x, input_size, original_size, transform = preprocess_image(model, image)
+    embedding = model.image_encoder(x)
+    return _Embedded(model, embedding, transform, input_size, tuple(int(s) for s in original_size))
 
 
 def _masks_for_boxes(

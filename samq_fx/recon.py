@@ -60,7 +60,7 @@ import torch
 import torch.fx
 from torch import Tensor
 
-from samq_fx.calib import CalibItem
+from samq_fx.calib import CalibItem, forward_item
 from samq_fx.config import ReconConfig
 from samq_fx.meta import get_info
 from samq_fx.passes.tag_blocks import tag_blocks, unit_members, unit_order
@@ -221,15 +221,7 @@ class ModelFeed:
             return
         if index not in self.embeddings:
             self.embeddings[index] = model.image_encoder(item.image)
-        points = None if item.points is None else (item.points, item.point_labels)
-        sparse, dense = model.prompt_encoder(points=points, boxes=item.boxes, masks=None)
-        model.mask_decoder(
-            image_embeddings=self.embeddings[index],
-            image_pe=model.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=False,
-        )
+        forward_item(model, item, image_embeddings=self.embeddings[index])
 
 
 def record(
