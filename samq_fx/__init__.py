@@ -5,6 +5,7 @@ from samq_fx.api import QuantizedSam, SaveFileError, load, quantize, save
 from samq_fx.calib import CalibrationError
 from samq_fx.capture import CaptureConfig, CapturedSam, capture
 from samq_fx.config import CalibConfig, Override, QuantConfig
+from samq_fx.lower import LoweredSam, LoweringError, lower, optimize_float
 from samq_fx.models import ARCHS, CheckpointError, SamArch, arch_of, build_sam
 from samq_fx.report import QuantSummary, RoleTable, roles, summary
 
@@ -15,6 +16,8 @@ __all__ = [
     "CaptureConfig",
     "CapturedSam",
     "CheckpointError",
+    "LoweredSam",
+    "LoweringError",
     "Override",
     "QuantConfig",
     "QuantizedSam",
@@ -26,6 +29,8 @@ __all__ = [
     "build_sam",
     "capture",
     "load",
+    "lower",
+    "optimize_float",
     "quantize",
     "roles",
     "save",

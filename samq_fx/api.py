@@ -100,7 +100,12 @@ def calibrate_weights(model: torch.nn.Module) -> int:
 
 
 def quantize(
-    sam: Sam, calib_loader, config: QuantConfig | None = None, *, progress: bool = True
+    sam: Sam,
+    calib_loader,
+    config: QuantConfig | None = None,
+    *,
+    progress: bool = True,
+    process_group=None,
 ) -> QuantizedSam:
     """Quantize a SAM post-training.
 
@@ -110,6 +115,11 @@ def quantize(
             uint8 arrays or paths, optionally with "boxes" / "points" prompts.
         config: a `QuantConfig` (default W8A8 MSE); `QuantConfig.preset("W4A4")` for presets.
         progress: print progress lines on stderr.
+        process_group: a `torch.distributed` group of several ranks (e.g. `dist.group.WORLD`
+            under torchrun) to shard calibration over: every rank passes the same loader, feeds
+            its share of the images through the observers, and the statistics are combined
+            across ranks. The later steps (AGQ's search, reconstruction) run on every rank with
+            the same data and rank 0's result is broadcast, so all ranks return the same model.
 
     Returns:
         A `QuantizedSam`: drop-in for `Sam` (SamPredictor accepts it).
@@ -135,7 +145,8 @@ def quantize(
     _prepare_graphs(model, cfg)
     model = _as_quantized(model)
     calibrate_weights(model)
-    run_calibration(model, items, progress)
+    group = _shard_group(process_group)
+    run_calibration(model, items, progress, group=group)
     _freeze(model, skip_log2=cfg.agq is not None)
     if cfg.agq is not None:  # log2 quantizers pass values through until the search sets them
         _run_on_parts(model, cfg, calibrated_passes(cfg), data)
@@ -144,6 +155,8 @@ def quantize(
         from samq_fx.recon import reconstruct
 
         model.samq_recon = reconstruct(model, fp_model, items, cfg.recon, progress=progress)
+    if group is not None:
+        _broadcast_state(model, group)
     assert_deployable(model)
     model.samq_config = cfg
     model.samq_calibration = {
@@ -152,6 +165,24 @@ def quantize(
         "seconds": time.perf_counter() - start,
     }
     return model.eval()
+
+
+def _shard_group(group):
+    if group is None:
+        return None
+    import torch.distributed as dist
+
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def _broadcast_state(model: torch.nn.Module, group) -> None:
+    """Overwrite every rank's tensors with rank 0's, in place."""
+    import torch.distributed as dist
+
+    src = dist.get_global_rank(group, 0)
+    for value in model.state_dict(keep_vars=True).values():
+        if isinstance(value, torch.Tensor):
+            dist.broadcast(value.data, src=src, group=group)
 
 
 def _freeze(model: torch.nn.Module, skip_log2: bool = False) -> None:
@@ -171,7 +202,14 @@ def _plan_of(model: torch.nn.Module) -> dict[str, dict]:
 
 
 def save(model: QuantizedSam, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write a quantized model: tensors, quantizer state, architecture, config, plan."""
+    """Write a quantized model: tensors, quantizer state, architecture, config, plan.
+
+    A lowered model (`samq_fx.lower`) is written as the quantized model it was lowered from plus
+    the lowering recipe; `load` lowers it again (kernel layouts belong to the loading device).
+    """
+    lowering = getattr(model, "samq_lowering", None)
+    if lowering is not None:
+        model = model.__dict__["_samq_source"]
     if not isinstance(model, QuantizedSam):
         raise TypeError(
             f"save expects a QuantizedSam (from samq_fx.quantize), got {type(model).__name__}"
@@ -186,6 +224,7 @@ def save(model: QuantizedSam, path: str | os.PathLike, *, overwrite: bool = Fals
         "config": model.samq_config.to_dict(),
         "plan": _plan_of(model),
         "calibration": dict(model.samq_calibration),
+        "lowering": None if lowering is None else lowering.to_dict(),
         "state_dict": {
             k: v.detach().cpu() if isinstance(v, torch.Tensor) else v
             for k, v in model.state_dict().items()
@@ -212,7 +251,8 @@ def _read(path: Path) -> dict:
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> QuantizedSam:
-    """Load a model written by `save`; it computes exactly what the saved model computed."""
+    """Load a model written by `save`; it computes exactly what the saved model computed (a
+    lowered model is lowered again, on `map_location`, with its saved recipe)."""
     path = Path(path)
     payload = _read(path)
     arch = SamArch.from_dict(payload["arch"])
@@ -230,7 +270,14 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Q
     model.samq_arch = arch
     model.samq_calibration = payload.get("calibration", {})
     assert_deployable(model)
-    return model.to(map_location).eval()
+    model = model.to(map_location).eval()
+    if payload.get("lowering") is not None:
+        from samq_fx.lower import LowerConfig, lower
+
+        cfg = LowerConfig.from_dict(payload["lowering"])
+        model = lower(model, cfg.backend, dtype=cfg.dtype, fuse_attention=cfg.fuse_attention,
+                      strict=cfg.strict, verbose=False)  # fmt: skip
+    return model
 
 
 __all__ = ["QuantizedSam", "SaveFileError", "arch_of", "load", "quantize", "save"]

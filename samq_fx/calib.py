@@ -276,10 +276,34 @@ def forward_item(
 
 @torch.no_grad()
 def run_calibration(
-    model: Sam, items: list[CalibItem], progress: bool = True, label: str = "calibrating"
+    model: Sam,
+    items: list[CalibItem],
+    progress: bool = True,
+    label: str = "calibrating",
+    group=None,
 ) -> None:
-    """Feed every item through `model` (observers record what they see)."""
+    """Feed every item through `model` (observers record what they see).
+
+    With a process `group` of several ranks, each rank feeds its shard (items rank, rank +
+    world, ...) and the observers' statistics are then combined across ranks, so every rank
+    ends with what one process feeding all items would have observed (min-max exactly; the
+    averaging observers up to float summation order).
+    """
+    if group is not None:
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        if len(items) < world:
+            raise CalibrationError(
+                f"{len(items)} calibration images cannot be sharded over {world} processes"
+            )
+        items = items[rank::world]
     bar = Progress(len(items), progress, label)
     for i, item in enumerate(items):
         forward_item(model, item)
         bar.update(i + 1)
+    if group is not None:
+        for module in model.modules():
+            reduce = getattr(module, "all_reduce_observer", None)
+            if reduce is not None and getattr(module, "observing", False):
+                reduce(group)

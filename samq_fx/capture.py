@@ -53,7 +53,10 @@ class SamGraphModule(torch.fx.GraphModule):
     """
 
     PRESERVED = ("img_size", "samq_pass_log", "samq_units")
-    PRESERVED_MODULES = ("samq_quantizers",)  # a ModuleDict; a bare copy makes it a Module
+    PRESERVED_MODULES = (
+        "samq_quantizers",
+        "samq_lowered",
+    )  # a ModuleDict; a bare copy makes it a Module
 
     def __deepcopy__(self, memo):
         bare = torch.fx.GraphModule.__deepcopy__(self, memo)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -15,10 +16,15 @@ def _add_make_data(sub: argparse._SubParsersAction) -> None:
         return int(text)
 
     def _cmd_make_data(args: argparse.Namespace) -> int:
-        from samq_fx.data import DataError, make_dataset
+        from samq_fx.data import DataError, SceneConfig, make_dataset
 
+        cfg = (
+            SceneConfig()
+            if args.long_side is None
+            else SceneConfig(long_side=(args.long_side,) * 2)
+        )
         try:
-            path = make_dataset(args.out, args.num_images, args.seed, overwrite=args.force)
+            path = make_dataset(args.out, args.num_images, args.seed, cfg, overwrite=args.force)
         except (DataError, FileExistsError) as err:
             print(f"samq-fx make-data: error: {err}", file=sys.stderr)
             return 2
@@ -35,6 +41,13 @@ def _add_make_data(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-images", type=_positive_int, required=True, help="how many scenes")
     p.add_argument("--seed", type=int, default=0, help="the stream of scenes (default 0)")
     p.add_argument("--force", action="store_true", help="replace an existing annotations.json")
+    p.add_argument(
+        "--long-side",
+        type=_positive_int,
+        metavar="PX",
+        help="every image's longer side in pixels (default: 192..320 at random); 1024 gives "
+        "SAM-sized inputs for speed runs",
+    )
     p.set_defaults(func=_cmd_make_data)
 
 
@@ -107,13 +120,41 @@ examples:
         help="torch device, e.g. cpu or cuda:0; default: cuda:LOCAL_RANK if any, else cpu",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    p.add_argument(
+        "--nproc",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="shard the images over N processes (one per GPU): runs this command under "
+        "torchrun; the metrics equal a 1-process run",
+    )
 
     def _cmd_eval(args: argparse.Namespace) -> int:
         from samq_fx.eval import eval_command
 
+        if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+            return _relaunch_under_torchrun(args.nproc)
         return eval_command(args)
 
     p.set_defaults(func=_cmd_eval)
+
+
+def _relaunch_under_torchrun(nproc: int) -> int:
+    """Run this same `samq-fx eval` command as `torchrun --nproc-per-node nproc -m samq_fx.cli`."""
+    import subprocess
+
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            argv.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "samq_fx.cli", *argv]  # fmt: skip
+    print("samq-fx eval: running " + " ".join(cmd[1:]), file=sys.stderr)
+    return subprocess.run(cmd, check=False).returncode
 
 
 def _add_roles(sub: argparse._SubParsersAction) -> None:

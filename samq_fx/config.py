@@ -349,7 +349,36 @@ def _presets() -> dict[str, QuantConfig]:
         )
     out["W8A16"] = QuantConfig(method="minmax", w_bits=8, a_bits=None)
     out["W4A16"] = QuantConfig(method="mse", w_bits=4, a_bits=None)
+    # Deployment presets: the grids `samq_fx.lower` has kernels for, on the linears (the
+    # neck's two convolutions, 0.5% of SAM-B's work, stay in floating point). int8: symmetric
+    # per-channel weights, per-tensor activations, attention matmuls in floating point (fused).
+    linears_only = DEFAULT_FP_ROLES + ("neck_conv",)
+    out["W8A8-int8"] = QuantConfig(
+        method="mse",
+        w_bits=8,
+        a_bits=8,
+        w_symmetric=True,
+        fp_roles=linears_only,
+        overrides=FLOAT_ATTENTION,
+    )
+    # int4 tinygemm: asymmetric weights in groups of 64 along the input dim (every SAM linear
+    # and the tiny model's 64-wide decoder projections divide by 64), float activations.
+    out["W4A16-int4"] = QuantConfig(
+        method="mse",
+        w_bits=4,
+        a_bits=None,
+        w_granularity="group",
+        w_group_size=64,
+        fp_roles=linears_only,
+    )
     return out
+
+
+# Attention matmul operands left in floating point (no 8-bit attention kernel in `lower`).
+FLOAT_ATTENTION = (
+    Override(role="qk_matmul", quantize=False),
+    Override(role="av_matmul", quantize=False),
+)
 
 
 PRESETS = _presets()

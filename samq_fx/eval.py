@@ -528,13 +528,19 @@ def _load_model_for_eval(args: argparse.Namespace, device: torch.device) -> Load
         raise EvalError("give --model NAME (or --quantized FILE)")
     if args.model not in ARCHS:
         raise EvalError(f"unknown --model {args.model!r}; choose one of {sorted(ARCHS)}")
+    random_weights = args.checkpoint is None and args.model != "tiny"
+    if random_weights:  # every rank of a sharded run must build the same random model
+        torch.manual_seed(0)
     model = build_sam(args.model, args.checkpoint).to(device)
     return LoadedModels(
         model=model,
         reference=None,
         name=args.model,
         config=arch_of(model).to_dict(),
-        source={"checkpoint": None if args.checkpoint is None else str(args.checkpoint)},
+        source={
+            "checkpoint": None if args.checkpoint is None else str(args.checkpoint),
+            **({"weights": "random, torch.manual_seed(0)"} if random_weights else {}),
+        },
     )
 
 

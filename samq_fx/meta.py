@@ -67,6 +67,8 @@ ROLES = {
     "hypernet_fc": "linear of a hypernetwork MLP (mask-token -> mask weights)",
     "iou_head_fc": "linear of the IoU prediction head",
     "mask_matmul": "hypernetwork weights @ upscaled embedding: the mask logits",
+    # lowering
+    "fused_attention": "softmax(q·kᵀ + rel-pos)·v in one fused kernel (passes/fuse_attention)",
 }
 
 

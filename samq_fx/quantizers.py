@@ -618,6 +618,24 @@ class UniformQuantizer(Quantizer):
     def _install_from_observer(self) -> None:
         self._install(*self.compute_qparams())
 
+    def all_reduce_observer(self, group) -> None:
+        """Combine this observer's statistics with the other ranks' (sharded calibration):
+        min / max for min-max, sums and batch counts for the averaging observers."""
+        import torch.distributed as dist
+
+        if self.obs_lo is None:
+            raise RuntimeError(f"{self}: this rank observed nothing; give every rank data")
+        lo, hi = self.obs_lo.clone(), self.obs_hi.clone()
+        count = torch.tensor([float(self._obs_batches)], device=lo.device)
+        if self.spec.observer == "minmax":
+            dist.all_reduce(lo, dist.ReduceOp.MIN, group=group)
+            dist.all_reduce(hi, dist.ReduceOp.MAX, group=group)
+        else:
+            dist.all_reduce(lo, group=group)
+            dist.all_reduce(hi, group=group)
+        dist.all_reduce(count, group=group)
+        self.obs_lo, self.obs_hi, self._obs_batches = lo, hi, int(count.item())
+
     def _install(self, scale: Tensor, zero_point: Tensor) -> None:
         # Ordinary tensors even when calibration runs under torch.inference_mode, so that LSQ
         # can later set requires_grad on the scale.
@@ -849,6 +867,16 @@ class Log2Quantizer(Quantizer):
 
     def _has_data(self) -> bool:
         return self.obs_max is not None
+
+    def all_reduce_observer(self, group) -> None:
+        """The largest probability any rank saw (sharded calibration)."""
+        import torch.distributed as dist
+
+        if self.obs_max is None:
+            raise RuntimeError(f"{self}: this rank observed nothing; give every rank data")
+        m = self.obs_max.clone()
+        dist.all_reduce(m, dist.ReduceOp.MAX, group=group)
+        self.obs_max = m
 
     def _install_from_observer(self) -> None:
         if float(self.obs_max) <= 0:

@@ -1,0 +1,537 @@
+"""Lowering: from a calibrated fake-quant model to real kernels (torchao), per layer.
+
+    q = samq_fx.quantize(sam, loader, QuantConfig.preset("W8A8-int8"))
+    fast = samq_fx.lower(q, backend="int8-static", compile=True)   # drop-in Sam
+    SamPredictor(fast).set_image(image)
+
+This is the only file that imports torchao. The graph work is two passes, run per part:
+`passes/lower_linears.py` swaps each fake-quantized linear for a module whose weight is a
+torchao tensor subclass built from the calibrated quantizers (`make_linear` below), and
+`passes/fuse_attention.py` swaps the encoder's attention chains for one fused kernel. A third,
+`cast_boundaries` (here), casts graph inputs to the compute dtype and float outputs back to
+float32, so `SamPredictor` feeds the lowered model exactly what it feeds `Sam`.
+
+Backends (what runs where; `BACKENDS` holds the same as data):
+
+  int8-static    int8 weights x int8 activations with the calibrated per-tensor scale and zero
+                 point: torchao `Int8Tensor` (codes copied from the quantizer, AdaRound's
+                 rounding included) -> torch._int_mm. Needs symmetric 8-bit weights.
+  int8-dynamic   the same weights; activations quantized per token at run time (symmetric).
+  int4-weight    W4A16: torchao int4 tinygemm (`tile_packed_to_4d`) on CUDA, torchao's
+                 int4-in-int8 weight-only layout on the CPU; weights per group of 32..256.
+  float8-static  H100 / Ada: float8 e4m3 weights and activations, the activation scale from the
+                 calibrated range: torchao float8 -> torch._scaled_mm.
+
+A layer a backend has no kernel for (W4A4, W6A6, attention matmul quantizers, asymmetric weights
+for the int8 kernel) stays fake-quantized and is named in the report and a warning; if no layer
+can be lowered at all, `LoweringError` says why. Nothing is substituted silently.
+
+Saving: `samq_fx.save(lowered)` writes the quantized model it came from plus this recipe;
+`samq_fx.load` lowers again on the loading machine (kernel layouts differ between devices).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+from torch import nn
+
+from samq_fx.api import PARTS, QuantizedSam
+from samq_fx.capture import CapturedSam
+from samq_fx.passes.fuse_attention import fuse_attention as fuse_attention_pass
+from samq_fx.passes.lower_linears import lower_linears
+from samq_fx.pipeline import PassContext, PassResult, run_passes
+from samq_fx.quantizers import UniformQuantizer, assert_deployable, dequantize
+from samq_fx.report import format_table
+from samq_fx.serial import DictConfig
+
+BACKENDS = {
+    "int8-static": "W8A8, int8 x int8 with calibrated activation scales (torchao Int8Tensor)",
+    "int8-dynamic": "W8A8, int8 x int8 with per-token activation scales at run time",
+    "int4-weight": "W4A16, int4 weights per group x bf16 activations (tinygemm on CUDA)",
+    "float8-static": "float8 e4m3 x e4m3, calibrated activation scale (H100/Ada)",
+}
+# Not offered: float8 with per-row dynamic scales. Window attention pads tokens with zeros, and
+# torchao 0.18's per-row float8 scale of an all-zero row is 0, so those rows come out NaN
+# (measured on the H100: SQNR nan). float8-static has no such rows to scale.
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+_FLOAT8_MAX = 448.0  # e4m3
+
+
+class LoweringError(ValueError):
+    """A model that cannot be lowered with the asked backend (the message says why)."""
+
+
+@dataclass(frozen=True)
+class LowerConfig(DictConfig):
+    """How `lower` runs.
+
+    Args:
+        backend: one of `BACKENDS`.
+        dtype: compute dtype of everything that is not an integer kernel: "bfloat16",
+            "float16", "float32", or None for bfloat16 on CUDA and float32 on the CPU.
+        fuse_attention: replace encoder attention chains by a fused kernel (flex attention /
+            SDPA carrying the relative-position bias) where no quantizer sits inside.
+        strict: raise instead of keeping a layer fake-quantized.
+    """
+
+    backend: str = "int8-static"
+    dtype: str | None = None
+    fuse_attention: bool = True
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise LoweringError(
+                f"unknown lowering backend {self.backend!r}; backends: {list(BACKENDS)}"
+            )
+        if self.dtype not in (None, "bfloat16", "float16", "float32"):
+            raise LoweringError(
+                f"dtype must be bfloat16, float16, float32 or None, not {self.dtype!r}"
+            )
+
+
+@dataclass
+class LoweringReport:
+    """What lowering did, per part: lowered linears (site -> kernel), sites kept fake-quantized
+    (site -> reason), fused attentions, weight bytes before (fp16) and after."""
+
+    backend: str
+    dtype: str
+    device: str
+    lowered: dict[str, str] = field(default_factory=dict)
+    kept: dict[str, str] = field(default_factory=dict)
+    fused_attention: int = 0
+    unfused_attention: dict[str, str] = field(default_factory=dict)
+    weight_bytes: int = 0
+    fp16_weight_bytes: int = 0
+
+    def table(self) -> str:
+        rows = [(site, "lowered", kernel) for site, kernel in self.lowered.items()]
+        rows += [(site, "fake-quant", reason) for site, reason in self.kept.items()]
+        head = (
+            f"lowering {self.backend} ({self.dtype}, {self.device}): {len(self.lowered)} linears "
+            f"lowered, {len(self.kept)} kept fake-quantized, {self.fused_attention} attentions "
+            f"fused; weights {self.weight_bytes / 2**20:.1f} MiB "
+            f"({self.weight_bytes / max(self.fp16_weight_bytes, 1):.2f}x fp16)"
+        )
+        return head + "\n" + format_table(("site", "status", "kernel / reason"), rows)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class LoweredSam(QuantizedSam):
+    """A quantized SAM whose layers run real kernels; `samq_lowering` says how."""
+
+    samq_lowering: LowerConfig
+    samq_lowering_report: LoweringReport
+
+
+# -- kernels (torchao) ---------------------------------------------------------------------
+
+
+def _int8_weight_codes(w_q: UniformQuantizer, weight: torch.Tensor):
+    """(codes int8 (N, K), scale float32 (N, 1)) or a reason the int8 kernels cannot take it."""
+    spec = w_q.spec
+    if spec.bits != 8:
+        return None, f"{spec.bits}-bit weights (int8 kernels take 8-bit)"
+    if not spec.symmetric:
+        return None, (
+            "asymmetric weights; torchao's int8 kernels take symmetric per-channel weights: "
+            "quantize with w_symmetric=True (preset 'W8A8-int8')"
+        )
+    if spec.granularity not in ("channel", "tensor") or (
+        spec.granularity == "channel" and spec.ch_axis != 0
+    ):
+        return None, f"{spec.granularity} weight scales (int8 kernels take per-output-channel)"
+    qp = w_q.qparams()
+    codes = w_q.int_repr(weight).to(torch.int8)
+    scale = qp.scale.float().reshape(-1, 1).expand(weight.shape[0], 1).contiguous()
+    return (codes, scale), "ok"
+
+
+def _activation_spec_problem(in_q, bits: int) -> str | None:
+    if in_q is None or not in_q.enabled:
+        return "activations not quantized (A16): use backend int4-weight or keep it in float"
+    if not isinstance(in_q, UniformQuantizer):
+        return f"{type(in_q).__name__} activations have no integer kernel"
+    if in_q.spec.bits != bits:
+        return f"{in_q.spec.bits}-bit activations: no kernel (torchao runs {bits}-bit)"
+    if in_q.spec.granularity != "tensor":
+        return "activation scales not per tensor"
+    return None
+
+
+class TorchaoBackend:
+    """Builds one lowered linear per calibrated site (`make_linear`), for one backend."""
+
+    def __init__(self, name: str, dtype: torch.dtype, device: torch.device) -> None:
+        self.name, self.dtype, self.device = name, dtype, device
+
+    def make_linear(self, site, w_q, weight, in_q, bias, x_val):
+        """(module, kernel description) or (None, reason the site stays fake-quantized)."""
+        if not isinstance(w_q, UniformQuantizer) or not w_q.enabled:
+            return None, "weight quantizer disabled or not uniform"
+        build = getattr(self, "_" + self.name.replace("-", "_"))
+        return build(w_q, weight, in_q, bias, x_val)
+
+    def _linear(self, weight: torch.Tensor, bias) -> nn.Linear:
+        out_f, in_f = weight.shape
+        lin = nn.Linear(in_f, out_f, bias=bias is not None, device=self.device, dtype=self.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(weight)
+            if bias is not None:
+                lin.bias.copy_(bias)
+        lin.requires_grad_(False)
+        return lin
+
+    def _int8(self, w_q, weight, in_q, bias, x_val, dynamic: bool):
+        from torchao.quantization.granularity import PerRow, PerTensor
+        from torchao.quantization.quant_primitives import MappingType
+        from torchao.quantization.quantize_.workflows.int8.int8_tensor import (
+            Int8Tensor,
+            QuantizeTensorToInt8Kwargs,
+        )
+
+        problem = _activation_spec_problem(in_q, 8)
+        if problem:
+            return None, problem
+        packed, why = _int8_weight_codes(w_q, weight)
+        if packed is None:
+            return None, why
+        codes, w_scale = packed
+        lin = self._linear(weight, bias)
+        if dynamic:
+            act = QuantizeTensorToInt8Kwargs(
+                granularity=PerRow(), mapping_type=MappingType.SYMMETRIC
+            )
+            extra, kernel = {}, "int8 x int8 (_int_mm), activations per token at run time"
+        else:
+            qp = in_q.qparams()
+            ndim = x_val.dim() if isinstance(x_val, torch.Tensor) else 3
+            shape = [1] * ndim
+            # our grids are [0, 255] (asymmetric) or [-128, 127]; int8 kernels want [-128, 127]
+            zp = qp.zero_point - (128 if qp.qmin == 0 else 0)
+            mapping = MappingType.ASYMMETRIC if bool(zp.ne(0).any()) else MappingType.SYMMETRIC
+            act = QuantizeTensorToInt8Kwargs(granularity=PerTensor(), mapping_type=mapping)
+            extra = {
+                "act_quant_scale": qp.scale.float().reshape(shape).to(self.device),
+                "act_quant_zero_point": zp.to(torch.int8).reshape(shape).to(self.device),
+            }
+            kernel = "int8 x int8 (_int_mm), calibrated activation scale"
+        lin.weight = nn.Parameter(
+            Int8Tensor(
+                codes.to(self.device),
+                w_scale.to(self.device),
+                [1, weight.shape[1]],
+                self.dtype,
+                act_quant_kwargs=act,
+                **extra,
+            ),
+            requires_grad=False,
+        )
+        return lin, kernel
+
+    def _int8_static(self, w_q, weight, in_q, bias, x_val):
+        return self._int8(w_q, weight, in_q, bias, x_val, dynamic=False)
+
+    def _int8_dynamic(self, w_q, weight, in_q, bias, x_val):
+        return self._int8(w_q, weight, in_q, bias, x_val, dynamic=True)
+
+    def _int4_weight(self, w_q, weight, in_q, bias, x_val):
+        spec = w_q.spec
+        if in_q is not None and in_q.enabled:
+            return None, (
+                f"activations quantized to {getattr(in_q.spec, 'bits', '?')} bits: int4 "
+                "weight-only kernels take float activations (quantize with a_bits=None)"
+            )
+        if spec.bits != 4 or spec.granularity != "group" or spec.group_size not in INT4_GROUP_SIZES:
+            return None, (
+                f"{spec.bits}-bit {spec.granularity} weights; int4 kernels take 4-bit weights in "
+                f"groups of {INT4_GROUP_SIZES} (preset 'W4A16')"
+            )
+        qp = w_q.qparams()
+        # the calibrated grid's values; torchao re-derives (scale, zero) per group from them
+        w_hat = dequantize(
+            w_q.int_repr(weight), qp.scale, qp.zero_point, group_size=spec.group_size
+        )
+        lin = self._linear(w_hat, bias)
+        if self.device.type == "cuda":
+            from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+            cfg = Int4WeightOnlyConfig(
+                group_size=spec.group_size,
+                int4_packing_format="tile_packed_to_4d",
+                set_inductor_config=False,
+            )
+            kernel = "int4 tinygemm (tile_packed_to_4d) x bf16"
+        else:
+            from torchao.quantization import IntxWeightOnlyConfig, quantize_
+            from torchao.quantization.granularity import PerGroup
+
+            cfg = IntxWeightOnlyConfig(
+                weight_dtype=torch.int4, granularity=PerGroup(spec.group_size)
+            )
+            kernel = "int4 weights (torchao intx, unpacked to int8) x float"
+        quantize_(lin, cfg)
+        return lin, kernel
+
+    def _float8_ok(self) -> str | None:
+        if self.device.type != "cuda" or torch.cuda.get_device_capability(self.device) < (8, 9):
+            name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+            return f"float8 matmuls need an sm_89+ GPU (H100, L4, ...); this device is {name}"
+        return None
+
+    def _float8_static(self, w_q, weight, in_q, bias, x_val):
+        from torchao.quantization import quantize_
+        from torchao.quantization.granularity import PerTensor
+        from torchao.quantization.quant_api import Float8StaticActivationFloat8WeightConfig
+
+        problem = self._float8_ok() or _activation_spec_problem(in_q, 8)
+        if problem:
+            return None, problem
+        qp = in_q.qparams()
+        lo = (qp.qmin - qp.zero_point.float()) * qp.scale
+        hi = (qp.qmax - qp.zero_point.float()) * qp.scale
+        ndim = x_val.dim() if isinstance(x_val, torch.Tensor) else 3
+        act_scale = (torch.maximum(lo.abs(), hi.abs()) / _FLOAT8_MAX).reshape([1] * ndim).float()
+        lin = self._linear(weight, bias)
+        cfg = Float8StaticActivationFloat8WeightConfig(
+            act_quant_scale=act_scale.to(self.device),
+            granularity=PerTensor(),
+            set_inductor_config=False,
+        )
+        quantize_(lin, cfg)
+        return lin, "float8 e4m3 (_scaled_mm), calibrated activation scale"
+
+
+# -- graph edits -------------------------------------------------------------------------------
+
+
+def cast_boundaries(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Cast float inputs to the compute dtype and float outputs back to float32."""
+    dtype = ctx.config.dtype
+    counts = {"inputs": 0, "outputs": 0}
+    if dtype == torch.float32:
+        return PassResult(counts=counts)
+    for node in [n for n in gm.graph.nodes if n.op == "placeholder"]:
+        val = node.meta.get("val")
+        if not (isinstance(val, torch.Tensor) and val.is_floating_point()):
+            continue
+        with gm.graph.inserting_after(node):
+            cast = gm.graph.call_method("to", (node, dtype))
+        node.replace_all_uses_with(cast, delete_user_cb=lambda user, cast=cast: user is not cast)
+        counts["inputs"] += 1
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+
+    def to_float(arg):
+        val = arg.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.is_floating_point():
+            counts["outputs"] += 1
+            with gm.graph.inserting_before(out):
+                return gm.graph.call_method("float", (arg,))
+        return arg
+
+    out.args = torch.fx.map_arg(out.args, to_float)
+    return PassResult(counts=counts)
+
+
+def _cast_floats(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast parameters and buffers to `dtype`, except the quantizers' (their scales must stay
+    float32: a bf16 scale moves the integer grid)."""
+    for part in PARTS:
+        gm = getattr(model, part)
+        skip = {
+            id(t)
+            for m in gm.modules()
+            if m.__class__.__name__.endswith("Quantizer")
+            for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
+        }
+        for module in gm.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                if id(p) not in skip and p.is_floating_point():
+                    setattr(module, name, nn.Parameter(p.detach().to(dtype), requires_grad=False))
+            for name, b in list(module.named_buffers(recurse=False)):
+                if b is not None and id(b) not in skip and b.is_floating_point():
+                    module._buffers[name] = b.to(dtype)
+
+
+def _weight_bytes(gm: nn.Module) -> int:
+    """Bytes of parameters and buffers, counting tensor subclasses by their inner tensors."""
+    total = 0
+    seen: set[int] = set()
+    for t in list(gm.parameters()) + list(gm.buffers()):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        inner = getattr(t, "tensor_data_names", None)
+        if inner is not None:
+            names = list(inner) + list(getattr(t, "optional_tensor_data_names", []))
+            parts = [getattr(t, n, None) for n in names]
+            total += sum(p.numel() * p.element_size() for p in parts if p is not None)
+        else:
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _fp16_bytes(model: nn.Module) -> int:
+    return sum(
+        2 * p.numel()
+        for part in PARTS
+        for name, p in getattr(model, part).named_parameters()
+        if "samq_quantizers" not in name
+    )
+
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def lower(
+    qmodel: QuantizedSam,
+    backend: str = "int8-static",
+    *,
+    dtype: str | None = None,
+    fuse_attention: bool = True,
+    strict: bool = False,
+    compile: bool = False,
+    verbose: bool = True,
+) -> LoweredSam:
+    """Lower a calibrated model to real kernels. The argument is not modified.
+
+    Args:
+        qmodel: a `QuantizedSam` from `samq_fx.quantize` (or `samq_fx.load`).
+        backend: one of `BACKENDS` ("int8-static", "int8-dynamic", "int4-weight",
+            "float8-static").
+        dtype: compute dtype for everything else (default bfloat16 on CUDA, float32 on CPU).
+        fuse_attention: fuse the encoder's attention (with its relative-position bias).
+        strict: raise `LoweringError` if any quantized layer has no kernel (else it stays
+            fake-quantized, with a warning that names it).
+        compile: wrap the image encoder and mask decoder in `torch.compile(fullgraph=True)`.
+        verbose: print the lowering table.
+
+    Returns:
+        A `LoweredSam`, a drop-in `Sam` (`SamPredictor`, `SamAutomaticMaskGenerator`).
+
+    Example:
+        >>> fast = lower(q, "int8-static", compile=True)
+    """
+    cfg = LowerConfig(backend=backend, dtype=dtype, fuse_attention=fuse_attention, strict=strict)
+    if isinstance(qmodel, LoweredSam):
+        raise LoweringError("this model is already lowered; lower the QuantizedSam it came from")
+    if not isinstance(qmodel, QuantizedSam):
+        raise LoweringError(
+            f"lower expects a QuantizedSam from samq_fx.quantize, got {type(qmodel).__name__}"
+        )
+    assert_deployable(qmodel)
+    device = qmodel.pixel_mean.device
+    torch_dtype = (
+        _DTYPES[cfg.dtype]
+        if cfg.dtype
+        else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    )
+    model = copy.deepcopy(qmodel)
+    model.__class__ = LoweredSam
+    fp16_bytes = _fp16_bytes(model)
+    _cast_floats(model, torch_dtype)
+    kernels = TorchaoBackend(cfg.backend, torch_dtype, device)
+    report = LoweringReport(cfg.backend, str(torch_dtype).removeprefix("torch."), str(device))
+    for part in PARTS:
+        gm = getattr(model, part)
+        ctx = PassContext(part=part, arch=model.samq_arch, config=kernels)
+        records = run_passes(gm, ctx, [lower_linears])
+        linear = records[-1].result
+        prefix = "enc" if part == "image_encoder" else "dec"
+        for site, reason in linear.rejected.items():
+            report.kept[f"{prefix}:{site}"] = reason
+        for node in gm.graph.nodes:
+            finding = (
+                node.meta.get("samq").findings.get("lower_linears")
+                if node.meta.get("samq")
+                else None
+            )
+            if finding and node.op == "call_module":
+                report.lowered[f"{prefix}:{node.target.split('.', 1)[1]}"] = finding["kernel"]
+        if cfg.fuse_attention and part == "image_encoder":
+            fused = run_passes(gm, ctx, [fuse_attention_pass])[-1].result
+            report.fused_attention += fused.counts["fused"]
+            report.unfused_attention.update(fused.rejected)
+        run_passes(
+            gm, PassContext(part=part, arch=model.samq_arch, config=kernels), [cast_boundaries]
+        )
+        report.weight_bytes += _weight_bytes(gm)
+    report.fp16_weight_bytes = fp16_bytes
+    if not report.lowered:
+        reasons = sorted(set(report.kept.values()))
+        raise LoweringError(
+            f"backend {cfg.backend!r} has no kernel for any layer of this "
+            f"{qmodel.samq_config.name} model, so it stays fake-quantized: "
+            + "; ".join(reasons[:4])
+        )
+    if report.kept:
+        message = (
+            f"{len(report.kept)} quantized linears have no {cfg.backend} kernel and stay "
+            f"fake-quantized: " + ", ".join(f"{k} ({v})" for k, v in list(report.kept.items())[:3])
+        )
+        if cfg.strict:
+            raise LoweringError(message)
+        warnings.warn(message, stacklevel=2)
+    model.samq_lowering = cfg
+    model.samq_lowering_report = report
+    model.__dict__["_samq_source"] = qmodel  # what save() writes; not a submodule
+    if verbose:
+        print(report.table())
+    if compile:
+        compile_parts(model)
+    return model.eval()
+
+
+def compile_parts(model: CapturedSam, *, fuse_int_mm_with_mul: bool = True) -> CapturedSam:
+    """torch.compile(fullgraph=True) the image encoder and mask decoder in place.
+
+    `fuse_int_mm_with_mul` lets inductor fuse torch._int_mm with the rescale that follows it
+    (one of torchao's recommended settings; the others, coordinate-descent tuning above all,
+    cost minutes of compile time for little here).
+    """
+    options = {"force_fuse_int_mm_with_mul": fuse_int_mm_with_mul}
+    for part in PARTS:
+        gm = getattr(model, part)
+        compiled = torch.compile(gm, fullgraph=True, options=options)
+        setattr(model, part, compiled)
+    return model
+
+
+def optimize_float(
+    captured: CapturedSam, dtype: str = "bfloat16", *, fuse_attention: bool = True
+) -> CapturedSam:
+    """The best floating-point pipeline without quantization: a copy of `captured` cast to
+    `dtype`, with fused attention; `compile_parts` it for speed. The baseline `lower`'s speed is
+    judged against, built from the same passes."""
+    if not isinstance(captured, CapturedSam) or isinstance(captured, QuantizedSam):
+        raise TypeError("optimize_float expects a full-precision samq_fx.capture(sam) model")
+    model = copy.deepcopy(captured)
+    torch_dtype = _DTYPES[dtype]
+    _cast_floats(model, torch_dtype)
+    config = TorchaoBackend("int8-static", torch_dtype, model.pixel_mean.device)
+    for part in PARTS:
+        ctx = PassContext(part=part, arch=model.samq_arch, config=config)
+        passes = [fuse_attention_pass] if fuse_attention and part == "image_encoder" else []
+        run_passes(getattr(model, part), ctx, [*passes, cast_boundaries])
+    return model.eval()
+
+
+__all__ = [
+    "BACKENDS",
+    "LowerConfig",
+    "LoweredSam",
+    "LoweringError",
+    "LoweringReport",
+    "compile_parts",
+    "lower",
+    "optimize_float",
+]

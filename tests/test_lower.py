@@ -1,0 +1,222 @@
+"""Lowering to torchao kernels on the CPU: what is lowered, what is refused and why, that the
+lowered model computes what its fake-quant model computes, and the fused attention."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from segment_anything import SamPredictor
+
+import samq_fx
+from samq_fx.config import Override, QuantConfig
+from samq_fx.data import generate_scene, mask_box
+from samq_fx.demo import calibration_samples
+from samq_fx.kernels import rel_pos_attention, rel_pos_bias
+from samq_fx.lower import LoweringError, compile_parts, lower, optimize_float
+
+
+def _sqnr(out: torch.Tensor, ref: torch.Tensor) -> float:
+    noise = (out.float() - ref.float()).pow(2).mean().clamp_min(1e-30)
+    return float(10 * torch.log10(ref.float().pow(2).mean() / noise))
+
+
+@pytest.fixture(scope="module")
+def tiny_captured():
+    return samq_fx.capture(samq_fx.build_sam("tiny"))
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return calibration_samples(2)
+
+
+@pytest.fixture(scope="module")
+def q_int8(tiny_captured, calib):
+    return samq_fx.quantize(tiny_captured, calib, QuantConfig.preset("W8A8-int8"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def lowered_int8(q_int8):
+    return lower(q_int8, "int8-static", verbose=False)
+
+
+def _masks(model, scenes) -> list[np.ndarray]:
+    out = []
+    for scene in scenes:
+        predictor = SamPredictor(model)
+        predictor.set_image(scene.image)
+        for mask in scene.masks:
+            m, _, _ = predictor.predict(box=np.array(mask_box(mask)), multimask_output=False)
+            out.append(m[0])
+    return out
+
+
+def _mean_iou(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    return float(
+        np.mean([(x & y).sum() / max((x | y).sum(), 1) for x, y in zip(a, b, strict=True)])
+    )
+
+
+def test_int8_static_lowers_every_quantized_linear(q_int8, lowered_int8):
+    report = lowered_int8.samq_lowering_report
+    quantized_linears = sum(
+        1
+        for part in ("image_encoder", "mask_decoder")
+        for name in getattr(q_int8, part).samq_quantizers
+        if name.endswith("__weight")
+    )
+    assert len(report.lowered) == quantized_linears > 0
+    assert report.kept == {}
+    assert (
+        report.fused_attention
+        == samq_fx.build_sam("tiny", pretrained=False).image_encoder.blocks.__len__()
+    )
+    enc = lowered_int8.image_encoder
+    assert not any("samq_quantizers" in n for n, _ in enc.named_modules()), "quantizers left"
+    assert all(type(m.weight).__name__ == "Int8Tensor" for m in enc.samq_lowered.values()), (
+        "a lowered linear holds no torchao int8 weight"
+    )
+
+
+def test_lowering_leaves_the_quantized_model_alone(tiny_captured, calib):
+    q = samq_fx.quantize(tiny_captured, calib, QuantConfig.preset("W8A8-int8"), progress=False)
+    before = {k: v.clone() for k, v in q.state_dict().items() if isinstance(v, torch.Tensor)}
+    lower(q, "int8-static", verbose=False)
+    after = q.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_lowered_masks_match_fake_quant(q_int8, lowered_int8):
+    scenes = [generate_scene(40_000, i) for i in range(3)]
+    fid = _mean_iou(_masks(lowered_int8, scenes), _masks(q_int8, scenes))
+    assert fid > 0.98, f"lowered int8-static vs its fake-quant model: mask IoU {fid:.4f}"
+
+
+def test_lowered_encoder_close_to_fake_quant(q_int8, lowered_int8):
+    x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        snr = _sqnr(lowered_int8.image_encoder(x), q_int8.image_encoder(x))
+    assert snr > 35, f"int8-static encoder vs fake quant: SQNR {snr:.1f} dB"
+
+
+@pytest.mark.parametrize("backend", ["int8-dynamic"])
+def test_dynamic_int8_close_to_fake_quant(q_int8, backend):
+    lowered = lower(q_int8, backend, verbose=False)
+    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        snr = _sqnr(lowered.image_encoder(x), q_int8.image_encoder(x))
+    # per-token scales differ from the calibrated per-tensor grid: close, not equal
+    assert snr > 25, f"{backend} encoder vs fake quant: SQNR {snr:.1f} dB"
+
+
+def test_int4_weight_only(tiny_captured, calib):
+    q = samq_fx.quantize(tiny_captured, calib, QuantConfig.preset("W4A16-int4"), progress=False)
+    lowered = lower(q, "int4-weight", verbose=False)
+    report = lowered.samq_lowering_report
+    assert report.lowered and not report.kept
+    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        snr = _sqnr(lowered.image_encoder(x), q.image_encoder(x))
+    # torchao re-derives each group's (scale, zero) from the calibrated grid's values
+    assert snr > 25, f"int4-weight vs its fake quant: SQNR {snr:.1f} dB"
+
+
+def test_no_kernel_for_4_bit_activations(tiny_captured, calib):
+    q = samq_fx.quantize(tiny_captured, calib, QuantConfig.preset("W4A4"), progress=False)
+    with pytest.raises(LoweringError, match="4-bit activations: no kernel"):
+        lower(q, "int8-static", verbose=False)
+
+
+def test_asymmetric_weights_named(tiny_captured, calib):
+    q = samq_fx.quantize(tiny_captured, calib, QuantConfig(method="minmax"), progress=False)
+    with pytest.raises(LoweringError, match="asymmetric weights"):
+        lower(q, "int8-static", verbose=False)
+
+
+def test_float8_needs_a_capable_gpu(q_int8):
+    with pytest.raises(LoweringError, match="sm_89"):
+        lower(q_int8, "float8-static", verbose=False)
+
+
+def test_unknown_backend(q_int8):
+    with pytest.raises(LoweringError, match="unknown lowering backend 'int3'"):
+        lower(q_int8, "int3")
+
+
+def test_partial_lowering_warns_and_strict_refuses(tiny_captured, calib):
+    cfg = QuantConfig.preset(
+        "W8A8-int8", overrides=(*QuantConfig.preset("W8A8-int8").overrides,
+                                Override(role="mlp_fc1", part="image_encoder", a_bits=6))
+    )  # fmt: skip
+    q = samq_fx.quantize(tiny_captured, calib, cfg, progress=False)
+    with pytest.warns(UserWarning, match="stay fake-quantized"):
+        lowered = lower(q, "int8-static", verbose=False)
+    kept = lowered.samq_lowering_report.kept
+    assert len(kept) == 4 and all("6-bit activations" in r for r in kept.values()), kept
+    with pytest.raises(LoweringError, match="stay fake-quantized"):
+        lower(q, "int8-static", strict=True, verbose=False)
+
+
+def test_quantized_attention_stays_unfused(tiny_captured, calib):
+    q = samq_fx.quantize(tiny_captured, calib, QuantConfig(w_symmetric=True), progress=False)
+    lowered = lower(q, "int8-static", verbose=False)
+    report = lowered.samq_lowering_report
+    assert report.fused_attention == 0 and len(report.unfused_attention) == 4
+    assert all("quantizer" in why for why in report.unfused_attention.values())
+
+
+def test_save_and_load_relower(lowered_int8, tmp_path):
+    path = samq_fx.save(lowered_int8, tmp_path / "tiny.samq")
+    loaded = samq_fx.load(path)
+    assert isinstance(loaded, samq_fx.LoweredSam)
+    assert loaded.samq_lowering == lowered_int8.samq_lowering
+    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(loaded.image_encoder(x), lowered_int8.image_encoder(x))
+
+
+def test_lowered_encoder_compiles_fullgraph(lowered_int8):
+    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        eager = lowered_int8.image_encoder(x)
+        model = compile_parts(lower(lowered_int8.__dict__["_samq_source"], verbose=False))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compiled = model.image_encoder(x)
+    assert _sqnr(compiled, eager) > 30
+
+
+def test_optimize_float_matches_captured(tiny_captured):
+    fused = optimize_float(tiny_captured, "float32")
+    x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref, out = tiny_captured.image_encoder(x), fused.image_encoder(x)
+    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert fused.image_encoder.samq_pass_log[-2].result.counts["fused"] == 4
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    bh=st.integers(1, 3),
+    qh=st.integers(1, 5),
+    qw=st.integers(1, 5),
+    d=st.sampled_from([4, 8]),
+    seed=st.integers(0, 2**16),
+)
+def test_rel_pos_attention_is_the_eager_chain(bh, qh, qw, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    L = qh * qw
+    q, k, v = (torch.randn(bh, L, d, generator=g, dtype=torch.float64) for _ in range(3))
+    rel_h = torch.randn(bh, qh, qw, qh, generator=g, dtype=torch.float64)
+    rel_w = torch.randn(bh, qh, qw, qw, generator=g, dtype=torch.float64)
+    logits = (q @ k.transpose(-2, -1)).view(bh, qh, qw, qh, qw)
+    logits = logits + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]
+    ref = logits.view(bh, L, L).softmax(-1) @ v
+    out = rel_pos_attention(q, k, v, rel_h, rel_w)
+    assert torch.allclose(out, ref, rtol=1e-10, atol=1e-12)
+    assert rel_pos_bias(rel_h, rel_w).shape == (bh, L, L)
