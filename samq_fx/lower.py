@@ -7,7 +7,8 @@
 This is the only file that imports torchao. The graph work is two passes, run per part:
 `passes/lower_linears.py` swaps each fake-quantized linear for a module whose weight is a
 torchao tensor subclass built from the calibrated quantizers (`make_linear` below), and
-`passes/fuse_attention.py` swaps the encoder's attention chains for one fused kernel. A third,
+`passes/fuse_attention.py` swaps the encoder's attention chains for one fused kernel,
+`passes/patch_embed_as_matmul.py` turns the patch-embedding convolution into a matmul. A fourth,
 `cast_boundaries` (here), casts graph inputs to the compute dtype and float outputs back to
 float32, so `SamPredictor` feeds the lowered model exactly what it feeds `Sam`.
 
@@ -45,6 +46,7 @@ from samq_fx.api import PARTS, QuantizedSam
 from samq_fx.capture import CapturedSam
 from samq_fx.passes.fuse_attention import fuse_attention as fuse_attention_pass
 from samq_fx.passes.lower_linears import lower_linears
+from samq_fx.passes.patch_embed_as_matmul import patch_embed_as_matmul
 from samq_fx.pipeline import PassContext, PassResult, run_passes
 from samq_fx.quantizers import UniformQuantizer, assert_deployable, dequantize
 from samq_fx.report import format_table
@@ -296,6 +298,11 @@ class TorchaoBackend:
         problem = self._float8_ok() or _activation_spec_problem(in_q, 8)
         if problem:
             return None, problem
+        if tuple(weight.shape) == (128, 128):
+            return None, (
+                "a 128x128 weight: torchao 0.18 reads its per-tensor float8 scale as 128x128 "
+                "block scaling and refuses it"
+            )
         qp = in_q.qparams()
         lo = (qp.qmin - qp.zero_point.float()) * qp.scale
         hi = (qp.qmax - qp.zero_point.float()) * qp.scale
@@ -457,6 +464,8 @@ def lower(
             )
             if finding and node.op == "call_module":
                 report.lowered[f"{prefix}:{node.target.split('.', 1)[1]}"] = finding["kernel"]
+        if part == "image_encoder":
+            run_passes(gm, ctx, [patch_embed_as_matmul])
         if cfg.fuse_attention and part == "image_encoder":
             fused = run_passes(gm, ctx, [fuse_attention_pass])[-1].result
             report.fused_attention += fused.counts["fused"]
@@ -520,7 +529,9 @@ def optimize_float(
     config = TorchaoBackend("int8-static", torch_dtype, model.pixel_mean.device)
     for part in PARTS:
         ctx = PassContext(part=part, arch=model.samq_arch, config=config)
-        passes = [fuse_attention_pass] if fuse_attention and part == "image_encoder" else []
+        passes = []
+        if part == "image_encoder":
+            passes = [patch_embed_as_matmul] + ([fuse_attention_pass] if fuse_attention else [])
         run_passes(getattr(model, part), ctx, [*passes, cast_boundaries])
     return model.eval()
 
