@@ -260,10 +260,10 @@ def profile(model, x: torch.Tensor, path: str | None) -> None:
         kernels[evt.key] = us
         key = evt.key.lower()
         kind = (
-            "int8 gemm" if "int" in key and ("gemm" in key or "mm" in key or "igemm" in key)
-            else "attention" if "flex" in key or "attention" in key or "fmha" in key or "flash" in key
-            else "fp8 gemm" if "f8" in key or "fp8" in key or "e4m3" in key
-            else "gemm / conv" if any(s in key for s in ("gemm", "sm90", "cutlass", "conv", "xmma"))
+            "int8 gemm" if any(s in key for s in ("_s8", "s8_", "i8", "int_mm", "i16832"))
+            else "fp8 gemm" if any(s in key for s in ("qqtst", "f8f8", "fp8", "e4m3"))
+            else "attention" if any(s in key for s in ("flex", "attention", "fmha", "flash"))
+            else "bf16 gemm / conv" if any(s in key for s in ("gemm", "nvjet", "cutlass", "conv", "xmma"))
             else "elementwise / norm / other"
         )  # fmt: skip
         kinds[kind] = kinds.get(kind, 0.0) + us
