@@ -17,6 +17,7 @@ computes bit for bit what the saved model computed.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
@@ -137,13 +138,22 @@ def quantize(
     calibrate_weights(model)
     run_calibration(model, items, progress)
     _freeze(model, skip_log2=cfg.agq is not None)
-    if cfg.agq is not None:  # log2 quantizers pass values through until the search sets them
+    if calibrated_passes(cfg):  # log2 quantizers pass values through until AGQ sets them
         _run_on_parts(model, cfg, calibrated_passes(cfg), data)
     _freeze(model)
     if cfg.recon is not None:
         from samq_fx.recon import reconstruct
 
-        model.samq_recon = reconstruct(model, fp_model, items, cfg.recon, progress=progress)
+        par = contextlib.nullcontext()
+        if cfg.par is not None:
+            from samq_fx.par import PromptAwareLoss
+
+            par = PromptAwareLoss(model, fp_model, cfg.par)
+        with par:
+            plugins = {} if cfg.par is None else {"loss_fn": par.loss, "target_fn": par.targets}
+            model.samq_recon = reconstruct(
+                model, fp_model, items, cfg.recon, progress=progress, **plugins
+            )
     assert_deployable(model)
     model.samq_config = cfg
     model.samq_calibration = {
