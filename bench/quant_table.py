@@ -57,7 +57,7 @@ def saq_sam_settings(recon_iters: int, num_calib: int) -> list[QuantConfig]:
         )
 
     rows = []
-    for b in (6, 4):
+    for b in (4, 6):  # W4A4 first: the comparison
         rows += [
             cfg("minmax", b),
             cfg("mse", b),

@@ -33,7 +33,8 @@ from samq_fx.report import format_table  # noqa: E402
 
 
 def run(model, samples, method: str, iters: int, units: str | None, layer_skip: bool) -> dict:
-    cfg = samq_fx.QuantConfig.for_method(method, 4, 4, recon=True, recon_iters=iters)
+    # PCC (saq-sam) is off: it runs before reconstruction and does not change its time
+    cfg = samq_fx.QuantConfig.for_method(method, 4, 4, recon=True, recon_iters=iters, pcc=False)
     if units is not None and units != cfg.recon.units:
         cfg = replace(cfg, recon=replace(cfg.recon, units=units))
     if cfg.par is not None and not layer_skip:
