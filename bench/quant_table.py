@@ -6,6 +6,7 @@ plus what BIG and AGQ saw on the model (bimodal keys, chosen log2 bases) and the
 report per unit.
 
     python bench/quant_table.py --table ptq4sam --recon-iters 100 --json bench/ptq4sam_table.json
+    python bench/quant_table.py --table saq-sam --recon-iters 200 --json bench/saq_sam_table.json
 """
 
 from __future__ import annotations
@@ -44,6 +45,32 @@ def ptq4sam_settings(recon_iters: int, num_calib: int) -> list[QuantConfig]:
     return rows
 
 
+def saq_sam_settings(recon_iters: int, num_calib: int) -> list[QuantConfig]:
+    """W4A4 and W6A6: min-max, MSE, ptq4sam, saq-sam, and the ablation of PCC and PAR on
+    PTQ4SAM's statistics (BIG + AGQ): neither, PCC alone, PAR alone (saq-sam's units and
+    prompt-aware loss, no PCC), both (= saq-sam); plus PCC stacked on MSE."""
+    calib = CalibConfig(num_images=num_calib)
+
+    def cfg(method: str, b: int, **switches) -> QuantConfig:
+        return QuantConfig.for_method(
+            method, b, b, recon_iters=recon_iters, calib=calib, **switches
+        )
+
+    rows = []
+    for b in (4, 6):  # W4A4 first: the issue's comparison
+        rows += [
+            cfg("minmax", b),
+            cfg("mse", b),
+            cfg("mse", b, pcc=True),
+            cfg("ptq4sam", b),
+            cfg("saq-sam", b),
+            cfg("saq-sam", b, recon=False, pcc=False),  # neither: PTQ4SAM's statistics
+            cfg("saq-sam", b, recon=False),  # PCC alone
+            cfg("saq-sam", b, pcc=False),  # PAR alone
+        ]
+    return rows
+
+
 def method_findings(q) -> dict:
     """BIG verdicts and AGQ bases per attention, reconstruction per unit."""
     out = {"big": [], "agq": []}
@@ -61,6 +88,8 @@ def method_findings(q) -> dict:
             agq = info.findings.get("search_agq")
             if agq is not None:
                 out["agq"].append({"attn": info.attn_path, "kind": info.attn_kind, **agq})
+            for slot, pcc in info.findings.get("install_pcc_clips", {}).items():
+                out.setdefault("pcc", []).append({"kind": info.attn_kind, "slot": slot, **pcc})
     recon = getattr(q, "samq_recon", None)
     if recon is not None:
         out["recon"] = recon.to_dict()
@@ -69,13 +98,14 @@ def method_findings(q) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--table", choices=["ptq4sam"], default="ptq4sam")
+    p.add_argument("--table", choices=["ptq4sam", "saq-sam"], default="ptq4sam")
     p.add_argument("--recon-iters", type=int, default=100)
     p.add_argument("--num-val", type=int, default=24)
     p.add_argument("--num-calib", type=int, default=8)
     p.add_argument("--json", type=Path, required=True)
     args = p.parse_args(argv)
-    settings = ptq4sam_settings(args.recon_iters, args.num_calib)
+    tables = {"ptq4sam": ptq4sam_settings, "saq-sam": saq_sam_settings}
+    settings = tables[args.table](args.recon_iters, args.num_calib)
     findings = {}
 
     def on_row(report, q) -> None:

@@ -8,6 +8,10 @@ table extrapolates to `--paper-iters` (PTQ4SAM: 20,000 a unit). Random weights a
 
     PYTHONPATH=. python3 bench/recon_time.py --model vit_b --device cuda --json recon_vit_b.json
     python bench/recon_time.py --model tiny --device cpu --iters 10 40
+    python bench/recon_time.py --model vit_b --method saq-sam [--no-layer-skip] --json t.json
+
+saq-sam's paper schedule is 2,000 steps a unit with 10,000 for the final token-to-image
+attention; the extrapolation uses `--paper-iters` for every unit (2,000 by default).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,12 +32,13 @@ from samq_fx.demo import calibration_samples  # noqa: E402
 from samq_fx.report import format_table  # noqa: E402
 
 
-def run(model, samples, method: str, iters: int, units: str) -> dict:
-    cfg = samq_fx.QuantConfig.for_method(method, 4, 4, recon=True, recon_iters=iters)
-    if units != cfg.recon.units:
-        from dataclasses import replace
-
+def run(model, samples, method: str, iters: int, units: str | None, layer_skip: bool) -> dict:
+    # PCC (saq-sam) is off: it runs before reconstruction and does not change its time
+    cfg = samq_fx.QuantConfig.for_method(method, 4, 4, recon=True, recon_iters=iters, pcc=False)
+    if units is not None and units != cfg.recon.units:
         cfg = replace(cfg, recon=replace(cfg.recon, units=units))
+    if cfg.par is not None and not layer_skip:
+        cfg = replace(cfg, par=replace(cfg.par, layer_skip=False))
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -45,19 +51,29 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="vit_b")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--method", default="ptq4sam")
-    p.add_argument("--units", default="ptq4sam")
+    p.add_argument("--method", default="ptq4sam", choices=["ptq4sam", "saq-sam"])
+    p.add_argument("--units", help="unit mode (default: the method's own)")
+    p.add_argument(
+        "--no-layer-skip",
+        action="store_true",
+        help="saq-sam: stage outputs run the deeper FP encoder blocks before the neck",
+    )
     p.add_argument("--iters", type=int, nargs=2, default=(20, 120))
-    p.add_argument("--paper-iters", type=int, default=20_000)
+    p.add_argument(
+        "--paper-iters", type=int, help="default: 20,000 (ptq4sam), 2,000 (saq-sam) a unit"
+    )
     p.add_argument("--num-calib", type=int, default=8)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
+    if args.paper_iters is None:
+        args.paper_iters = 2_000 if args.method == "saq-sam" else 20_000
 
     torch.manual_seed(0)
     sam = samq_fx.build_sam(args.model, pretrained=False).to(args.device).eval()
     captured = samq_fx.capture(sam)
     samples = calibration_samples(args.num_calib)
-    lo, hi = (run(captured, samples, args.method, n, args.units) for n in args.iters)
+    layer_skip = not args.no_layer_skip
+    lo, hi = (run(captured, samples, args.method, n, args.units, layer_skip) for n in args.iters)
     rows, out_units = [], []
     fixed_total = step_total = 0.0
     for a, b in zip(lo["recon"]["units"], hi["recon"]["units"], strict=True):

@@ -23,6 +23,11 @@ Modes, and the units of each (forward order = order of a unit's first node):
                  layer, then dec.final_t2i.                     (tiny: 9 + 9; SAM-B: 25 + 9 = 34)
   "joint-cross"  as ptq4sam, but a decoder layer's t2i, mlp and i2t, with the residual adds,
                  norms and pe adds between them, form one unit dec.{i}.cross (CAR-SAM JCAR).
+  "saq-stage"    SAQ-SAM (papers.md §2.2): encoder stages enc.stage{k}, each the whole blocks
+                 (norms, residual adds, window partition included) up to and including a
+                 global-attention block (blocks after the last global block join the last
+                 stage), then enc.neck; decoder: dec.{i}.layer, each two-way layer whole, then
+                 dec.final_t2i.  SAM-B {0-2, 3-5, 6-8, 9-11}; tiny (global (1, 3)): {0-1, 2-3}.
 
 Glue (residual adds, the LayerNorms between units, window partition, pe adds, the decoder's
 token/embedding set-up) gets unit None: it is computed by the full model while inputs are
@@ -48,7 +53,7 @@ from samq_fx.meta import get_info, module_stack, update_info
 from samq_fx.pipeline import PassContext, PassResult
 
 PASS_NAME = "tag_blocks"
-UNIT_MODES = ("ptq4sam", "joint-cross")  # SAQ-SAM's "saq-stage" comes with its issue
+UNIT_MODES = ("ptq4sam", "joint-cross", "saq-stage")
 UNITS_ATTR = "samq_units"
 
 _DECODER_ATTN = {
@@ -94,6 +99,48 @@ def _under(path: str, prefix: str) -> bool:
     return path == prefix or path.startswith(prefix + ".")
 
 
+def encoder_stages(depth: int, global_blocks: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """SAQ-SAM's encoder stages: consecutive blocks, each stage ending at a global block."""
+    stages, start = [], 0
+    for g in sorted(global_blocks):
+        stages.append(tuple(range(start, g + 1)))
+        start = g + 1
+    if start < depth:
+        if not stages:
+            return [tuple(range(depth))]
+        stages[-1] = stages[-1] + tuple(range(start, depth))
+    return stages
+
+
+def _stage_specs(gm: torch.fx.GraphModule, part: str, ctx: PassContext) -> list[UnitSpec]:
+    """saq-stage units: block paths grouped by stage (encoder), whole two-way layers (decoder)."""
+    paths: dict[int, str] = {}
+    specs: dict[str, UnitSpec] = {}
+    for node in gm.graph.nodes:
+        info = get_info(node)
+        if info is None or info.role not in ("attn_softmax", "neck_conv"):
+            continue
+        if info.role == "neck_conv":
+            specs["enc.neck"] = UnitSpec("enc.neck", (_parent_path(node, info.module_path),))
+        elif part == "image_encoder":
+            paths[info.block] = _parent_path(node, info.attn_path)
+        elif info.attn_kind == "final_token_to_image":
+            specs["dec.final_t2i"] = UnitSpec("dec.final_t2i", (info.attn_path,))
+        else:
+            name = f"dec.{info.block}.layer"
+            specs[name] = UnitSpec(name, (_parent_path(node, info.attn_path),))
+    if part == "image_encoder":
+        arch = ctx.arch
+        for k, blocks in enumerate(
+            encoder_stages(arch.encoder_depth, arch.encoder_global_attn_indexes)
+        ):
+            missing = [b for b in blocks if b not in paths]
+            if missing:
+                raise UnitError(f"encoder blocks {missing} of stage {k} not found in the graph")
+            specs[f"enc.stage{k}"] = UnitSpec(f"enc.stage{k}", tuple(paths[b] for b in blocks))
+    return list(specs.values())
+
+
 def _specs(gm: torch.fx.GraphModule, part: str, mode: str) -> list[UnitSpec]:
     """Unit specs from roles, in no particular order."""
     specs: dict[str, UnitSpec] = {}
@@ -136,6 +183,10 @@ def _specs(gm: torch.fx.GraphModule, part: str, mode: str) -> list[UnitSpec]:
 
 def expected_unit_count(ctx: PassContext, mode: str) -> int:
     a = ctx.arch
+    if mode == "saq-stage":
+        if ctx.part == "image_encoder":
+            return len(encoder_stages(a.encoder_depth, a.encoder_global_attn_indexes)) + 1
+        return a.decoder_depth + 1
     if ctx.part == "image_encoder":
         return 2 * a.encoder_depth + 1
     per_layer = 4 if mode == "ptq4sam" else 2
@@ -195,7 +246,10 @@ def _is_quantizer(node: torch.fx.Node) -> bool:
 
 def tag_blocks(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     mode = units_mode(ctx)
-    specs = _specs(gm, ctx.part, mode)
+    if mode == "saq-stage":
+        specs = _stage_specs(gm, ctx.part, ctx)
+    else:
+        specs = _specs(gm, ctx.part, mode)
     want = expected_unit_count(ctx, mode)
     if len(specs) != want:
         raise UnitError(

@@ -17,6 +17,7 @@ computes bit for bit what the saved model computed.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
@@ -148,13 +149,22 @@ def quantize(
     group = _shard_group(process_group)
     run_calibration(model, items, progress, group=group)
     _freeze(model, skip_log2=cfg.agq is not None)
-    if cfg.agq is not None:  # log2 quantizers pass values through until the search sets them
+    if calibrated_passes(cfg):  # log2 quantizers pass values through until AGQ sets them
         _run_on_parts(model, cfg, calibrated_passes(cfg), data)
     _freeze(model)
     if cfg.recon is not None:
         from samq_fx.recon import reconstruct
 
-        model.samq_recon = reconstruct(model, fp_model, items, cfg.recon, progress=progress)
+        par = contextlib.nullcontext()
+        if cfg.par is not None:
+            from samq_fx.par import PromptAwareLoss
+
+            par = PromptAwareLoss(model, fp_model, cfg.par)
+        with par:
+            plugins = {} if cfg.par is None else {"loss_fn": par.loss, "target_fn": par.targets}
+            model.samq_recon = reconstruct(
+                model, fp_model, items, cfg.recon, progress=progress, **plugins
+            )
     if group is not None:
         _broadcast_state(model, group)
     assert_deployable(model)

@@ -230,22 +230,33 @@ objects (a point grid, the full-precision model's mask for each point, its box).
     p.add_argument(
         "--method",
         default="mse",
-        choices=["minmax", "percentile", "mse", "ptq4sam"],
+        choices=["minmax", "percentile", "mse", "ptq4sam", "saq-sam"],
         help="range setting (minmax, percentile, mse) or a paper's method: ptq4sam (BIG sign "
-        "folding + AGQ log2 softmax quantizer + QDrop block reconstruction)",
+        "folding + AGQ log2 softmax quantizer + QDrop block reconstruction); saq-sam (ptq4sam's "
+        "BIG + AGQ, PCC clipping of decoder q/k, prompt-aware stage reconstruction)",
+    )
+    p.add_argument(
+        "--pcc",
+        action="store_true",
+        help="stack SAQ-SAM's perceptual-consistency clipping on any method",
     )
     p.add_argument(
         "--recon-iters",
         type=int,
         metavar="N",
-        help="reconstruction steps per unit (ptq4sam; default 20000 as in the paper)",
+        help="reconstruction steps per unit (default: ptq4sam 20000, saq-sam 2000, as the papers)",
     )
     for part, what in (
         ("big", "bimodal sign folding"),
         ("agq", "log2 softmax quantizer"),
         ("recon", "block reconstruction"),
+        ("pcc", "perceptual-consistency clipping"),
+        ("par", "prompt-aware reconstruction (plain MSE on its units)"),
+        ("layer-skip", "PAR's layer skipping (stage outputs run the deeper FP blocks)"),
     ):
-        p.add_argument(f"--no-{part}", action="store_true", help=f"ptq4sam without {what}")
+        p.add_argument(
+            f"--no-{part}", action="store_true", help=f"ptq4sam / saq-sam without {what}"
+        )
     p.add_argument("--w-bits", type=int, default=8, metavar="W", help="weight bits, 2..8")
     p.add_argument(
         "--a-bits",
@@ -286,6 +297,7 @@ def _calibration_loader(args: argparse.Namespace):
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
+    import dataclasses
     from pathlib import Path
 
     import samq_fx
@@ -303,8 +315,12 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             agq=not args.no_agq,
             recon=not args.no_recon,
             recon_iters=args.recon_iters,
+            pcc=False if args.no_pcc else (True if args.pcc else None),
+            par=not args.no_par,
             calib=CalibConfig(num_images=args.calib_size, seed=args.seed),
         )
+        if args.no_layer_skip and cfg.par is not None:
+            cfg = dataclasses.replace(cfg, par=dataclasses.replace(cfg.par, layer_skip=False))
         loader = _calibration_loader(args)
         sam = samq_fx.build_sam(args.model, args.checkpoint).to(args.device)
         q = samq_fx.quantize(sam, loader, cfg, progress=not args.no_progress)

@@ -25,7 +25,7 @@ from samq_fx.meta import ATTN_KINDS, ROLES
 from samq_fx.serial import DictConfig, strict_from_dict
 
 BASE_METHODS = ("minmax", "percentile", "mse")
-METHODS = BASE_METHODS + ("ptq4sam",)  # saq-sam, car-sam, samq come with their issues
+METHODS = BASE_METHODS + ("ptq4sam", "saq-sam")  # car-sam, samq come with their issues
 
 # Roles whose weight is quantized, and their activation input slot(s).
 WEIGHT_ROLES = (
@@ -181,8 +181,9 @@ class ReconConfig(DictConfig):
 
     Args:
         units: how the graph is partitioned: "ptq4sam" (each encoder attention and MLP, the
-            neck; each decoder attention and MLP) or "joint-cross" (a decoder layer's t2i, MLP
-            and i2t as one unit).
+            neck; each decoder attention and MLP), "joint-cross" (a decoder layer's t2i, MLP
+            and i2t as one unit) or "saq-stage" (SAQ-SAM: encoder stages ending at a global
+            block, the neck; each decoder two-way layer whole, the final t2i).
         iters: optimisation steps per unit (PTQ4SAM: 20,000).
         lr_round: Adam learning rate of the AdaRound variables.
         lr_scale: Adam learning rate of the activation step sizes (cosine to 0).
@@ -210,7 +211,76 @@ class ReconConfig(DictConfig):
             raise ValueError(f"invalid ReconConfig: {self}")
 
 
-_SUBCONFIGS = {"bimodal": BimodalConfig, "agq": AgqConfig, "recon": ReconConfig}
+# SAQ-SAM's 29 percentile candidates (papers.md §2.1); "no clip" is not one of them.
+PCC_PERCENTILES = (
+    (0.85,)
+    + tuple(round(0.87 + 0.01 * i, 2) for i in range(9))
+    + (0.96, 0.965, 0.97, 0.975, 0.98, 0.983, 0.985, 0.987, 0.989, 0.99, 0.993, 0.995, 0.997)
+    + (0.999, 0.9993, 0.9995, 0.9997, 0.9999, 0.99999)
+)
+
+
+@dataclass(frozen=True)
+class PccConfig(DictConfig):
+    """SAQ-SAM's Perceptual-Consistency Clipping (PCC), papers.md §2.1. Stacks on any method.
+
+    Args:
+        percentiles: candidate p; the clip of a tensor x is (quantile(x, 1-p), quantile(x, p)).
+        theta: the focus of an attention row is where softmax > theta * the row's maximum.
+        sweeps: greedy passes over the sites (the second with every site already quantized).
+        attn_kinds: decoder attentions whose q_proj / k_proj inputs and outputs are searched.
+        search_image: the calibration image (all its prompts) the search runs on.
+    """
+
+    percentiles: tuple[float, ...] = PCC_PERCENTILES
+    theta: float = 0.5
+    sweeps: int = 2
+    attn_kinds: tuple[str, ...] = (
+        "dec_self",
+        "token_to_image",
+        "image_to_token",
+        "final_token_to_image",
+    )
+    search_image: int = 0
+
+    def __post_init__(self) -> None:
+        bad = [p for p in self.percentiles if not 0.5 < p < 1.0]
+        if not self.percentiles or bad or not 0 < self.theta < 1 or self.sweeps < 1:
+            raise ValueError(f"invalid PccConfig: {self}")
+
+
+@dataclass(frozen=True)
+class ParConfig(DictConfig):
+    """SAQ-SAM's Prompt-Aware Reconstruction (PAR) of encoder stages, papers.md §2.2.
+
+    Args:
+        layer_skip: stage k's output goes straight to the FP neck and decoder (the paper's
+            layer skipping); False runs it through the remaining FP encoder blocks first.
+        max_prompts: prompts per image in the PAR target and loss (the paper: at most 16).
+    """
+
+    layer_skip: bool = True
+    max_prompts: int = 16
+
+    def __post_init__(self) -> None:
+        if self.max_prompts < 1:
+            raise ValueError(f"invalid ParConfig: {self}")
+
+
+def saq_recon_config(iters: int | None = None) -> ReconConfig:
+    """SAQ-SAM's reconstruction schedule: stage / layer units, 2,000 steps a unit, activation
+    step lr 2e-3. The rounding regulariser stays on (0.01), since every rounding is hardened at
+    the end here (the reference leaves all but the first layer of a unit soft, §5.2)."""
+    return ReconConfig(units="saq-stage", iters=2_000 if iters is None else iters, lr_scale=2e-3)
+
+
+_SUBCONFIGS = {
+    "bimodal": BimodalConfig,
+    "agq": AgqConfig,
+    "recon": ReconConfig,
+    "pcc": PccConfig,
+    "par": ParConfig,
+}
 
 
 @dataclass(frozen=True)
@@ -230,6 +300,10 @@ class QuantConfig:
         bimodal, agq, recon: PTQ4SAM's parts (`BimodalConfig`, `AgqConfig`, `ReconConfig`);
             None switches a part off. `method="ptq4sam"` with none of them is PTQ4SAM's
             statistics with MSE ranges; the "ptq4sam" presets switch all three on.
+        pcc: SAQ-SAM's clipping (`PccConfig`); stacks on any method (e.g. mse + PCC).
+        par: SAQ-SAM's prompt-aware encoder loss (`ParConfig`); needs `recon`.
+            `method="saq-sam"` is PTQ4SAM's BIG + AGQ (as the reference fork keeps them) plus
+            PCC and PAR reconstruction over SAQ-SAM's units.
 
     Example:
         >>> cfg = QuantConfig.preset("W4A4")
@@ -251,10 +325,14 @@ class QuantConfig:
     bimodal: BimodalConfig | None = None
     agq: AgqConfig | None = None
     recon: ReconConfig | None = None
+    pcc: PccConfig | None = None
+    par: ParConfig | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; methods: {list(METHODS)}")
+        if self.par is not None and self.recon is None:
+            raise ValueError("par (prompt-aware reconstruction) needs recon; set both or neither")
         _check_bits("w_bits", self.w_bits)
         _check_bits("a_bits", self.a_bits, allow_none=True)
         if self.w_granularity not in ("channel", "group"):
@@ -272,9 +350,13 @@ class QuantConfig:
     def name(self) -> str:
         a = "16" if self.a_bits is None else str(self.a_bits)
         name = f"W{self.w_bits}A{a}-{self.method}"
-        if self.method == "ptq4sam":
+        if self.method in ("ptq4sam", "saq-sam"):
             parts = (("bimodal", "big"), ("agq", "agq"), ("recon", "recon"))
+            if self.method == "saq-sam":  # no PAR is implied by no reconstruction
+                parts += (("pcc", "pcc"),) + ((("par", "par"),) if self.recon else ())
             name += "".join(f"-no{label}" for key, label in parts if getattr(self, key) is None)
+        if self.pcc is not None and self.method != "saq-sam":
+            name += "+pcc"
         return name
 
     @classmethod
@@ -288,21 +370,33 @@ class QuantConfig:
         agq: bool = True,
         recon: bool = True,
         recon_iters: int | None = None,
+        pcc: bool | None = None,
+        par: bool = True,
         **changes: Any,
     ) -> QuantConfig:
         """A method with its parts switched on or off one by one (the papers' ablations).
 
         The switches apply to the methods that have those parts ("ptq4sam": BIG, AGQ,
-        reconstruction); for "minmax", "percentile" and "mse" they are ignored.
+        reconstruction; "saq-sam": those plus PCC and PAR); for "minmax", "percentile" and "mse"
+        they are ignored, except `pcc=True`, which stacks PCC on any method. `pcc=None` means
+        the method's own choice (on for saq-sam, off elsewhere). saq-sam with `par=False`
+        reconstructs its units with plain MSE (with `recon=False` there is no PAR either).
         """
         parts: dict[str, Any] = {}
-        if method == "ptq4sam":
-            recon_cfg = ReconConfig() if recon_iters is None else ReconConfig(iters=recon_iters)
+        if method in ("ptq4sam", "saq-sam"):
+            saq = method == "saq-sam"
+            if saq:
+                recon_cfg = saq_recon_config(recon_iters)
+            else:
+                recon_cfg = ReconConfig() if recon_iters is None else ReconConfig(iters=recon_iters)
             parts = {
                 "bimodal": BimodalConfig() if bimodal else None,
                 "agq": AgqConfig() if agq else None,
                 "recon": recon_cfg if recon else None,
+                "par": ParConfig() if saq and par and recon else None,
             }
+        if pcc or (pcc is None and method == "saq-sam"):
+            parts["pcc"] = PccConfig()
         return cls(method=method, w_bits=w_bits, a_bits=a_bits, **parts, **changes)
 
     @classmethod
@@ -347,6 +441,7 @@ def _presets() -> dict[str, QuantConfig]:
         out[f"W{w}A{a}-ptq4sam-s"] = QuantConfig(
             method="ptq4sam", w_bits=w, a_bits=a, bimodal=BimodalConfig(), agq=AgqConfig()
         )
+        out[f"W{w}A{a}-saq-sam"] = QuantConfig.for_method("saq-sam", w, a)
     out["W8A16"] = QuantConfig(method="minmax", w_bits=8, a_bits=None)
     out["W4A16"] = QuantConfig(method="mse", w_bits=4, a_bits=None)
     # Deployment presets: the grids `samq_fx.lower` has kernels for, on the linears (the

@@ -98,10 +98,17 @@ def bimodal_passes(config: Any) -> list[GraphPass]:
 
 
 def calibrated_passes(config: Any) -> list[GraphPass]:
-    """Passes that need calibrated quantizers in place (AGQ's base search)."""
+    """Passes that need calibrated quantizers in place: AGQ's base search, then SAQ-SAM's PCC
+    (whose attention maps go through the log2 quantizers AGQ has set)."""
+    from samq_fx.passes.install_pcc_clips import install_pcc_clips
     from samq_fx.passes.search_agq import search_agq
 
-    return [search_agq] if config.agq is not None else []
+    passes: list[GraphPass] = []
+    if config.agq is not None:
+        passes.append(search_agq)
+    if getattr(config, "pcc", None) is not None:
+        passes.append(install_pcc_clips)
+    return passes
 
 
 def quantize_passes(config: Any) -> list[GraphPass]:

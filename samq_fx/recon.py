@@ -39,6 +39,9 @@ Plug-ins for the methods built on this driver:
                                             aware targets); called once per item while gathering,
                                             with `unit` the unit name; the result is what
                                             loss_fn receives as targets.
+Either may return None for a unit it does not handle: that unit gets the default (FP outputs as
+targets, `channel_sse`). `extract_span` copies any stretch of a graph between given nodes (the FP
+neck and decoder that SAQ-SAM's PAR loss runs a stage's output through, `samq_fx.par`).
 
 Determinism: item order, QDrop masks and input mixing draw from torch's global RNG inside
 `torch.random.fork_rng`, seeded from `cfg.seed` and the unit's index, so a run is repeatable
@@ -136,27 +139,12 @@ def extract_unit(gm: torch.fx.GraphModule, name: str, part: str = "") -> Unit:
         for arg in node.all_input_nodes:
             if arg not in member_set and arg.op != "get_attr" and arg not in inputs:
                 inputs.append(arg)
-    graph = torch.fx.Graph()
-    env: dict[torch.fx.Node, torch.fx.Node] = {}
-    for node in inputs:
-        env[node] = graph.placeholder(node.name)
-        env[node].meta = dict(node.meta)
-
-    def remap(arg: torch.fx.Node) -> torch.fx.Node:
-        if arg not in env:  # a get_attr: the same parameter / constant, shared
-            env[arg] = graph.get_attr(arg.target)
-            env[arg].meta = dict(arg.meta)
-        return env[arg]
-
-    for node in members:
-        env[node] = graph.node_copy(node, remap)
     outputs = [
         n for n in members if _is_tensor_valued(n) and any(u not in member_set for u in n.users)
     ]
     if not outputs:
         raise ValueError(f"unit {name!r} has no tensor output used outside it")
-    graph.output(tuple(env[n] for n in outputs))
-    module = torch.fx.GraphModule(gm, graph, class_name=f"Unit_{name.replace('.', '_')}")
+    module = _copy_nodes(gm, members, inputs, outputs, f"Unit_{name.replace('.', '_')}")
     weights, acts = [], []
     for node in members:
         info = get_info(node)
@@ -179,6 +167,90 @@ def extract_unit(gm: torch.fx.GraphModule, name: str, part: str = "") -> Unit:
         weight_quantizers=weights,
         act_quantizers=acts,
     )
+
+
+def _copy_nodes(
+    gm: torch.fx.GraphModule,
+    members: list[torch.fx.Node],
+    inputs: list[torch.fx.Node],
+    outputs: list[torch.fx.Node],
+    class_name: str,
+) -> torch.fx.GraphModule:
+    """A GraphModule computing `outputs` from `inputs` by copies of `members` (graph order);
+    get_attr / call_module targets stay gm's own tensors and modules (shared, not copied)."""
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in inputs:
+        env[node] = graph.placeholder(node.name)
+        env[node].meta = dict(node.meta)
+
+    def remap(arg: torch.fx.Node) -> torch.fx.Node:
+        if arg not in env:  # a get_attr: the same parameter / constant, shared
+            env[arg] = graph.get_attr(arg.target)
+            env[arg].meta = dict(arg.meta)
+        return env[arg]
+
+    for node in members:
+        env[node] = graph.node_copy(node, remap)
+    graph.output(tuple(env[n] for n in outputs))
+    return torch.fx.GraphModule(gm, graph, class_name=class_name)
+
+
+@dataclass
+class Span:
+    """A stretch of a graph as a module: `module(*inputs values, *extras values)` returns the
+    `outputs` values as a tuple. `extras` are the values the span reads that do not depend on
+    its inputs (the image batch size read off the encoder's input; the key branch when the span
+    starts at a query): they are recorded from a run of the full graph and passed in."""
+
+    module: torch.fx.GraphModule
+    inputs: list[str]
+    extras: list[str]
+    outputs: list[str]
+
+
+def extract_span(gm: torch.fx.GraphModule, inputs: Sequence[str], outputs: Sequence[str]) -> Span:
+    """Copy the nodes that compute `outputs` from `inputs` (node names of gm) into a module.
+
+    Walks back from the outputs and stops at the inputs. A node that depends on an input, or
+    only on parameters, is copied; any other node the walk reaches becomes an extra input.
+    Parameters and quantizers are gm's own (shared), so a quantizer changed outside changes
+    the span.
+
+    Example:
+        >>> neck = extract_span(fp.image_encoder, ["add_24"], ["add_28"])
+        >>> (embedding,) = neck.module(block_output, *extra_values)
+    """
+    by_name = {n.name: n for n in gm.graph.nodes}
+    missing = [n for n in [*inputs, *outputs] if n not in by_name]
+    if missing:
+        raise ValueError(f"nodes {missing} are not in this graph")
+    starts = [by_name[n] for n in inputs]
+    dependent, param_only = set(starts), set()
+    for node in gm.graph.nodes:
+        args = node.all_input_nodes
+        if any(a in dependent for a in args):
+            dependent.add(node)
+        elif node.op == "get_attr" or (
+            node.op not in ("placeholder", "output") and all(a in param_only for a in args)
+        ):
+            param_only.add(node)
+    members: set[torch.fx.Node] = set()
+    extras: list[torch.fx.Node] = []
+    stack = [by_name[n] for n in outputs]
+    while stack:
+        node = stack.pop()
+        if node in members or node in starts or node in extras or node.op == "get_attr":
+            continue
+        if node in dependent or node in param_only:
+            members.add(node)
+            stack.extend(node.all_input_nodes)
+        else:
+            extras.append(node)
+    extras.sort(key=list(gm.graph.nodes).index)
+    ordered = [n for n in gm.graph.nodes if n in members]
+    module = _copy_nodes(gm, ordered, starts + extras, [by_name[n] for n in outputs], "Span")
+    return Span(module, list(inputs), [n.name for n in extras], list(outputs))
 
 
 def tag_units(qmodel: torch.nn.Module, cfg: ReconConfig) -> dict[str, list[str]]:
@@ -267,10 +339,12 @@ def gather(
     inputs_q = record(q_feed, unit.part, unit.inputs, items, cache_device)
     fp = record(fp_feed, unit.part, unit.inputs + unit.outputs, items, cache_device)
     k = len(unit.inputs)
-    if target_fn is None:
-        targets = [row[k:] for row in fp]
-    else:
-        targets = [list(target_fn(unit.name, item)) for item in items]
+    targets = [row[k:] for row in fp]
+    if target_fn is not None:
+        for i, item in enumerate(items):
+            custom = target_fn(unit.name, item)
+            if custom is not None:
+                targets[i] = list(custom)
     return UnitData(inputs_q, [row[:k] for row in fp], targets)
 
 
@@ -430,9 +504,12 @@ def optimise_unit(
             groups.append({"params": [q.scale for q in acts], "lr": cfg.lr_scale, "cosine": True})
         if not groups:
             return 0, 0, 0, None, None
-        loss_fn = loss_fn or (
-            lambda p, t, name: channel_sse(p, t, name, channel_dims=unit.channel_dims)
-        )
+        custom = loss_fn
+
+        def loss_fn(p: list[Tensor], t: list[Tensor], name: str) -> Tensor:
+            loss = None if custom is None else custom(p, t, name)
+            return channel_sse(p, t, name, channel_dims=unit.channel_dims) if loss is None else loss
+
         opt = torch.optim.Adam(groups)
         window = _loss_window(cfg.iters)
         first = last = torch.zeros((), device=device)
@@ -638,11 +715,13 @@ def _fmt(v: float | None) -> str:
 __all__ = [
     "ModelFeed",
     "ReconReport",
+    "Span",
     "Unit",
     "UnitData",
     "UnitReport",
     "beta_at",
     "channel_sse",
+    "extract_span",
     "extract_unit",
     "gather",
     "optimise_unit",

@@ -224,6 +224,13 @@ def _quant_row(info, slot: str, module) -> QuantRow:
         detail.append(f"BIG: {folded['flipped']} channels sign-flipped")
     if getattr(module, "rounding", "nearest") != "nearest":
         detail.append(f"rounding={module.rounding}")
+    pcc = info.findings.get("install_pcc_clips", {}).get(slot)
+    if pcc:
+        was = pcc["before"]
+        detail.append(
+            f"PCC p={pcc['p']:g} clip [{pcc['lo']:.3g}, {pcc['hi']:.3g}] "
+            f"(1-IoU {pcc['distance']:.3f}; calibrated [{was[0]:.3g}, {was[1]:.3g}])"
+        )
     return QuantRow(
         **base,
         kind="uniform",
