@@ -103,6 +103,7 @@ def main(argv=None) -> int:
     p.add_argument("--num-val", type=int, default=24)
     p.add_argument("--num-calib", type=int, default=8)
     p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where quantization and eval run")
     args = p.parse_args(argv)
     tables = {"ptq4sam": ptq4sam_settings, "saq-sam": saq_sam_settings}
     settings = tables[args.table](args.recon_iters, args.num_calib)
@@ -118,7 +119,9 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps(record, indent=1, default=str) + "\n")
         print(report.table(), flush=True)
 
-    report = run_table(settings, args.num_val, args.num_calib, progress=True, on_row=on_row)
+    report = run_table(
+        settings, args.num_val, args.num_calib, progress=True, on_row=on_row, device=args.device
+    )
     print(report.table())
     return 0
 

@@ -121,8 +121,10 @@ def run_table(
     data_dir: str | None = None,
     progress: bool = False,
     on_row=None,
+    device: str = "cpu",
 ) -> DemoReport:
-    """Full precision, then each setting: quantize a copy of the captured tiny SAM, evaluate."""
+    """Full precision, then each setting: quantize a copy of the captured tiny SAM, evaluate
+    (on `device`: the model, calibration and evaluation all run there)."""
     torch.manual_seed(0)
     report = DemoReport()
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,7 +132,7 @@ def run_table(
         if not (root / "annotations.json").exists():
             make_dataset(root, num_val, VAL_SEED, progress=progress)
         dataset = CocoDataset(root / "images", root / "annotations.json")
-        fp = build_sam("tiny")
+        fp = build_sam("tiny").to(device)
         captured = capture(fp)
         calib = calibration_samples(num_calib)
         start = time.perf_counter()
