@@ -139,6 +139,21 @@ examples:
     p.set_defaults(func=_cmd_eval)
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    """Registers `bench`: the speed benchmark of `samq_fx.speed`."""
+    from samq_fx import speed
+
+    p = sub.add_parser(
+        "bench",
+        help="speed of the encoder and decoder: float baselines vs lowered settings",
+        description=speed.__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=speed.__doc__.split("\n\n", 1)[1],
+    )
+    speed.add_arguments(p)
+    p.set_defaults(func=lambda args: speed.run(args, p))
+
+
 def _relaunch_under_torchrun(nproc: int) -> int:
     """Run this same `samq-fx eval` command as `torchrun --nproc-per-node nproc -m samq_fx.cli`."""
     import subprocess
@@ -377,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_make_data(sub)
+    _add_bench(sub)
     _add_eval(sub)
     _add_roles(sub)
     _add_quantize(sub)

@@ -1,0 +1,344 @@
+"""Speed of SAM's image encoder and mask decoder: float baselines against lowered settings.
+
+One row per (model, setting, part, batch): git sha, torch / torchao versions, device, img/s,
+p50 ms with the p10-p90 spread over timed repeats after warm-up, peak memory, weight bytes,
+compile seconds and fidelity (SQNR in dB of the encoder output against fp32 eager on the same
+input; the decoder's against fp32 on the same embeddings and prompts). Random weights: speed does
+not depend on them; the tiny model's mask fidelity is measured by bench/lower_quality.py.
+
+Settings:
+  fp32               captured SAM, fp32, eager
+  bf16               bf16, eager
+  bf16-compile       bf16, torch.compile(fullgraph=True)
+  bf16-fused         bf16 + fused rel-pos attention (flex attention) + compile: the best float
+                     pipeline this project builds (`samq_fx.lower.optimize_float`)
+  int8-static ...    `samq_fx.lower(q, backend)` + compile, q calibrated on 2 generated images
+                     (W8A8-int8 preset, min-max ranges; W4A16-int4 for int4-weight)
+
+    samq-fx bench --model vit_b --device cuda --batch 1 8 --json speed.json
+    samq-fx bench --model tiny --device cpu --settings fp32 fp32-compile int8-static
+    PYTHONPATH=. python3 bench/speed.py ...        (the same, from a checkout)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+import samq_fx
+from samq_fx.demo import calibration_samples
+from samq_fx.lower import _weight_bytes, compile_parts, lower, optimize_float
+from samq_fx.report import format_table
+
+FLOAT_SETTINGS = ("fp32", "fp32-compile", "bf16", "bf16-compile", "bf16-fused")
+LOWERED_SETTINGS = ("int8-static", "int8-dynamic", "float8-static", "int4-weight")
+DEFAULT_GPU = ("fp32", "bf16", "bf16-compile", "bf16-fused", *LOWERED_SETTINGS)
+
+
+@dataclass
+class Row:
+    sha: str
+    torch: str
+    torchao: str
+    device: str
+    model: str
+    setting: str
+    part: str
+    batch: int
+    img_per_s: float
+    p50_ms: float
+    p10_ms: float
+    p90_ms: float
+    peak_mib: float
+    weight_mib: float
+    compile_s: float
+    sqnr_db: float | None
+
+
+def git_sha() -> str:
+    if os.environ.get("SAMQ_GIT_SHA"):
+        return os.environ["SAMQ_GIT_SHA"]
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        )
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def sqnr(out: torch.Tensor, ref: torch.Tensor) -> float:
+    ref, out = ref.float(), out.float()
+    noise = (out - ref).pow(2).mean().clamp_min(1e-30)
+    return float(10 * torch.log10(ref.pow(2).mean() / noise))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn, device, repeats: int, warmup: int) -> tuple[list[float], float]:
+    """(per-call seconds of `repeats` timed calls after `warmup`, seconds of the first call)."""
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    first = time.perf_counter() - start
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times, first
+
+
+def _quantiles(times: list[float]) -> tuple[float, float, float]:
+    qs = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
+    return statistics.median(times), qs[0], qs[-1]
+
+
+def build(setting: str, captured, quantized: dict):
+    """(model, compiled?) for a setting."""
+    if setting == "fp32":
+        return captured, False
+    if setting == "fp32-compile":
+        return compile_parts(optimize_float(captured, "float32", fuse_attention=False)), True
+    if setting == "bf16":
+        return optimize_float(captured, "bfloat16", fuse_attention=False), False
+    if setting == "bf16-compile":
+        return compile_parts(optimize_float(captured, "bfloat16", fuse_attention=False)), True
+    if setting == "bf16-fused":
+        return compile_parts(optimize_float(captured, "bfloat16")), True
+    backend, _, variant = setting.partition("+")  # "int8-static+unfused": no fused attention
+    q = quantized["int4" if backend == "int4-weight" else "int8"]
+    lowered = lower(q, backend, fuse_attention=variant != "unfused", verbose=False)
+    return compile_parts(lowered), True
+
+
+def decoder_inputs(model, emb: torch.Tensor, prompts: int, generator: torch.Generator):
+    size = model.image_encoder.img_size if hasattr(model.image_encoder, "img_size") else 1024
+    xy = torch.rand(prompts, 2, generator=generator) * size * 0.6
+    wh = torch.rand(prompts, 2, generator=generator) * size * 0.3 + 8
+    boxes = torch.cat([xy, xy + wh], 1).to(emb.device)
+    sparse, dense = model.prompt_encoder(points=None, boxes=boxes, masks=None)
+    return sparse, dense, model.prompt_encoder.get_dense_pe()
+
+
+def run_model(args, name: str, device: torch.device, sha: str, versions: dict) -> list[Row]:
+    torch.manual_seed(0)
+    sam = samq_fx.build_sam(name, pretrained=False).to(device).eval()
+    captured = samq_fx.capture(sam)
+    size = captured.image_encoder.img_size
+    quantized = {}
+    backends = {s.partition("+")[0] for s in args.settings}
+    needs_int8 = any(b in LOWERED_SETTINGS and b != "int4-weight" for b in backends)
+    calib = calibration_samples(args.num_calib)
+    if needs_int8:
+        cfg = samq_fx.QuantConfig.preset("W8A8-int8", method="minmax")
+        quantized["int8"] = samq_fx.quantize(captured, calib, cfg, progress=False)
+    if "int4-weight" in backends:
+        cfg = samq_fx.QuantConfig.preset("W4A16-int4", method="minmax")
+        quantized["int4"] = samq_fx.quantize(captured, calib, cfg, progress=False)
+    gen = torch.Generator().manual_seed(1)
+    inputs = {b: torch.randn(b, 3, size, size, generator=gen).to(device) for b in args.batch}
+    with torch.no_grad():
+        ref_out = {b: captured.image_encoder(x) for b, x in inputs.items()}
+        emb1 = ref_out[min(args.batch)][:1]
+        sparse, dense, pe = decoder_inputs(captured, emb1, args.prompts, gen)
+        ref_dec = captured.mask_decoder(emb1, pe, sparse, dense, True)[0]
+    rows = []
+    for setting in args.settings:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        torch._dynamo.reset()
+        try:
+            model, _ = build(setting, captured, quantized)
+        except Exception as err:  # a setting without kernels here (float8 on the CPU) says so
+            print(f"{name} {setting}: skipped ({type(err).__name__}: {err})", flush=True)
+            continue
+        weights = _weight_bytes(model.image_encoder) / 2**20
+        with torch.inference_mode():
+            for b in args.batch:
+                x = inputs[b]
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                enc = partial(model.image_encoder, x)
+                times, first = time_calls(enc, device, args.repeats, 3)
+                peak = (
+                    torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0
+                )
+                p50, p10, p90 = _quantiles(times)
+                fid = sqnr(model.image_encoder(x), ref_out[b])
+                rows.append(
+                    Row(
+                        sha,
+                        versions["torch"],
+                        versions["torchao"],
+                        versions["device"],
+                        name,
+                        setting,
+                        "encoder",
+                        b,
+                        b / p50,
+                        1e3 * p50,
+                        1e3 * p10,
+                        1e3 * p90,
+                        peak,
+                        weights,
+                        max(0.0, first - p50),
+                        fid,
+                    )  # fmt: skip
+                )
+                r = rows[-1]
+                print(f"{name} {setting} b{b}: {r.img_per_s:.1f} img/s, p50 {r.p50_ms:.2f} ms, "
+                      f"compile {r.compile_s:.1f} s, SQNR {fid:.1f} dB", flush=True)  # fmt: skip
+            if args.prompts and setting in args.decoder_settings:
+                dec = partial(model.mask_decoder, emb1, pe, sparse, dense, True)
+                times, first = time_calls(dec, device, args.repeats, 3)
+                p50, p10, p90 = _quantiles(times)
+                fid = sqnr(dec()[0], ref_dec)
+                rows.append(
+                    Row(
+                        sha,
+                        versions["torch"],
+                        versions["torchao"],
+                        versions["device"],
+                        name,
+                        setting,
+                        f"decoder x{args.prompts}",
+                        1,
+                        1 / p50,
+                        1e3 * p50,
+                        1e3 * p10,
+                        1e3 * p90,
+                        0.0,
+                        _weight_bytes(model.mask_decoder) / 2**20,
+                        max(0.0, first - p50),
+                        fid,
+                    )  # fmt: skip
+                )
+        if setting in args.profile:
+            out = f"{args.profile_json}_{setting}.json" if args.profile_json else None
+            profile(model, inputs[max(args.batch)], out)
+        del model
+    return rows
+
+
+def profile(model, x: torch.Tensor, path: str | None) -> None:
+    """Where the time goes: CUDA kernels of one encoder call, grouped by kind."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch.inference_mode(), torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            model.image_encoder(x)
+        torch.cuda.synchronize()
+    kinds: dict[str, float] = {}
+    kernels: dict[str, float] = {}
+    for evt in prof.key_averages():
+        us = evt.self_device_time_total / 3
+        if us <= 0:
+            continue
+        kernels[evt.key] = us
+        key = evt.key.lower()
+        kind = (
+            "int8 gemm" if any(s in key for s in ("_s8", "s8_", "i8", "int_mm", "i16832"))
+            else "fp8 gemm" if any(s in key for s in ("qqtst", "f8f8", "fp8", "e4m3"))
+            else "attention" if any(s in key for s in ("flex", "attention", "fmha", "flash"))
+            else "bf16 gemm / conv" if any(s in key for s in ("gemm", "nvjet", "cutlass", "conv", "xmma"))
+            else "elementwise / norm / other"
+        )  # fmt: skip
+        kinds[kind] = kinds.get(kind, 0.0) + us
+    total = sum(kinds.values())
+    print(f"profile: {total / 1e3:.2f} ms of CUDA kernels per encoder call")
+    for kind, us in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:28s} {us / 1e3:8.2f} ms  {100 * us / total:5.1f}%")
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
+    for key, us in top:
+        print(f"    {us / 1e3:8.3f} ms  {key[:110]}")
+    if path:
+        Path(path).write_text(
+            json.dumps({"kinds_us": kinds, "top_kernels_us": dict(top)}, indent=1)
+        )
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", nargs="+", default=["vit_b"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--settings", nargs="+", default=None, help="default: all that fit the device")
+    p.add_argument("--decoder-settings", nargs="*", default=["fp32", "bf16-fused", "int8-static"])
+    p.add_argument("--prompts", type=int, default=16, help="box prompts per decoder call (0: skip)")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--num-calib", type=int, default=2)
+    p.add_argument("--profile", nargs="*", default=[], help="profile these settings' encoder")
+    p.add_argument("--profile-json", default=None, help="prefix of per-setting profile JSONs")
+    p.add_argument("--json", type=Path, default=None)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return run(p.parse_args(argv), p)
+
+
+def run(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
+    device = torch.device(args.device)
+    if args.settings is None:
+        args.settings = list(DEFAULT_GPU if device.type == "cuda" else
+                             ("fp32", "fp32-compile", "int8-static", "int8-dynamic", "int4-weight"))  # fmt: skip
+    unknown = {s.partition("+")[0] for s in args.settings} - set(FLOAT_SETTINGS + LOWERED_SETTINGS)
+    if unknown:
+        p.error(f"unknown settings {sorted(unknown)}; known: {FLOAT_SETTINGS + LOWERED_SETTINGS}")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+    import torchao
+
+    versions = {
+        "torch": torch.__version__,
+        "torchao": torchao.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else f"cpu x{torch.get_num_threads()}",
+    }  # fmt: skip
+    sha = git_sha()
+    rows: list[Row] = []
+    for name in args.model:
+        rows += run_model(args, name, device, sha, versions)
+        if args.json:
+            record = {"args": vars(args) | {"json": str(args.json)}, "date": time.strftime("%Y-%m-%d"),
+                      "rows": [asdict(r) for r in rows]}  # fmt: skip
+            args.json.write_text(json.dumps(record, indent=1) + "\n")
+    headers = ("model", "setting", "part", "batch", "img/s", "p50 ms", "p10-p90 ms", "peak MiB",
+               "weights MiB", "compile s", "SQNR dB")  # fmt: skip
+    table = [
+        (r.model, r.setting, r.part, r.batch, f"{r.img_per_s:.1f}", f"{r.p50_ms:.2f}",
+         f"{r.p10_ms:.2f}-{r.p90_ms:.2f}", f"{r.peak_mib:.0f}", f"{r.weight_mib:.1f}",
+         f"{r.compile_s:.1f}", "inf" if r.sqnr_db is None else f"{r.sqnr_db:.1f}")
+        for r in rows
+    ]  # fmt: skip
+    print(
+        f"\n{sha} torch {versions['torch']} torchao {versions['torchao']} on {versions['device']}"
+    )
+    print(format_table(headers, table))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
