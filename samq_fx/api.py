@@ -36,6 +36,7 @@ from samq_fx.pipeline import (
     PassContext,
     bimodal_passes,
     calibrated_passes,
+    compensation_passes,
     quantize_passes,
     run_passes,
 )
@@ -140,6 +141,8 @@ def quantize(
     if cfg.agq is not None:  # log2 quantizers pass values through until the search sets them
         _run_on_parts(model, cfg, calibrated_passes(cfg), data)
     _freeze(model)
+    if cfg.mac is not None:  # activation grids fixed: fold MAC into FP weights, re-init their grids
+        _run_on_parts(model, cfg, compensation_passes(cfg), data)
     if cfg.recon is not None:
         from samq_fx.recon import reconstruct
 

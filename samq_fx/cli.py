@@ -189,15 +189,16 @@ objects (a point grid, the full-precision model's mask for each point, its box).
     p.add_argument(
         "--method",
         default="mse",
-        choices=["minmax", "percentile", "mse", "ptq4sam"],
+        choices=["minmax", "percentile", "mse", "ptq4sam", "car-sam"],
         help="range setting (minmax, percentile, mse) or a paper's method: ptq4sam (BIG sign "
-        "folding + AGQ log2 softmax quantizer + QDrop block reconstruction)",
+        "folding + AGQ log2 softmax quantizer + QDrop block reconstruction), car-sam (MAC "
+        "matmul-aware weight compensation + JCAR joint cross-attention reconstruction)",
     )
     p.add_argument(
         "--recon-iters",
         type=int,
         metavar="N",
-        help="reconstruction steps per unit (ptq4sam; default 20000 as in the paper)",
+        help="reconstruction steps per unit (ptq4sam, car-sam; default 20000)",
     )
     for part, what in (
         ("big", "bimodal sign folding"),
@@ -205,6 +206,11 @@ objects (a point grid, the full-precision model's mask for each point, its box).
         ("recon", "block reconstruction"),
     ):
         p.add_argument(f"--no-{part}", action="store_true", help=f"ptq4sam without {what}")
+    for part, what in (
+        ("mac", "matmul-aware compensation"),
+        ("jcar", "joint cross-attention units (per-branch units instead)"),
+    ):
+        p.add_argument(f"--no-{part}", action="store_true", help=f"car-sam without {what}")
     p.add_argument("--w-bits", type=int, default=8, metavar="W", help="weight bits, 2..8")
     p.add_argument(
         "--a-bits",
@@ -262,6 +268,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             agq=not args.no_agq,
             recon=not args.no_recon,
             recon_iters=args.recon_iters,
+            mac=not args.no_mac,
+            jcar=not args.no_jcar,
             calib=CalibConfig(num_images=args.calib_size, seed=args.seed),
         )
         loader = _calibration_loader(args)

@@ -25,7 +25,7 @@ from samq_fx.meta import ATTN_KINDS, ROLES
 from samq_fx.serial import DictConfig, strict_from_dict
 
 BASE_METHODS = ("minmax", "percentile", "mse")
-METHODS = BASE_METHODS + ("ptq4sam",)  # saq-sam, car-sam, samq come with their issues
+METHODS = BASE_METHODS + ("ptq4sam", "car-sam")  # saq-sam, samq come with their issues
 
 # Roles whose weight is quantized, and their activation input slot(s).
 WEIGHT_ROLES = (
@@ -210,7 +210,46 @@ class ReconConfig(DictConfig):
             raise ValueError(f"invalid ReconConfig: {self}")
 
 
-_SUBCONFIGS = {"bimodal": BimodalConfig, "agq": AgqConfig, "recon": ReconConfig}
+@dataclass(frozen=True)
+class MacConfig(DictConfig):
+    """CAR-SAM's MatMul-Aware Compensation (MAC), papers.md §3.1; `passes/compensate_matmul.py`.
+
+    Moves each attention matmul operand's activation-quantization error into the FP weights of
+    the projection that feeds the other operand (q <- k's error, k <- q's error: a per-head
+    Sylvester / Kronecker least squares; v <- the softmax's error: a per-head ridge fit).
+
+    Args:
+        attn_kinds: decoder attentions compensated (the paper calls MAC decoder-specific; the
+            encoder's fused qkv and rel-pos terms are not supported). "dec_self" is allowed.
+        lam: ridge weight, relative: lambda = lam * mean diagonal of each system's matrix
+            (0.1: best of {0.01, 0.1, 1} by W4A4 mask AP on 12 tiny validation images).
+        qk, v: compensate the q/k projections (Sylvester) and the v projection (ridge).
+        bias: fold a correction into the biases too (an appended ones column of X).
+        images: calibration images whose statistics are summed (at most all of them).
+    """
+
+    attn_kinds: tuple[str, ...] = ("token_to_image", "image_to_token", "final_token_to_image")
+    lam: float = 0.1
+    qk: bool = True
+    v: bool = True
+    bias: bool = True
+    images: int = 32
+
+    def __post_init__(self) -> None:
+        allowed = ("dec_self", "token_to_image", "image_to_token", "final_token_to_image")
+        bad = [k for k in self.attn_kinds if k not in allowed]
+        if bad or not self.attn_kinds:
+            raise ValueError(f"MacConfig.attn_kinds {bad or '()'}: MAC runs on {list(allowed)}")
+        if not self.lam > 0 or self.images < 1 or not (self.qk or self.v):
+            raise ValueError(f"invalid MacConfig: {self}")
+
+
+_SUBCONFIGS = {
+    "bimodal": BimodalConfig,
+    "agq": AgqConfig,
+    "recon": ReconConfig,
+    "mac": MacConfig,
+}
 
 
 @dataclass(frozen=True)
@@ -230,6 +269,9 @@ class QuantConfig:
         bimodal, agq, recon: PTQ4SAM's parts (`BimodalConfig`, `AgqConfig`, `ReconConfig`);
             None switches a part off. `method="ptq4sam"` with none of them is PTQ4SAM's
             statistics with MSE ranges; the "ptq4sam" presets switch all three on.
+        mac: CAR-SAM's MatMul-Aware Compensation (`MacConfig`), None for off. It stacks on any
+            method; `method="car-sam"` is MSE ranges + MAC + JCAR (`recon` with
+            `units="joint-cross"`).
 
     Example:
         >>> cfg = QuantConfig.preset("W4A4")
@@ -251,6 +293,7 @@ class QuantConfig:
     bimodal: BimodalConfig | None = None
     agq: AgqConfig | None = None
     recon: ReconConfig | None = None
+    mac: MacConfig | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -275,6 +318,15 @@ class QuantConfig:
         if self.method == "ptq4sam":
             parts = (("bimodal", "big"), ("agq", "agq"), ("recon", "recon"))
             name += "".join(f"-no{label}" for key, label in parts if getattr(self, key) is None)
+        elif self.method == "car-sam":
+            name += "" if self.mac else "-nomac"
+            if self.recon is None:
+                name += "-norecon"
+            elif self.recon.units != "joint-cross":
+                name += "-nojcar"
+            name += "".join(f"+{k}" for k in ("bimodal", "agq") if getattr(self, k) is not None)
+        elif self.mac is not None:
+            name += "+mac"
         return name
 
     @classmethod
@@ -288,20 +340,30 @@ class QuantConfig:
         agq: bool = True,
         recon: bool = True,
         recon_iters: int | None = None,
+        mac: bool = True,
+        jcar: bool = True,
         **changes: Any,
     ) -> QuantConfig:
         """A method with its parts switched on or off one by one (the papers' ablations).
 
         The switches apply to the methods that have those parts ("ptq4sam": BIG, AGQ,
-        reconstruction); for "minmax", "percentile" and "mse" they are ignored.
+        reconstruction; "car-sam": MAC, JCAR, reconstruction, where jcar=False keeps the
+        reconstruction with PTQ4SAM's per-branch units and recon=False drops it); for "minmax",
+        "percentile" and "mse" they are ignored.
         """
         parts: dict[str, Any] = {}
+        iters = {} if recon_iters is None else {"iters": recon_iters}
         if method == "ptq4sam":
-            recon_cfg = ReconConfig() if recon_iters is None else ReconConfig(iters=recon_iters)
             parts = {
                 "bimodal": BimodalConfig() if bimodal else None,
                 "agq": AgqConfig() if agq else None,
-                "recon": recon_cfg if recon else None,
+                "recon": ReconConfig(**iters) if recon else None,
+            }
+        elif method == "car-sam":
+            units = "joint-cross" if jcar else "ptq4sam"
+            parts = {
+                "mac": MacConfig() if mac else None,
+                "recon": ReconConfig(units=units, **iters) if recon else None,
             }
         return cls(method=method, w_bits=w_bits, a_bits=a_bits, **parts, **changes)
 
@@ -347,6 +409,7 @@ def _presets() -> dict[str, QuantConfig]:
         out[f"W{w}A{a}-ptq4sam-s"] = QuantConfig(
             method="ptq4sam", w_bits=w, a_bits=a, bimodal=BimodalConfig(), agq=AgqConfig()
         )
+        out[f"W{w}A{a}-car-sam"] = QuantConfig.for_method("car-sam", w, a)
     out["W8A16"] = QuantConfig(method="minmax", w_bits=8, a_bits=None)
     out["W4A16"] = QuantConfig(method="mse", w_bits=4, a_bits=None)
     return out
