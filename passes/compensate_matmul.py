@@ -324,11 +324,10 @@ def _gather(gm, model, items, embeddings, site: MacSite, sides, bias: bool) -> d
         )
     )
     stats = {"q": QkStats(), "k": QkStats(), "v": RidgeStats()}
-    with _fp_weights(gm, site):
+    with _fp_weights(gm, site), tap(gm, watch) as seen:
         for item, emb in zip(items, embeddings, strict=True):
-            with tap(gm, watch) as seen:
-                forward_item(model, item, image_embeddings=emb)
-            val = {n: v[0] for n, v in seen.items()}
+            forward_item(model, item, image_embeddings=emb)
+            val = {n: v.pop() for n, v in seen.items()}  # one item's values at a time
             x = {s: _augment(val[p[s].linear.args[0].name], bias) for s in "qkv"}
             fp = {s: val[p[s].linear.name] for s in "qkv"}
             heads = {s: _heads(fp[s], p[s].heads) for s in "qkv"}

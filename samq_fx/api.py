@@ -9,6 +9,13 @@ passes (`samq_fx.pipeline.quantize_passes`), calibrates weights from the weights
 activations on the calibration images, freezes every quantizer, and checks that what it returns
 quantizes exactly as deployment would (`assert_deployable`).
 
+Order of the method parts: BIG folds signs into the FP weights before any observer; AGQ searches
+once the uniform quantizers are frozen; MAC (CAR-SAM) then needs the activation grids fixed (it
+compensates their error), adds its correction to the FP q/k/v weights of the decoder attentions
+and re-initialises those weights' quantizers (activation ranges stay as calibrated); block
+reconstruction (PTQ4SAM's units, or JCAR's joint-cross ones) runs last, against FP targets from
+a copy taken before any quantizer, so MAC's correction never leaks into the targets.
+
 A saved file holds tensors, quantizer state, the architecture, the config and the plan; no
 pickled code. `load` rebuilds the module tree from the architecture, captures it, replays the
 same passes from the config, checks the plan is the one saved, and loads the tensors: the result
