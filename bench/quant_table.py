@@ -49,8 +49,8 @@ def ptq4sam_settings(recon_iters: int, num_calib: int) -> list[QuantConfig]:
 
 
 def car_sam_settings(recon_iters: int, num_calib: int) -> list[QuantConfig]:
-    """min-max, MSE, ptq4sam, car-sam at W6A6 and W4A4; CAR-SAM's ablation (MAC, JCAR) and
-    car-sam on PTQ4SAM's AGQ statistics at W4A4."""
+    """W4A4 first: min-max, MSE, ptq4sam, car-sam, CAR-SAM's ablation (MAC, JCAR) and car-sam
+    on PTQ4SAM's AGQ statistics; then W6A6: min-max, MSE, ptq4sam, car-sam."""
     calib = CalibConfig(num_images=num_calib)
 
     def cfg(method: str, b: int, **switches) -> QuantConfig:
@@ -58,9 +58,7 @@ def car_sam_settings(recon_iters: int, num_calib: int) -> list[QuantConfig]:
             method, b, b, recon_iters=recon_iters, calib=calib, **switches
         )
 
-    rows = []
-    for b in (6, 4):
-        rows += [cfg("minmax", b), cfg("mse", b), cfg("ptq4sam", b), cfg("car-sam", b)]
+    rows = [cfg(m, 4) for m in ("minmax", "mse", "ptq4sam", "car-sam")]
     rows += [
         cfg("car-sam", 4, mac=False),  # JCAR only
         cfg("car-sam", 4, jcar=False),  # MAC + per-branch reconstruction
@@ -68,7 +66,7 @@ def car_sam_settings(recon_iters: int, num_calib: int) -> list[QuantConfig]:
         cfg("car-sam", 4, recon=False),  # MAC only, no reconstruction
         dataclasses.replace(cfg("car-sam", 4), agq=AgqConfig()),  # on PTQ4SAM's AGQ
     ]
-    return rows
+    return rows + [cfg(m, 6) for m in ("minmax", "mse", "ptq4sam", "car-sam")]
 
 
 TABLES = {"ptq4sam": ptq4sam_settings, "car-sam": car_sam_settings}

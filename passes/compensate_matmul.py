@@ -342,8 +342,9 @@ def _gather(gm, model, items, embeddings, site: MacSite, sides, bias: bool) -> d
     return {s: stats[s] for s in sides}
 
 
-def _apply(gm, proj: Projection, x: Tensor, bias: bool) -> tuple[float, Quantizer | None]:
-    """Add the per-head solution to W (and b); re-initialise the weight quantizer."""
+def _apply(gm, proj: Projection, x: Tensor, bias: bool) -> float:
+    """Add the per-head solution to W (and b); re-initialise the weight quantizer. Returns
+    |D_w| / |W|."""
     w = _tensor(gm, proj.weight)
     h, d = proj.heads, proj.head_dim
     delta = x.reshape(h, -1, d).permute(0, 2, 1).reshape(h * d, -1)  # (C, n), row h*d + p
@@ -351,13 +352,12 @@ def _apply(gm, proj: Projection, x: Tensor, bias: bool) -> tuple[float, Quantize
         w.add_(delta[:, : w.shape[1]].to(w))
         if bias:
             _tensor(gm, proj.bias).add_(delta[:, w.shape[1]].to(w))
-        module = None
         if proj.weight_quantizer is not None:
             module = gm.get_submodule(proj.weight_quantizer.target)
             module.reset()
             module(w)
             module.freeze()
-    return float(delta[:, : w.shape[1]].norm() / w.detach().norm().clamp(min=1e-30)), module
+    return float(delta[:, : w.shape[1]].norm() / w.detach().norm().clamp(min=1e-30))
 
 
 def compensate_matmul(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -392,7 +392,7 @@ def compensate_matmul(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         stats = _gather(gm, model, items, embeddings, site, sides, bias)
         for side, st in stats.items():
             x, lam_abs, before, after = solve(*st.system(), st.rr, cfg.lam)
-            rel, _ = _apply(gm, site.proj[side], x, bias)
+            rel = _apply(gm, site.proj[side], x, bias)
             add_finding(
                 site.proj[side].linear,
                 PASS,
