@@ -7,11 +7,15 @@ report per unit.
 
     python bench/quant_table.py --table ptq4sam --recon-iters 100 --json bench/ptq4sam_table.json
     python bench/quant_table.py --table saq-sam --recon-iters 200 --json bench/saq_sam_table.json
+    python bench/quant_table.py --table car-sam --recon-iters 100 --json bench/car_sam_table.json
+
+Prompts are the validation set's ground-truth boxes (CAR-SAM's protocol), never detector boxes.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -19,7 +23,7 @@ from pathlib import Path
 if __package__ is None and "samq_fx" not in sys.modules:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from samq_fx.config import CalibConfig, QuantConfig  # noqa: E402
+from samq_fx.config import AgqConfig, CalibConfig, QuantConfig  # noqa: E402
 from samq_fx.demo import run_table  # noqa: E402
 from samq_fx.meta import get_info  # noqa: E402
 
@@ -71,9 +75,62 @@ def saq_sam_settings(recon_iters: int, num_calib: int) -> list[QuantConfig]:
     return rows
 
 
+def car_sam_settings(recon_iters: int, num_calib: int) -> list[QuantConfig]:
+    """W4A4 first: min-max, MSE, ptq4sam, car-sam, CAR-SAM's ablation (MAC, JCAR) and car-sam
+    on PTQ4SAM's AGQ statistics; then W6A6: min-max, MSE, ptq4sam, car-sam."""
+    calib = CalibConfig(num_images=num_calib)
+
+    def cfg(method: str, b: int, **switches) -> QuantConfig:
+        return QuantConfig.for_method(
+            method, b, b, recon_iters=recon_iters, calib=calib, **switches
+        )
+
+    rows = [cfg(m, 4) for m in ("minmax", "mse", "ptq4sam", "car-sam")]
+    rows += [
+        cfg("car-sam", 4, mac=False),  # JCAR only
+        cfg("car-sam", 4, jcar=False),  # MAC + per-branch reconstruction
+        cfg("car-sam", 4, mac=False, jcar=False),  # neither: plain per-branch reconstruction
+        cfg("car-sam", 4, recon=False),  # MAC only, no reconstruction
+        dataclasses.replace(cfg("car-sam", 4), agq=AgqConfig()),  # on PTQ4SAM's AGQ
+    ]
+    return rows + [cfg(m, 6) for m in ("minmax", "mse", "ptq4sam", "car-sam")]
+
+
+def final_settings(recon_iters: int, num_calib: int) -> list[QuantConfig]:
+    """The one table of issue 10: W4A4, W6A6, W8A8 x {min-max, MSE, ptq4sam, saq-sam, car-sam,
+    samq}, then at W4A4 the parts samq leaves off, stacked on it one at a time (PCC, MAC,
+    JCAR reconstruction), and samq without BIG or AGQ."""
+    calib = CalibConfig(num_images=num_calib)
+
+    def cfg(method: str, b: int, **switches) -> QuantConfig:
+        return QuantConfig.for_method(
+            method, b, b, recon_iters=recon_iters, calib=calib, **switches
+        )
+
+    rows = []
+    for b in (4, 6, 8):
+        rows += [cfg(m, b) for m in ("minmax", "mse", "ptq4sam", "saq-sam", "car-sam", "samq")]
+    rows += [
+        cfg("samq", 4, pcc=True),
+        cfg("samq", 4, mac=True),
+        cfg("samq", 4, recon=True),
+        cfg("samq", 4, bimodal=False),
+        cfg("samq", 4, agq=False),
+    ]
+    return rows
+
+
+TABLES = {
+    "final": final_settings,
+    "ptq4sam": ptq4sam_settings,
+    "saq-sam": saq_sam_settings,
+    "car-sam": car_sam_settings,
+}
+
+
 def method_findings(q) -> dict:
     """BIG verdicts and AGQ bases per attention, reconstruction per unit."""
-    out = {"big": [], "agq": []}
+    out = {"big": [], "agq": [], "mac": []}
     for part in ("image_encoder", "mask_decoder"):
         for node in getattr(q, part).graph.nodes:
             info = get_info(node)
@@ -85,6 +142,9 @@ def method_findings(q) -> dict:
                     {"attn": info.attn_path, "kind": info.attn_kind, "peaks": big.get("peaks"),
                      "bimodal": big.get("bimodal"), "flipped": big.get("flipped")}
                 )  # fmt: skip
+            mac = info.findings.get("compensate_matmul")
+            if mac is not None:
+                out["mac"].append({"linear": info.module_path, **mac})
             agq = info.findings.get("search_agq")
             if agq is not None:
                 out["agq"].append({"attn": info.attn_path, "kind": info.attn_kind, **agq})
@@ -98,15 +158,14 @@ def method_findings(q) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--table", choices=["ptq4sam", "saq-sam"], default="ptq4sam")
+    p.add_argument("--table", choices=sorted(TABLES), default="ptq4sam")
     p.add_argument("--recon-iters", type=int, default=100)
     p.add_argument("--num-val", type=int, default=24)
     p.add_argument("--num-calib", type=int, default=8)
     p.add_argument("--json", type=Path, required=True)
     p.add_argument("--device", default="cpu", help="cpu or cuda: where quantization and eval run")
     args = p.parse_args(argv)
-    tables = {"ptq4sam": ptq4sam_settings, "saq-sam": saq_sam_settings}
-    settings = tables[args.table](args.recon_iters, args.num_calib)
+    settings = TABLES[args.table](args.recon_iters, args.num_calib)
     findings = {}
 
     def on_row(report, q) -> None:

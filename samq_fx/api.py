@@ -9,6 +9,13 @@ passes (`samq_fx.pipeline.quantize_passes`), calibrates weights from the weights
 activations on the calibration images, freezes every quantizer, and checks that what it returns
 quantizes exactly as deployment would (`assert_deployable`).
 
+Order of the method parts: BIG folds signs into the FP weights before any observer; AGQ searches
+once the uniform quantizers are frozen; MAC (CAR-SAM) then needs the activation grids fixed (it
+compensates their error), adds its correction to the FP q/k/v weights of the decoder attentions
+and re-initialises those weights' quantizers (activation ranges stay as calibrated); block
+reconstruction (PTQ4SAM's units, or JCAR's joint-cross ones) runs last, against FP targets from
+a copy taken before any quantizer, so MAC's correction never leaks into the targets.
+
 A saved file holds tensors, quantizer state, the architecture, the config and the plan; no
 pickled code. `load` rebuilds the module tree from the architecture, captures it, replays the
 same passes from the config, checks the plan is the one saved, and loads the tensors: the result
@@ -37,6 +44,7 @@ from samq_fx.pipeline import (
     PassContext,
     bimodal_passes,
     calibrated_passes,
+    compensation_passes,
     quantize_passes,
     run_passes,
 )
@@ -152,6 +160,8 @@ def quantize(
     if calibrated_passes(cfg):  # log2 quantizers pass values through until AGQ sets them
         _run_on_parts(model, cfg, calibrated_passes(cfg), data)
     _freeze(model)
+    if cfg.mac is not None:  # activation grids fixed: fold MAC into FP weights, re-init their grids
+        _run_on_parts(model, cfg, compensation_passes(cfg), data)
     if cfg.recon is not None:
         from samq_fx.recon import reconstruct
 

@@ -245,10 +245,12 @@ objects (a point grid, the full-precision model's mask for each point, its box).
     p.add_argument(
         "--method",
         default="mse",
-        choices=["minmax", "percentile", "mse", "ptq4sam", "saq-sam"],
-        help="range setting (minmax, percentile, mse) or a paper's method: ptq4sam (BIG sign "
-        "folding + AGQ log2 softmax quantizer + QDrop block reconstruction); saq-sam (ptq4sam's "
-        "BIG + AGQ, PCC clipping of decoder q/k, prompt-aware stage reconstruction)",
+        choices=["minmax", "percentile", "mse", "ptq4sam", "saq-sam", "car-sam", "samq"],
+        help="range setting (minmax, percentile, mse) or a method: ptq4sam (BIG sign folding + "
+        "AGQ log2 softmax quantizer + QDrop block reconstruction); saq-sam (ptq4sam's BIG + AGQ, "
+        "PCC clipping of decoder q/k, prompt-aware stage reconstruction); car-sam (MAC "
+        "matmul-aware weight compensation + JCAR joint cross-attention reconstruction); samq "
+        "(this project's recipe: BIG + AGQ, other parts by switch)",
     )
     p.add_argument(
         "--pcc",
@@ -259,7 +261,8 @@ objects (a point grid, the full-precision model's mask for each point, its box).
         "--recon-iters",
         type=int,
         metavar="N",
-        help="reconstruction steps per unit (default: ptq4sam 20000, saq-sam 2000, as the papers)",
+        help="reconstruction steps per unit (default: ptq4sam / car-sam 20000, saq-sam 2000, "
+        "as the papers)",
     )
     for part, what in (
         ("big", "bimodal sign folding"),
@@ -272,6 +275,11 @@ objects (a point grid, the full-precision model's mask for each point, its box).
         p.add_argument(
             f"--no-{part}", action="store_true", help=f"ptq4sam / saq-sam without {what}"
         )
+    for part, what in (
+        ("mac", "matmul-aware compensation"),
+        ("jcar", "joint cross-attention units (per-branch units instead)"),
+    ):
+        p.add_argument(f"--no-{part}", action="store_true", help=f"car-sam without {what}")
     p.add_argument("--w-bits", type=int, default=8, metavar="W", help="weight bits, 2..8")
     p.add_argument(
         "--a-bits",
@@ -332,6 +340,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             recon_iters=args.recon_iters,
             pcc=False if args.no_pcc else (True if args.pcc else None),
             par=not args.no_par,
+            mac=not args.no_mac,
+            jcar=not args.no_jcar,
             calib=CalibConfig(num_images=args.calib_size, seed=args.seed),
         )
         if args.no_layer_skip and cfg.par is not None:

@@ -25,7 +25,7 @@ from samq_fx.meta import ATTN_KINDS, ROLES
 from samq_fx.serial import DictConfig, strict_from_dict
 
 BASE_METHODS = ("minmax", "percentile", "mse")
-METHODS = BASE_METHODS + ("ptq4sam", "saq-sam")  # car-sam, samq come with their issues
+METHODS = BASE_METHODS + ("ptq4sam", "saq-sam", "car-sam", "samq")
 
 # Roles whose weight is quantized, and their activation input slot(s).
 WEIGHT_ROLES = (
@@ -274,12 +274,47 @@ def saq_recon_config(iters: int | None = None) -> ReconConfig:
     return ReconConfig(units="saq-stage", iters=2_000 if iters is None else iters, lr_scale=2e-3)
 
 
+@dataclass(frozen=True)
+class MacConfig(DictConfig):
+    """CAR-SAM's MatMul-Aware Compensation (MAC), papers.md §3.1; `passes/compensate_matmul.py`.
+
+    Moves each attention matmul operand's activation-quantization error into the FP weights of
+    the projection that feeds the other operand (q <- k's error, k <- q's error: a per-head
+    Sylvester / Kronecker least squares; v <- the softmax's error: a per-head ridge fit).
+
+    Args:
+        attn_kinds: decoder attentions compensated (the paper calls MAC decoder-specific; the
+            encoder's fused qkv and rel-pos terms are not supported). "dec_self" is allowed.
+        lam: ridge weight, relative: lambda = lam * mean diagonal of each system's matrix
+            (0.1: best of {0.01, 0.1, 1} by W4A4 mask AP on 12 tiny validation images).
+        qk, v: compensate the q/k projections (Sylvester) and the v projection (ridge).
+        bias: fold a correction into the biases too (an appended ones column of X).
+        images: calibration images whose statistics are summed (at most all of them).
+    """
+
+    attn_kinds: tuple[str, ...] = ("token_to_image", "image_to_token", "final_token_to_image")
+    lam: float = 0.1
+    qk: bool = True
+    v: bool = True
+    bias: bool = True
+    images: int = 32
+
+    def __post_init__(self) -> None:
+        allowed = ("dec_self", "token_to_image", "image_to_token", "final_token_to_image")
+        bad = [k for k in self.attn_kinds if k not in allowed]
+        if bad or not self.attn_kinds:
+            raise ValueError(f"MacConfig.attn_kinds {bad or '()'}: MAC runs on {list(allowed)}")
+        if not self.lam > 0 or self.images < 1 or not (self.qk or self.v):
+            raise ValueError(f"invalid MacConfig: {self}")
+
+
 _SUBCONFIGS = {
     "bimodal": BimodalConfig,
     "agq": AgqConfig,
     "recon": ReconConfig,
     "pcc": PccConfig,
     "par": ParConfig,
+    "mac": MacConfig,
 }
 
 
@@ -304,6 +339,9 @@ class QuantConfig:
         par: SAQ-SAM's prompt-aware encoder loss (`ParConfig`); needs `recon`.
             `method="saq-sam"` is PTQ4SAM's BIG + AGQ (as the reference fork keeps them) plus
             PCC and PAR reconstruction over SAQ-SAM's units.
+        mac: CAR-SAM's MatMul-Aware Compensation (`MacConfig`), None for off. It stacks on any
+            method; `method="car-sam"` is MSE ranges + MAC + JCAR (`recon` with
+            `units="joint-cross"`).
 
     Example:
         >>> cfg = QuantConfig.preset("W4A4")
@@ -327,6 +365,7 @@ class QuantConfig:
     recon: ReconConfig | None = None
     pcc: PccConfig | None = None
     par: ParConfig | None = None
+    mac: MacConfig | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -355,6 +394,18 @@ class QuantConfig:
             if self.method == "saq-sam":  # no PAR is implied by no reconstruction
                 parts += (("pcc", "pcc"),) + ((("par", "par"),) if self.recon else ())
             name += "".join(f"-no{label}" for key, label in parts if getattr(self, key) is None)
+        elif self.method == "car-sam":
+            name += "" if self.mac else "-nomac"
+            if self.recon is None:
+                name += "-norecon"
+            elif self.recon.units != "joint-cross":
+                name += "-nojcar"
+            name += "".join(f"+{k}" for k in ("bimodal", "agq") if getattr(self, k) is not None)
+        elif self.method == "samq":
+            name += "".join(f"-no{k}" for k in ("bimodal", "agq") if getattr(self, k) is None)
+            name += "".join(f"+{k}" for k in ("mac", "recon") if getattr(self, k) is not None)
+        elif self.mac is not None:
+            name += "+mac"
         if self.pcc is not None and self.method != "saq-sam":
             name += "+pcc"
         return name
@@ -368,33 +419,48 @@ class QuantConfig:
         *,
         bimodal: bool = True,
         agq: bool = True,
-        recon: bool = True,
+        recon: bool | None = None,
         recon_iters: int | None = None,
         pcc: bool | None = None,
         par: bool = True,
+        mac: bool | None = None,
+        jcar: bool = True,
         **changes: Any,
     ) -> QuantConfig:
         """A method with its parts switched on or off one by one (the papers' ablations).
 
         The switches apply to the methods that have those parts ("ptq4sam": BIG, AGQ,
-        reconstruction; "saq-sam": those plus PCC and PAR); for "minmax", "percentile" and "mse"
-        they are ignored, except `pcc=True`, which stacks PCC on any method. `pcc=None` means
-        the method's own choice (on for saq-sam, off elsewhere). saq-sam with `par=False`
-        reconstructs its units with plain MSE (with `recon=False` there is no PAR either).
+        reconstruction; "saq-sam": those plus PCC and PAR; "car-sam": MAC, JCAR,
+        reconstruction, where jcar=False keeps the reconstruction with PTQ4SAM's per-branch units
+        and recon=False drops it; "samq": this project's recipe, BIG + AGQ on, with MAC, PCC and
+        reconstruction (JCAR units) off unless switched on, as the ablations on the tiny SAM
+        chose, see bench/RESULTS.md); for "minmax", "percentile" and "mse" they are ignored,
+        except `pcc=True`, which stacks PCC on any method. None means the method's own choice.
+        saq-sam with `par=False` reconstructs its units with plain MSE.
         """
+        own = method != "samq"  # samq: MAC and reconstruction off unless asked for
+        mac = own if mac is None else mac
+        recon = own if recon is None else recon
         parts: dict[str, Any] = {}
+        iters = {} if recon_iters is None else {"iters": recon_iters}
         if method in ("ptq4sam", "saq-sam"):
             saq = method == "saq-sam"
-            if saq:
-                recon_cfg = saq_recon_config(recon_iters)
-            else:
-                recon_cfg = ReconConfig() if recon_iters is None else ReconConfig(iters=recon_iters)
+            recon_cfg = saq_recon_config(recon_iters) if saq else ReconConfig(**iters)
             parts = {
                 "bimodal": BimodalConfig() if bimodal else None,
                 "agq": AgqConfig() if agq else None,
                 "recon": recon_cfg if recon else None,
                 "par": ParConfig() if saq and par and recon else None,
             }
+        elif method in ("car-sam", "samq"):
+            units = "joint-cross" if jcar else "ptq4sam"
+            parts = {
+                "mac": MacConfig() if mac else None,
+                "recon": ReconConfig(units=units, **iters) if recon else None,
+            }
+            if method == "samq":
+                parts["bimodal"] = BimodalConfig() if bimodal else None
+                parts["agq"] = AgqConfig() if agq else None
         if pcc or (pcc is None and method == "saq-sam"):
             parts["pcc"] = PccConfig()
         return cls(method=method, w_bits=w_bits, a_bits=a_bits, **parts, **changes)
@@ -442,6 +508,8 @@ def _presets() -> dict[str, QuantConfig]:
             method="ptq4sam", w_bits=w, a_bits=a, bimodal=BimodalConfig(), agq=AgqConfig()
         )
         out[f"W{w}A{a}-saq-sam"] = QuantConfig.for_method("saq-sam", w, a)
+        out[f"W{w}A{a}-car-sam"] = QuantConfig.for_method("car-sam", w, a)
+        out[f"W{w}A{a}-samq"] = QuantConfig.for_method("samq", w, a)
     out["W8A16"] = QuantConfig(method="minmax", w_bits=8, a_bits=None)
     out["W4A16"] = QuantConfig(method="mse", w_bits=4, a_bits=None)
     # Deployment presets: the grids `samq_fx.lower` has kernels for, on the linears (the

@@ -111,6 +111,14 @@ def calibrated_passes(config: Any) -> list[GraphPass]:
     return passes
 
 
+def compensation_passes(config: Any) -> list[GraphPass]:
+    """CAR-SAM's MAC: needs frozen activation quantizers; re-initialises the weight quantizers
+    of the projections it corrects."""
+    from samq_fx.passes.compensate_matmul import compensate_matmul
+
+    return [compensate_matmul] if getattr(config, "mac", None) is not None else []
+
+
 def quantize_passes(config: Any) -> list[GraphPass]:
     """Passes that turn a captured graph into a fake-quantized one, in order, for `config`."""
     from samq_fx.passes.insert_quantizers import insert_quantizers

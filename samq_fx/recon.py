@@ -32,9 +32,9 @@ the optimisation; a SAM-B decoder unit holds about 3 x 67 MB per image at 16 pro
 image embeddings of both models for decoder units (4 MB per image). Nothing outlives its unit.
 
 Plug-ins for the methods built on this driver:
-  loss_fn(preds, targets, unit) -> scalar   replaces the channel-summed squared error (PAR and
-                                            JCAR losses); preds/targets are lists in
-                                            `Unit.outputs` order.
+  loss_fn(preds, targets, unit) -> scalar   replaces the channel-summed squared error (PAR's
+                                            loss); preds/targets are lists in `Unit.outputs`
+                                            order.
   target_fn(unit, item) -> list[Tensor]     replaces the FP targets of a unit (SAQ-SAM's prompt-
                                             aware targets); called once per item while gathering,
                                             with `unit` the unit name; the result is what
@@ -42,6 +42,12 @@ Plug-ins for the methods built on this driver:
 Either may return None for a unit it does not handle: that unit gets the default (FP outputs as
 targets, `channel_sse`). `extract_span` copies any stretch of a graph between given nodes (the FP
 neck and decoder that SAQ-SAM's PAR loss runs a stage's output through, `samq_fx.par`).
+
+CAR-SAM's JCAR needs no plug-in: with `ReconConfig(units="joint-cross")` a decoder layer's
+t2i, MLP and i2t are one unit whose outputs are the layer's token and image streams (T', I'),
+and the default loss, summed over outputs, is the joint L2 ||F(T^, I^) - F(T, I)||^2 (per
+output a mean over tokens of the channel sum, so the prompt tokens weigh as much as the image
+tokens). Every unit's loss at every step is kept in `UnitReport.loss_curve`.
 
 Determinism: item order, QDrop masks and input mixing draw from torch's global RNG inside
 `torch.random.fork_rng`, seeded from `cfg.seed` and the unit's index, so a run is repeatable
@@ -420,9 +426,9 @@ def unit_mse(unit: Unit, data: UnitData, device: torch.device) -> float | None:
 class UnitReport:
     """One unit's reconstruction. `loss_first` / `loss_last`: the mean reconstruction loss
     (without the rounding regulariser) over the first / last max(1, min(50, iters // 10)) steps;
-    `mse_before` / `mse_after`: the unit's output MSE against its targets on the gathered
-    quantized inputs, with no QDrop, before and after (None when targets come from a
-    `target_fn` whose shapes differ from the outputs)."""
+    `loss_curve`: that loss at every step; `mse_before` / `mse_after`: the unit's output MSE
+    against its targets on the gathered quantized inputs, with no QDrop, before and after (None
+    when targets come from a `target_fn` whose shapes differ from the outputs)."""
 
     name: str
     part: str
@@ -435,6 +441,7 @@ class UnitReport:
     mse_after: float | None
     seconds: float
     gather_seconds: float
+    loss_curve: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -484,10 +491,10 @@ def optimise_unit(
     device: torch.device,
     label: str = "",
     progress: bool = True,
-) -> tuple[int, int, int, float | None, float | None]:
+) -> tuple[int, int, int, float | None, float | None, list[float]]:
     """Run cfg.iters steps on one unit, then harden it. Returns (iters, weights, activations,
-    loss_first, loss_last). On exit, even by an exception, the unit's rounding is hard, its
-    quantizers have drop_prob 1.0 and fixed scales."""
+    loss_first, loss_last, the loss of every step). On exit, even by an exception, the unit's
+    rounding is hard, its quantizers have drop_prob 1.0 and fixed scales."""
     rounding = []
     for _, q, w in unit.weight_quantizers:
         if q.enabled and isinstance(q, UniformQuantizer) and q.rounding == "nearest":
@@ -503,7 +510,7 @@ def optimise_unit(
         if acts:
             groups.append({"params": [q.scale for q in acts], "lr": cfg.lr_scale, "cosine": True})
         if not groups:
-            return 0, 0, 0, None, None
+            return 0, 0, 0, None, None, []
         custom = loss_fn
 
         def loss_fn(p: list[Tensor], t: list[Tensor], name: str) -> Tensor:
@@ -513,6 +520,7 @@ def optimise_unit(
         opt = torch.optim.Adam(groups)
         window = _loss_window(cfg.iters)
         first = last = torch.zeros((), device=device)
+        curve = torch.zeros(cfg.iters, device=device)  # no host sync per step
         bar = Progress(cfg.iters, progress, f"recon {label}", unit="steps")
         picks = torch.randint(len(data.inputs_q), (cfg.iters,)).tolist()
         for step, i in enumerate(picks):
@@ -532,6 +540,7 @@ def optimise_unit(
                     group["lr"] = (
                         cfg.lr_scale * 0.5 * (1 + math.cos(math.pi * (step + 1) / cfg.iters))
                     )
+            curve[step] = rec.detach()
             if step < window:
                 first = first + rec.detach()
             if step >= cfg.iters - window:
@@ -545,6 +554,7 @@ def optimise_unit(
             len(acts),
             float(first) / window,
             float(last) / window,
+            curve.tolist(),
         )
     finally:
         for q in rounding:
@@ -664,7 +674,7 @@ def reconstruct(
                 t_gather = time.perf_counter() - t0
                 before = unit_mse(unit, data, device)
                 with torch.enable_grad():
-                    iters, n_w, n_a, first, last = optimise_unit(
+                    iters, n_w, n_a, first, last, curve = optimise_unit(
                         unit,
                         data,
                         cfg,
@@ -688,6 +698,7 @@ def reconstruct(
                     mse_after=after,
                     seconds=time.perf_counter() - t0,
                     gather_seconds=t_gather,
+                    loss_curve=curve,
                 )
                 report.units.append(row)
                 if progress:

@@ -27,7 +27,7 @@ def test_readme_python_snippet_runs(tmp_path, monkeypatch):
     from samq_fx.data import generate_scene, mask_box
 
     readme = (ROOT / "README.md").read_text()
-    (snippet,) = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    snippet, _ = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
     calib_samples = []
     for i in range(2):
         scene = generate_scene(123, i)
@@ -41,3 +41,25 @@ def test_readme_python_snippet_runs(tmp_path, monkeypatch):
 
     q = namespace["q"]
     assert isinstance(q, samq_fx.QuantizedSam) and q.samq_config.w_bits == 4
+
+
+def test_readme_lowering_snippet_runs(tmp_path, monkeypatch):
+    """The README's lowering snippet, verbatim (torch.compile itself is skipped: the CPU
+    compile of the lowered model is tested in tests/test_lower.py)."""
+    from segment_anything import SamPredictor
+
+    import samq_fx
+    from samq_fx.data import generate_scene, mask_box
+
+    readme = (ROOT / "README.md").read_text()
+    _, snippet = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    scene = generate_scene(124, 0)
+    calib = [{"image": scene.image, "boxes": np.array([mask_box(m) for m in scene.masks])}]
+    lowering = sys.modules["samq_fx.lower"]  # the module (samq_fx.lower is the function)
+    monkeypatch.setattr(lowering, "compile_parts", lambda model: model)
+    monkeypatch.chdir(tmp_path)
+    namespace = {"samq_fx": samq_fx, "sam": samq_fx.build_sam("tiny"), "calib_samples": calib,
+                 "image": scene.image, "SamPredictor": SamPredictor}  # fmt: skip
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    assert isinstance(namespace["fast"], samq_fx.LoweredSam)
+    assert isinstance(samq_fx.load(tmp_path / "sam_int8.samq"), samq_fx.LoweredSam)
