@@ -107,9 +107,8 @@ def final_settings(recon_iters: int, num_calib: int) -> list[QuantConfig]:
             method, b, b, recon_iters=recon_iters, calib=calib, **switches
         )
 
-    rows = []
-    for b in (4, 6, 8):
-        rows += [cfg(m, b) for m in ("minmax", "mse", "ptq4sam", "saq-sam", "car-sam", "samq")]
+    methods = ("minmax", "mse", "ptq4sam", "saq-sam", "car-sam", "samq")
+    rows = [cfg(m, 4) for m in methods]
     rows += [
         cfg("samq", 4, pcc=True),
         cfg("samq", 4, mac=True),
@@ -117,7 +116,7 @@ def final_settings(recon_iters: int, num_calib: int) -> list[QuantConfig]:
         cfg("samq", 4, bimodal=False),
         cfg("samq", 4, agq=False),
     ]
-    return rows
+    return rows + [cfg(m, b) for b in (6, 8) for m in methods]
 
 
 TABLES = {
