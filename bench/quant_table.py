@@ -163,8 +163,11 @@ def main(argv=None) -> int:
     p.add_argument("--num-calib", type=int, default=8)
     p.add_argument("--json", type=Path, required=True)
     p.add_argument("--device", default="cpu", help="cpu or cuda: where quantization and eval run")
+    p.add_argument(
+        "--start", type=int, default=0, help="skip the table's first K settings (finish a cut run)"
+    )
     args = p.parse_args(argv)
-    settings = TABLES[args.table](args.recon_iters, args.num_calib)
+    settings = TABLES[args.table](args.recon_iters, args.num_calib)[args.start :]
     findings = {}
 
     def on_row(report, q) -> None:

@@ -26,7 +26,7 @@ from samq_fx.eval import evaluate
 from samq_fx.models import build_sam
 from samq_fx.report import format_table
 
-DEMO_METHODS = ("minmax", "percentile", "mse", "ptq4sam", "saq-sam")
+DEMO_METHODS = ("minmax", "percentile", "mse", "ptq4sam", "saq-sam", "car-sam", "samq")
 VAL_SEED = 20_000  # generator seeds never used for training (bench/train_tiny_sam.py) ...
 CALIB_SEED = 30_000  # ... nor for validation
 
@@ -98,9 +98,10 @@ def demo_settings(
     num_calib: int = 8,
     recon_iters: int | None = None,
 ) -> list[QuantConfig]:
-    """The demo's rows: every method at every bit width. "ptq4sam" and "saq-sam" run without
-    reconstruction unless `recon_iters` is given (20,000 / 2,000 steps a unit do not fit a CPU
-    demo): "saq-sam-norecon" is PTQ4SAM's statistics plus PCC (SAQ-SAM's clipping)."""
+    """The demo's rows: every method at every bit width. "ptq4sam", "saq-sam" and "car-sam" run
+    without reconstruction unless `recon_iters` is given (20,000 / 2,000 steps a unit do not fit
+    a CPU demo): "saq-sam-norecon" is PTQ4SAM's statistics plus PCC (SAQ-SAM's clipping),
+    "car-sam-norecon" is MSE ranges plus MAC; "samq" is this project's recipe (BIG + AGQ)."""
     calib = CalibConfig(num_images=num_calib)
     settings = [
         QuantConfig.for_method(

@@ -163,6 +163,13 @@ def run_model(args, name: str, device: torch.device, sha: str, versions: dict) -
         sparse, dense, pe = decoder_inputs(captured, emb1, args.prompts, gen)
         ref_dec = captured.mask_decoder(emb1, pe, sparse, dense, True)[0]
     rows = []
+
+    def make_row(setting, part, batch, times, first, peak, weights, fid) -> Row:
+        p50, p10, p90 = _quantiles(times)
+        return Row(sha, versions["torch"], versions["torchao"], versions["device"], name, setting,
+                   part, batch, batch / p50, 1e3 * p50, 1e3 * p10, 1e3 * p90, peak, weights,
+                   max(0.0, first - p50), fid)  # fmt: skip
+
     for setting in args.settings:
         gc.collect()
         if device.type == "cuda":
@@ -184,56 +191,18 @@ def run_model(args, name: str, device: torch.device, sha: str, versions: dict) -
                 peak = (
                     torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0
                 )
-                p50, p10, p90 = _quantiles(times)
                 fid = sqnr(model.image_encoder(x), ref_out[b])
-                rows.append(
-                    Row(
-                        sha,
-                        versions["torch"],
-                        versions["torchao"],
-                        versions["device"],
-                        name,
-                        setting,
-                        "encoder",
-                        b,
-                        b / p50,
-                        1e3 * p50,
-                        1e3 * p10,
-                        1e3 * p90,
-                        peak,
-                        weights,
-                        max(0.0, first - p50),
-                        fid,
-                    )  # fmt: skip
-                )
+                rows.append(make_row(setting, "encoder", b, times, first, peak, weights, fid))
                 r = rows[-1]
                 print(f"{name} {setting} b{b}: {r.img_per_s:.1f} img/s, p50 {r.p50_ms:.2f} ms, "
                       f"compile {r.compile_s:.1f} s, SQNR {fid:.1f} dB", flush=True)  # fmt: skip
             if args.prompts and setting in args.decoder_settings:
                 dec = partial(model.mask_decoder, emb1, pe, sparse, dense, True)
                 times, first = time_calls(dec, device, args.repeats, 3)
-                p50, p10, p90 = _quantiles(times)
                 fid = sqnr(dec()[0], ref_dec)
-                rows.append(
-                    Row(
-                        sha,
-                        versions["torch"],
-                        versions["torchao"],
-                        versions["device"],
-                        name,
-                        setting,
-                        f"decoder x{args.prompts}",
-                        1,
-                        1 / p50,
-                        1e3 * p50,
-                        1e3 * p10,
-                        1e3 * p90,
-                        0.0,
-                        _weight_bytes(model.mask_decoder) / 2**20,
-                        max(0.0, first - p50),
-                        fid,
-                    )  # fmt: skip
-                )
+                dec_weights = _weight_bytes(model.mask_decoder) / 2**20
+                part = f"decoder x{args.prompts}"
+                rows.append(make_row(setting, part, 1, times, first, 0.0, dec_weights, fid))
         if setting in args.profile:
             out = f"{args.profile_json}_{setting}.json" if args.profile_json else None
             profile(model, inputs[max(args.batch)], out)
