@@ -12,6 +12,7 @@ Settings:
   bf16-compile       bf16, torch.compile(fullgraph=True)
   bf16-fused         bf16 + fused rel-pos attention (flex attention) + compile: the best float
                      pipeline this project builds (`samq_fx.lower.optimize_float`)
+  fp32-compile, fp32-fused   the same in float32 (the CPU baselines)
   int8-static ...    `samq_fx.lower(q, backend)` + compile, q calibrated on 2 generated images
                      (W8A8-int8 preset, min-max ranges; W4A16-int4 for int4-weight)
 
@@ -41,7 +42,7 @@ from samq_fx.demo import calibration_samples
 from samq_fx.lower import _weight_bytes, compile_parts, lower, optimize_float
 from samq_fx.report import format_table
 
-FLOAT_SETTINGS = ("fp32", "fp32-compile", "bf16", "bf16-compile", "bf16-fused")
+FLOAT_SETTINGS = ("fp32", "fp32-compile", "fp32-fused", "bf16", "bf16-compile", "bf16-fused")
 LOWERED_SETTINGS = ("int8-static", "int8-dynamic", "float8-static", "int4-weight")
 DEFAULT_GPU = ("fp32", "bf16", "bf16-compile", "bf16-fused", *LOWERED_SETTINGS)
 
@@ -119,6 +120,8 @@ def build(setting: str, captured, quantized: dict):
         return captured, False
     if setting == "fp32-compile":
         return compile_parts(optimize_float(captured, "float32", fuse_attention=False)), True
+    if setting == "fp32-fused":
+        return compile_parts(optimize_float(captured, "float32")), True
     if setting == "bf16":
         return optimize_float(captured, "bfloat16", fuse_attention=False), False
     if setting == "bf16-compile":
@@ -160,8 +163,9 @@ def run_model(args, name: str, device: torch.device, sha: str, versions: dict) -
     with torch.no_grad():
         ref_out = {b: captured.image_encoder(x) for b, x in inputs.items()}
         emb1 = ref_out[min(args.batch)][:1]
-        sparse, dense, pe = decoder_inputs(captured, emb1, args.prompts, gen)
-        ref_dec = captured.mask_decoder(emb1, pe, sparse, dense, True)[0]
+        if args.prompts:
+            sparse, dense, pe = decoder_inputs(captured, emb1, args.prompts, gen)
+            ref_dec = captured.mask_decoder(emb1, pe, sparse, dense, True)[0]
     rows = []
 
     def make_row(setting, part, batch, times, first, peak, weights, fid) -> Row:
@@ -272,7 +276,7 @@ def run(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     device = torch.device(args.device)
     if args.settings is None:
         args.settings = list(DEFAULT_GPU if device.type == "cuda" else
-                             ("fp32", "fp32-compile", "int8-static", "int8-dynamic", "int4-weight"))  # fmt: skip
+                             ("fp32", "fp32-compile", "fp32-fused", "int8-static", "int8-dynamic"))  # fmt: skip
     unknown = {s.partition("+")[0] for s in args.settings} - set(FLOAT_SETTINGS + LOWERED_SETTINGS)
     if unknown:
         p.error(f"unknown settings {sorted(unknown)}; known: {FLOAT_SETTINGS + LOWERED_SETTINGS}")
