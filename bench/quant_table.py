@@ -161,6 +161,7 @@ def main(argv=None) -> int:
     p.add_argument("--recon-iters", type=int, default=100)
     p.add_argument("--num-val", type=int, default=24)
     p.add_argument("--num-calib", type=int, default=8)
+    p.add_argument("--only", nargs="+", metavar="NAME", help="only these settings (e.g. W6A6-mse)")
     p.add_argument("--json", type=Path, required=True)
     p.add_argument("--device", default="cpu", help="cpu or cuda: where quantization and eval run")
     p.add_argument(
@@ -168,6 +169,11 @@ def main(argv=None) -> int:
     )
     args = p.parse_args(argv)
     settings = TABLES[args.table](args.recon_iters, args.num_calib)[args.start :]
+    if args.only:
+        unknown = set(args.only) - {c.name for c in settings}
+        if unknown:
+            p.error(f"unknown settings {sorted(unknown)}; known: {[c.name for c in settings]}")
+        settings = [c for c in settings if c.name in args.only]
     findings = {}
 
     def on_row(report, q) -> None:

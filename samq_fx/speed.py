@@ -295,7 +295,7 @@ def run(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     for name in args.model:
         rows += run_model(args, name, device, sha, versions)
         if args.json:
-            record = {"args": vars(args) | {"json": str(args.json)}, "date": time.strftime("%Y-%m-%d"),
+            record = {"args": {k: v for k, v in vars(args).items() if not callable(v)} | {"json": str(args.json)}, "date": time.strftime("%Y-%m-%d"),
                       "rows": [asdict(r) for r in rows]}  # fmt: skip
             args.json.write_text(json.dumps(record, indent=1) + "\n")
     headers = ("model", "setting", "part", "batch", "img/s", "p50 ms", "p10-p90 ms", "peak MiB",
