@@ -102,10 +102,10 @@ def weight_quantizer_inputs(gm: torch.fx.GraphModule):
         info = get_info(node)
         if node.op == "call_module" and info is not None and info.quant.get("slot") == "weight":
             (w_node,) = node.args
-            yield gm.get_submodule(node.target), _fetch_attr(gm, w_node.target)
+            yield gm.get_submodule(node.target), fetch_attr(gm, w_node.target)
 
 
-def _fetch_attr(gm: torch.fx.GraphModule, target: str) -> torch.Tensor:
+def fetch_attr(gm: torch.fx.GraphModule, target: str) -> torch.Tensor:
     obj = gm
     for part in target.split("."):
         obj = getattr(obj, part)

@@ -27,6 +27,7 @@ import torch.fx
 from torch import nn
 
 from samq_fx.meta import add_finding, get_info, set_info
+from samq_fx.passes.insert_quantizers import fetch_attr
 from samq_fx.pipeline import PassContext, PassResult
 
 PASS_NAME = "lower_linears"
@@ -41,17 +42,6 @@ def _quantizer_of(gm: torch.fx.GraphModule, node, slot: str):
     if info.quant.get("slot") != slot:
         return None
     return gm.get_submodule(node.target)
-
-
-def _attr(gm: torch.fx.GraphModule, node) -> torch.Tensor | None:
-    if node is None:
-        return None
-    if node.op != "get_attr":
-        raise ValueError(f"expected a parameter (get_attr), got {node.op} {node.name}")
-    obj = gm
-    for part in node.target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _delete_attr(gm: torch.fx.GraphModule, target: str) -> None:
@@ -77,8 +67,8 @@ def lower_linears(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             continue  # a linear kept in floating point by the plan: nothing to lower
         site = get_info(w_node).quant["site"].removesuffix("__weight")
         in_q = _quantizer_of(gm, x_node, "input")
-        weight = _attr(gm, w_node.args[0])
-        bias = _attr(gm, b_node)
+        weight = fetch_attr(gm, w_node.args[0].target)
+        bias = None if b_node is None else fetch_attr(gm, b_node.target)
         module, what = backend.make_linear(site, w_q, weight, in_q, bias, x_node.meta.get("val"))
         if module is None:
             result.rejected[site] = what

@@ -44,6 +44,7 @@ from torch import nn
 
 from samq_fx.api import PARTS, QuantizedSam
 from samq_fx.capture import CapturedSam
+from samq_fx.meta import get_info
 from samq_fx.passes.fuse_attention import fuse_attention as fuse_attention_pass
 from samq_fx.passes.lower_linears import lower_linears
 from samq_fx.passes.patch_embed_as_matmul import patch_embed_as_matmul
@@ -158,6 +159,11 @@ def _int8_weight_codes(w_q: UniformQuantizer, weight: torch.Tensor):
     return (codes, scale), "ok"
 
 
+def _per_tensor_shape(x_val) -> list[int]:
+    """A per-tensor scale's shape for an activation like `x_val` (torchao wants its rank)."""
+    return [1] * (x_val.dim() if isinstance(x_val, torch.Tensor) else 3)
+
+
 def _activation_spec_problem(in_q, bits: int) -> str | None:
     if in_q is None or not in_q.enabled:
         return "activations not quantized (A16): use backend int4-weight or keep it in float"
@@ -216,8 +222,7 @@ class TorchaoBackend:
             extra, kernel = {}, "int8 x int8 (_int_mm), activations per token at run time"
         else:
             qp = in_q.qparams()
-            ndim = x_val.dim() if isinstance(x_val, torch.Tensor) else 3
-            shape = [1] * ndim
+            shape = _per_tensor_shape(x_val)
             # our grids are [0, 255] (asymmetric) or [-128, 127]; int8 kernels want [-128, 127]
             zp = qp.zero_point - (128 if qp.qmin == 0 else 0)
             mapping = MappingType.ASYMMETRIC if bool(zp.ne(0).any()) else MappingType.SYMMETRIC
@@ -306,8 +311,8 @@ class TorchaoBackend:
         qp = in_q.qparams()
         lo = (qp.qmin - qp.zero_point.float()) * qp.scale
         hi = (qp.qmax - qp.zero_point.float()) * qp.scale
-        ndim = x_val.dim() if isinstance(x_val, torch.Tensor) else 3
-        act_scale = (torch.maximum(lo.abs(), hi.abs()) / _FLOAT8_MAX).reshape([1] * ndim).float()
+        amax = torch.maximum(lo.abs(), hi.abs())
+        act_scale = (amax / _FLOAT8_MAX).reshape(_per_tensor_shape(x_val)).float()
         lin = self._linear(weight, bias)
         cfg = Float8StaticActivationFloat8WeightConfig(
             act_quant_scale=act_scale.to(self.device),
@@ -322,8 +327,9 @@ class TorchaoBackend:
 
 
 def cast_boundaries(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Cast float inputs to the compute dtype and float outputs back to float32."""
-    dtype = ctx.config.dtype
+    """Cast float inputs to the compute dtype (`ctx.state["dtype"]`) and float outputs back to
+    float32."""
+    dtype = ctx.state["dtype"]
     counts = {"inputs": 0, "outputs": 0}
     if dtype == torch.float32:
         return PassResult(counts=counts)
@@ -347,6 +353,15 @@ def cast_boundaries(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
 
     out.args = torch.fx.map_arg(out.args, to_float)
     return PassResult(counts=counts)
+
+
+def _float_passes(part: str, fuse_attention: bool) -> list:
+    """The graph edits that need no quantizer, shared by `lower` and `optimize_float`: the
+    encoder's patch embedding as one GEMM and its fused attention, then the boundary casts."""
+    passes = []
+    if part == "image_encoder":
+        passes = [patch_embed_as_matmul] + ([fuse_attention_pass] if fuse_attention else [])
+    return [*passes, cast_boundaries]
 
 
 def _cast_floats(model: nn.Module, dtype: torch.dtype) -> None:
@@ -450,29 +465,20 @@ def lower(
     report = LoweringReport(cfg.backend, str(torch_dtype).removeprefix("torch."), str(device))
     for part in PARTS:
         gm = getattr(model, part)
-        ctx = PassContext(part=part, arch=model.samq_arch, config=kernels)
-        records = run_passes(gm, ctx, [lower_linears])
-        linear = records[-1].result
+        ctx = PassContext(part, model.samq_arch, config=kernels, state={"dtype": torch_dtype})
+        records = run_passes(gm, ctx, [lower_linears, *_float_passes(part, cfg.fuse_attention)])
+        results = {r.name: r.result for r in records}  # the latest run of each pass
         prefix = "enc" if part == "image_encoder" else "dec"
-        for site, reason in linear.rejected.items():
+        for site, reason in results["lower_linears"].rejected.items():
             report.kept[f"{prefix}:{site}"] = reason
         for node in gm.graph.nodes:
-            finding = (
-                node.meta.get("samq").findings.get("lower_linears")
-                if node.meta.get("samq")
-                else None
-            )
+            info = get_info(node)
+            finding = info.findings.get("lower_linears") if info is not None else None
             if finding and node.op == "call_module":
                 report.lowered[f"{prefix}:{node.target.split('.', 1)[1]}"] = finding["kernel"]
-        if part == "image_encoder":
-            run_passes(gm, ctx, [patch_embed_as_matmul])
-        if cfg.fuse_attention and part == "image_encoder":
-            fused = run_passes(gm, ctx, [fuse_attention_pass])[-1].result
-            report.fused_attention += fused.counts["fused"]
-            report.unfused_attention.update(fused.rejected)
-        run_passes(
-            gm, PassContext(part=part, arch=model.samq_arch, config=kernels), [cast_boundaries]
-        )
+        if "fuse_attention" in results:
+            report.fused_attention += results["fuse_attention"].counts["fused"]
+            report.unfused_attention.update(results["fuse_attention"].rejected)
         report.weight_bytes += _weight_bytes(gm)
     report.fp16_weight_bytes = fp16_bytes
     if not report.lowered:
@@ -526,13 +532,9 @@ def optimize_float(
     model = copy.deepcopy(captured)
     torch_dtype = _DTYPES[dtype]
     _cast_floats(model, torch_dtype)
-    config = TorchaoBackend("int8-static", torch_dtype, model.pixel_mean.device)
     for part in PARTS:
-        ctx = PassContext(part=part, arch=model.samq_arch, config=config)
-        passes = []
-        if part == "image_encoder":
-            passes = [patch_embed_as_matmul] + ([fuse_attention_pass] if fuse_attention else [])
-        run_passes(getattr(model, part), ctx, [*passes, cast_boundaries])
+        ctx = PassContext(part, model.samq_arch, state={"dtype": torch_dtype})
+        run_passes(getattr(model, part), ctx, _float_passes(part, fuse_attention))
     return model.eval()
 
 

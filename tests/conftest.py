@@ -33,3 +33,10 @@ def vit_b_random():
 @pytest.fixture(scope="session")
 def vit_b_captured(vit_b_random):
     return samq_fx.capture(vit_b_random)
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_captured():
+    """The shipped (trained) tiny SAM, captured once for the session; tests only read it
+    (`quantize`, `lower` and `optimize_float` copy it)."""
+    return samq_fx.capture(samq_fx.build_sam("tiny"))

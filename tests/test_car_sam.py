@@ -128,11 +128,6 @@ def test_mac_ridge_reduces_planted_av_error():
 
 
 @pytest.fixture(scope="module")
-def captured():
-    return samq_fx.capture(samq_fx.build_sam("tiny"))
-
-
-@pytest.fixture(scope="module")
 def calib():
     return calibration_samples(3)
 
@@ -151,11 +146,11 @@ def _t2i_logit_error(q, fp, items) -> float:
 
 
 @pytest.mark.slow
-def test_mac_pass_records_and_lowers_attention_error_on_tiny(captured, calib):
+def test_mac_pass_records_and_lowers_attention_error_on_tiny(tiny_trained_captured, calib):
     cal = CalibConfig(num_images=3)
     base = QuantConfig(method="mse", w_bits=4, a_bits=4, calib=cal)
-    plain = samq_fx.quantize(captured, calib, base, progress=False)
-    mac = samq_fx.quantize(captured, calib, QuantConfig(**{**base.__dict__, "mac": MacConfig()}),
+    plain = samq_fx.quantize(tiny_trained_captured, calib, base, progress=False)
+    mac = samq_fx.quantize(tiny_trained_captured, calib, QuantConfig(**{**base.__dict__, "mac": MacConfig()}),
                            progress=False)  # fmt: skip
     (rec,) = [r for r in mac.mask_decoder.samq_pass_log if r.name == PASS]
     assert rec.result.counts == {"attentions": 5, "q_proj": 5, "k_proj": 5, "v_proj": 5}
@@ -168,21 +163,23 @@ def test_mac_pass_records_and_lowers_attention_error_on_tiny(captured, calib):
     assert {f["absorbs"] for f in findings} == {"q", "k", "attn"}
     samq_fx.quantizers.assert_deployable(mac)
     held = calibration_samples(3, seed=31_000)
-    items = prepare_calibration(captured, validate_loader(held, cal), cal, progress=False)
+    items = prepare_calibration(
+        tiny_trained_captured, validate_loader(held, cal), cal, progress=False
+    )
     e_plain, e_mac = (
-        _t2i_logit_error(plain, captured, items),
-        _t2i_logit_error(mac, captured, items),
+        _t2i_logit_error(plain, tiny_trained_captured, items),
+        _t2i_logit_error(mac, tiny_trained_captured, items),
     )
     assert e_mac < e_plain, f"t2i logits relative error: plain {e_plain:.4f}, MAC {e_mac:.4f}"
 
 
 @pytest.mark.slow
-def test_mac_changes_nothing_without_activation_quantization(captured, calib):
+def test_mac_changes_nothing_without_activation_quantization(tiny_trained_captured, calib):
     cal = CalibConfig(num_images=2)
-    off = samq_fx.quantize(captured, calib[:2], QuantConfig(w_bits=4, a_bits=None, calib=cal),
+    off = samq_fx.quantize(tiny_trained_captured, calib[:2], QuantConfig(w_bits=4, a_bits=None, calib=cal),
                            progress=False)  # fmt: skip
     on = samq_fx.quantize(
-        captured,
+        tiny_trained_captured,
         calib[:2],
         QuantConfig(w_bits=4, a_bits=None, calib=cal, mac=MacConfig()),
         progress=False,
@@ -208,24 +205,26 @@ def _composite_mse(model, fp, items, layer: int = 0) -> float:
 
 
 @pytest.mark.slow
-def test_jcar_converges_at_least_as_low_as_branch_by_branch(captured, calib):
+def test_jcar_converges_at_least_as_low_as_branch_by_branch(tiny_trained_captured, calib):
     """Layer 0 of the tiny decoder at W4A4: t2i, MLP and i2t reconstructed one by one (40 steps
     each) vs jointly as dec.0.cross (120 steps), both from the same quantized model; the joint
     unit's composite output error ends at least as low."""
     cal = CalibConfig(num_images=3)
-    q = samq_fx.quantize(captured, calib, QuantConfig(w_bits=4, a_bits=4, calib=cal),
+    q = samq_fx.quantize(tiny_trained_captured, calib, QuantConfig(w_bits=4, a_bits=4, calib=cal),
                          progress=False)  # fmt: skip
-    items = prepare_calibration(captured, validate_loader(calib, cal), cal, progress=False)
-    start = _composite_mse(q, captured, items)
+    items = prepare_calibration(
+        tiny_trained_captured, validate_loader(calib, cal), cal, progress=False
+    )
+    start = _composite_mse(q, tiny_trained_captured, items)
     branch = copy.deepcopy(q)
-    recon.reconstruct(branch, captured, items, ReconConfig(iters=40),
+    recon.reconstruct(branch, tiny_trained_captured, items, ReconConfig(iters=40),
                       units=["dec.0.t2i", "dec.0.mlp", "dec.0.i2t"], progress=False)  # fmt: skip
     joint = copy.deepcopy(q)
-    report = recon.reconstruct(joint, captured, items, ReconConfig(units="joint-cross", iters=120),
+    report = recon.reconstruct(joint, tiny_trained_captured, items, ReconConfig(units="joint-cross", iters=120),
                                units=["dec.0.cross"], progress=False)  # fmt: skip
     e_branch, e_joint = (
-        _composite_mse(branch, captured, items),
-        _composite_mse(joint, captured, items),
+        _composite_mse(branch, tiny_trained_captured, items),
+        _composite_mse(joint, tiny_trained_captured, items),
     )
     assert e_joint <= e_branch and e_joint < start, (
         f"composite MSE: start {start:.5f}, branch-by-branch {e_branch:.5f}, joint {e_joint:.5f}"

@@ -26,18 +26,15 @@ def _sqnr(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def tiny_captured():
-    return samq_fx.capture(samq_fx.build_sam("tiny"))
-
-
-@pytest.fixture(scope="module")
 def calib():
     return calibration_samples(2)
 
 
 @pytest.fixture(scope="module")
-def q_int8(tiny_captured, calib):
-    return samq_fx.quantize(tiny_captured, calib, QuantConfig.preset("W8A8-int8"), progress=False)
+def q_int8(tiny_trained_captured, calib):
+    return samq_fx.quantize(
+        tiny_trained_captured, calib, QuantConfig.preset("W8A8-int8"), progress=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +80,10 @@ def test_int8_static_lowers_every_quantized_linear(q_int8, lowered_int8):
     )
 
 
-def test_lowering_leaves_the_quantized_model_alone(tiny_captured, calib):
-    q = samq_fx.quantize(tiny_captured, calib, QuantConfig.preset("W8A8-int8"), progress=False)
+def test_lowering_leaves_the_quantized_model_alone(tiny_trained_captured, calib):
+    q = samq_fx.quantize(
+        tiny_trained_captured, calib, QuantConfig.preset("W8A8-int8"), progress=False
+    )
     before = {k: v.clone() for k, v in q.state_dict().items() if isinstance(v, torch.Tensor)}
     lower(q, "int8-static", verbose=False)
     after = q.state_dict()
@@ -116,8 +115,10 @@ def test_dynamic_int8_close_to_fake_quant(q_int8):
     assert snr > 25, f"int8-dynamic encoder vs fake quant: SQNR {snr:.1f} dB"
 
 
-def test_int4_weight_only(tiny_captured, calib):
-    q = samq_fx.quantize(tiny_captured, calib, QuantConfig.preset("W4A16-int4"), progress=False)
+def test_int4_weight_only(tiny_trained_captured, calib):
+    q = samq_fx.quantize(
+        tiny_trained_captured, calib, QuantConfig.preset("W4A16-int4"), progress=False
+    )
     lowered = lower(q, "int4-weight", verbose=False)
     report = lowered.samq_lowering_report
     assert report.lowered and not report.kept
@@ -126,14 +127,14 @@ def test_int4_weight_only(tiny_captured, calib):
     assert snr > 25, f"int4-weight vs its fake quant: SQNR {snr:.1f} dB"
 
 
-def test_no_kernel_for_4_bit_activations(tiny_captured, calib):
-    q = samq_fx.quantize(tiny_captured, calib, QuantConfig.preset("W4A4"), progress=False)
+def test_no_kernel_for_4_bit_activations(tiny_trained_captured, calib):
+    q = samq_fx.quantize(tiny_trained_captured, calib, QuantConfig.preset("W4A4"), progress=False)
     with pytest.raises(LoweringError, match="4-bit activations: no kernel"):
         lower(q, "int8-static", verbose=False)
 
 
-def test_asymmetric_weights_named(tiny_captured, calib):
-    q = samq_fx.quantize(tiny_captured, calib, QuantConfig(method="minmax"), progress=False)
+def test_asymmetric_weights_named(tiny_trained_captured, calib):
+    q = samq_fx.quantize(tiny_trained_captured, calib, QuantConfig(method="minmax"), progress=False)
     with pytest.raises(LoweringError, match="asymmetric weights"):
         lower(q, "int8-static", verbose=False)
 
@@ -148,12 +149,12 @@ def test_unknown_backend(q_int8):
         lower(q_int8, "int3")
 
 
-def test_partial_lowering_warns_and_strict_refuses(tiny_captured, calib):
+def test_partial_lowering_warns_and_strict_refuses(tiny_trained_captured, calib):
     cfg = QuantConfig.preset(
         "W8A8-int8", overrides=(*QuantConfig.preset("W8A8-int8").overrides,
                                 Override(role="mlp_fc1", part="image_encoder", a_bits=6))
     )  # fmt: skip
-    q = samq_fx.quantize(tiny_captured, calib, cfg, progress=False)
+    q = samq_fx.quantize(tiny_trained_captured, calib, cfg, progress=False)
     with pytest.warns(UserWarning, match="stay fake-quantized"):
         lowered = lower(q, "int8-static", verbose=False)
     kept = lowered.samq_lowering_report.kept
@@ -162,8 +163,10 @@ def test_partial_lowering_warns_and_strict_refuses(tiny_captured, calib):
         lower(q, "int8-static", strict=True, verbose=False)
 
 
-def test_quantized_attention_stays_unfused(tiny_captured, calib):
-    q = samq_fx.quantize(tiny_captured, calib, QuantConfig(w_symmetric=True), progress=False)
+def test_quantized_attention_stays_unfused(tiny_trained_captured, calib):
+    q = samq_fx.quantize(
+        tiny_trained_captured, calib, QuantConfig(w_symmetric=True), progress=False
+    )
     lowered = lower(q, "int8-static", verbose=False)
     report = lowered.samq_lowering_report
     assert report.fused_attention == 0 and len(report.unfused_attention) == 4
@@ -191,11 +194,11 @@ def test_lowered_encoder_compiles_fullgraph(lowered_int8):
     assert _sqnr(compiled, eager) > 30
 
 
-def test_optimize_float_matches_captured(tiny_captured):
-    fused = optimize_float(tiny_captured, "float32")
+def test_optimize_float_matches_captured(tiny_trained_captured):
+    fused = optimize_float(tiny_trained_captured, "float32")
     x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        ref, out = tiny_captured.image_encoder(x), fused.image_encoder(x)
+        ref, out = tiny_trained_captured.image_encoder(x), fused.image_encoder(x)
     assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
     log = {r.name: r.result.counts for r in fused.image_encoder.samq_pass_log}
     assert log["fuse_attention"]["fused"] == 4 and log["patch_embed_as_matmul"]["rewritten"] == 1

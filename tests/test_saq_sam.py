@@ -170,19 +170,14 @@ def test_encoder_stages_end_at_global_blocks():
 
 
 @pytest.fixture(scope="module")
-def trained_captured():
-    return samq_fx.capture(samq_fx.build_sam("tiny"))
-
-
-@pytest.fixture(scope="module")
 def calib():
     return calibration_samples(2)
 
 
 @pytest.fixture(scope="module")
-def mse_pcc(trained_captured, calib):
+def mse_pcc(tiny_trained_captured, calib):
     cfg = QuantConfig.for_method("mse", 4, 4, pcc=True, calib=CalibConfig(num_images=2))
-    return samq_fx.quantize(trained_captured, calib, cfg, progress=False)
+    return samq_fx.quantize(tiny_trained_captured, calib, cfg, progress=False)
 
 
 @pytest.mark.slow
@@ -220,9 +215,9 @@ def test_pcc_pass_counts_meta_summary_and_save(mse_pcc, tmp_path):
 
 
 @pytest.mark.slow
-def test_pcc_switched_off_installs_no_clip(trained_captured, calib):
+def test_pcc_switched_off_installs_no_clip(tiny_trained_captured, calib):
     cfg = QuantConfig.for_method("mse", 4, 4, calib=CalibConfig(num_images=2))
-    q = samq_fx.quantize(trained_captured, calib, cfg, progress=False)
+    q = samq_fx.quantize(tiny_trained_captured, calib, cfg, progress=False)
     assert "install_pcc_clips" not in [r.name for r in q.mask_decoder.samq_pass_log]
     assert all(m.clip_lo is None for m in q.mask_decoder.samq_quantizers.values()
                if isinstance(m, UniformQuantizer))  # fmt: skip
