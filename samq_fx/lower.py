@@ -384,7 +384,7 @@ def _cast_floats(model: nn.Module, dtype: torch.dtype) -> None:
                     module._buffers[name] = b.to(dtype)
 
 
-def _weight_bytes(gm: nn.Module) -> int:
+def stored_bytes(gm: nn.Module) -> int:
     """Bytes of parameters and buffers, counting tensor subclasses by their inner tensors."""
     total = 0
     seen: set[int] = set()
@@ -479,7 +479,7 @@ def lower(
         if "fuse_attention" in results:
             report.fused_attention += results["fuse_attention"].counts["fused"]
             report.unfused_attention.update(results["fuse_attention"].rejected)
-        report.weight_bytes += _weight_bytes(gm)
+        report.weight_bytes += stored_bytes(gm)
     report.fp16_weight_bytes = fp16_bytes
     if not report.lowered:
         reasons = sorted(set(report.kept.values()))
@@ -547,4 +547,5 @@ __all__ = [
     "compile_parts",
     "lower",
     "optimize_float",
+    "stored_bytes",
 ]

@@ -39,7 +39,7 @@ import torch
 
 import samq_fx
 from samq_fx.demo import calibration_samples
-from samq_fx.lower import _weight_bytes, compile_parts, lower, optimize_float
+from samq_fx.lower import compile_parts, lower, optimize_float, stored_bytes
 from samq_fx.report import format_table
 
 FLOAT_SETTINGS = ("fp32", "fp32-compile", "fp32-fused", "bf16", "bf16-compile", "bf16-fused")
@@ -184,7 +184,7 @@ def run_model(args, name: str, device: torch.device, sha: str, versions: dict) -
         except Exception as err:  # a setting without kernels here (float8 on the CPU) says so
             print(f"{name} {setting}: skipped ({type(err).__name__}: {err})", flush=True)
             continue
-        weights = _weight_bytes(model.image_encoder) / 2**20
+        weights = stored_bytes(model.image_encoder) / 2**20
         with torch.inference_mode():
             for b in args.batch:
                 x = inputs[b]
@@ -204,7 +204,7 @@ def run_model(args, name: str, device: torch.device, sha: str, versions: dict) -
                 dec = partial(model.mask_decoder, emb1, pe, sparse, dense, True)
                 times, first = time_calls(dec, device, args.repeats, 3)
                 fid = sqnr(dec()[0], ref_dec)
-                dec_weights = _weight_bytes(model.mask_decoder) / 2**20
+                dec_weights = stored_bytes(model.mask_decoder) / 2**20
                 part = f"decoder x{args.prompts}"
                 rows.append(make_row(setting, part, 1, times, first, 0.0, dec_weights, fid))
         if setting in args.profile:
