@@ -10,8 +10,14 @@ dim 64) and window blocks (2400 = 8 x 25 windows x 12 heads, 14 x 14 tokens). Va
                onehot(col)], so q'·k' = q·k + rel_h[row] + rel_w[col]; v zero-padded to q''s
                width; plain flash SDPA
   aug-flex     the same q', k' with the unpadded v, flex_attention without score_mod
+  triton-bf16  samq_fx.triton_attention: flash kernel with the bias added in the kernel (rel_w
+               tile kept in registers, rel_h a column per key-grid row), head dim 64, bf16
+  triton-float8   the same with q, k, v and P in float8 e4m3 (dynamic per-tensor scales)
+  triton-int8qk   the same with int8 q·kᵀ (k smoothed) and float8 P·v
 
-    PYTHONPATH=. python3 bench/attention_variants.py
+The triton-* timings include the quantization of q, k, v (compiled with the call).
+
+    PYTHONPATH=. python3 bench/attention_variants.py [--only aug-flex triton-float8 ...]
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch.nn.functional as F
 if __package__ is None and "samq_fx" not in sys.modules:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from samq_fx.kernels import augment_rel_pos  # noqa: E402
+from samq_fx.triton_attention import rel_pos_attention_triton  # noqa: E402
 
 # Measured 2026-11-26, H100 80GB HBM3, torch 2.11, bf16 (ms a call, compiled):
 #   global 96x64x64:    chain 7.45, flex-mod 21.45, sdpa-bias 16.07, aug-pad 33.00, aug-flex 2.85
@@ -74,8 +81,13 @@ def aug_flex(q, k, v, rh, rw):
     return flex_attention(qa[:, None], ka[:, None], v[:, None], scale=1.0)[:, 0]
 
 
+def _triton(mode):
+    return lambda q, k, v, rh, rw: rel_pos_attention_triton(q, k, v, rh, rw, mode)
+
+
 VARIANTS = {"chain": chain, "flex-mod": flex_mod, "sdpa-bias": sdpa_bias, "aug-pad": aug_pad,
-            "aug-flex": aug_flex}  # fmt: skip
+            "aug-flex": aug_flex, "triton-bf16": _triton("bf16"),
+            "triton-float8": _triton("float8"), "triton-int8qk": _triton("int8-qk")}  # fmt: skip
 
 
 def bench(fn, args, reps=20):
@@ -93,26 +105,35 @@ def bench(fn, args, reps=20):
     return statistics.median(times)
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--only", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    args_ = p.parse_args(argv)
     torch.manual_seed(0)
     dev = "cuda"
     shapes = {"global 96x64x64": (96, 64, 64), "window 2400x14x14": (2400, 14, 14)}
     for name, (bh, h, w) in shapes.items():
         L, d = h * w, 64
         q = torch.randn(bh, L, d, device=dev, dtype=torch.bfloat16) * 0.125
-        k = torch.randn(bh, L, d, device=dev, dtype=torch.bfloat16)
+        k = torch.randn(bh, L, d, device=dev, dtype=torch.bfloat16) + 1.0  # keys share a bias
         v = torch.randn(bh, L, d, device=dev, dtype=torch.bfloat16)
         rh = torch.randn(bh, h, w, h, device=dev, dtype=torch.bfloat16)
         rw = torch.randn(bh, h, w, w, device=dev, dtype=torch.bfloat16)
         args = (q, k, v, rh, rw)
         ref = chain(*(t.float() for t in args))
-        for vname, fn in VARIANTS.items():
+        flops = 4.0 * bh * L * L * d  # q·kᵀ and P·v
+        for vname in args_.only:
+            fn = VARIANTS[vname]
             try:
                 compiled = torch.compile(fn, fullgraph=True)
                 out = compiled(*args)
-                err = float((out.float() - ref).abs().max())
+                err = float((out.float() - ref).norm() / ref.norm())
                 ms = bench(compiled, args)
-                print(f"{name:20s} {vname:10s} {ms:8.3f} ms  max err {err:.3f}", flush=True)
+                tflops = flops / ms / 1e9
+                print(f"{name:20s} {vname:14s} {ms:8.3f} ms  {tflops:6.1f} TFLOP/s  "
+                      f"rel err {err:.4f}", flush=True)  # fmt: skip
             except Exception as e:  # report and go on: this is a survey
                 print(f"{name:20s} {vname:10s} FAILED {type(e).__name__}: {str(e)[:200]}")
     return 0

@@ -9,6 +9,7 @@ minus mIoU of its fake-quant model (the issue asks within 0.5 point).
 
     python bench/lower_quality.py --num-val 50 --json bench/lower_quality.json
     PYTHONPATH=. python3 bench/lower_quality.py --device cuda --backends int8-static float8-static
+    ... --backends float8-static+f8attn int8-static+i8attn   (8-bit attention, see samq-fx bench)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from samq_fx.data import CocoDataset, make_dataset  # noqa: E402
 from samq_fx.demo import VAL_SEED, calibration_samples  # noqa: E402
 from samq_fx.eval import evaluate  # noqa: E402
 from samq_fx.report import format_table  # noqa: E402
+from samq_fx.speed import VARIANTS  # noqa: E402
 
 PRESET_OF = {"int8-static": "W8A8-int8", "int8-dynamic": "W8A8-int8",
              "float8-static": "W8A8-int8", "int4-weight": "W4A16-int4"}  # fmt: skip
@@ -54,7 +56,8 @@ def main(argv=None) -> int:
         captured = samq_fx.capture(fp)
         calib = calibration_samples(args.num_calib)
         fakes = {}
-        for backend in args.backends:
+        for setting in args.backends:
+            backend, _, variant = setting.partition("+")
             preset = PRESET_OF[backend]
             if preset not in fakes:
                 q = samq_fx.quantize(captured, calib, samq_fx.QuantConfig.preset(preset),
@@ -66,12 +69,12 @@ def main(argv=None) -> int:
                 records.append({"preset": preset, "model": "fake-quant", **res.to_dict()})
             q, fake = fakes[preset]
             start = time.perf_counter()
-            lowered = samq_fx.lower(q, backend, verbose=False)
+            lowered = samq_fx.lower(q, backend, **VARIANTS.get(variant, {}), verbose=False)
             res = evaluate(lowered, data, reference=fp, progress=False)
             delta = 100 * (res.miou - fake.miou)
-            rows.append((preset, backend, f"{100 * res.miou:.2f}", f"{100 * res.mask_ap:.1f}",
+            rows.append((preset, setting, f"{100 * res.miou:.2f}", f"{100 * res.mask_ap:.1f}",
                          f"{100 * res.fidelity_miou:.2f}", f"{delta:+.2f}"))  # fmt: skip
-            records.append({"preset": preset, "model": backend, "seconds": time.perf_counter() - start,
+            records.append({"preset": preset, "model": setting, "seconds": time.perf_counter() - start,
                             "lowering": lowered.samq_lowering_report.to_dict(), **res.to_dict()})  # fmt: skip
             print(rows[-1], flush=True)
     table = format_table(("config", "model", "mIoU", "mask AP", "fidelity", "vs fake"), rows)

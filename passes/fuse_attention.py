@@ -12,14 +12,18 @@ av_matmul) and the exact view/add/unsqueeze structure around them, and replaces 
     out  = samq_fx.kernels.rel_pos_attention(q_scaled, k, v, rel_h, rel_w)   (or plain_attention)
 
 which runs flex attention (flash kernel, bias added inside) under torch.compile on CUDA and SDPA
-otherwise. Conservative: an attention whose q, k, probabilities or v still pass through an
-enabled fake quantizer (there is no 8-bit attention kernel yet) is left unfused and listed in
+otherwise; or, with `ctx.state["attention"]` (global attentions) and
+`ctx.state["window_attention"]` (windowed ones) = "triton", "float8" or "int8-qk", by
+`samq_fx.triton_attention` (bias added in the kernel; float8: 8-bit q·kᵀ and P·v; int8-qk:
+int8 q·kᵀ, float8 P·v), which quantizes q, k and v itself with dynamic per-tensor scales. Conservative: an attention whose q, k, probabilities or v still pass through an
+enabled fake quantizer (its integer grid is not what the kernels compute) is left unfused and listed in
 `rejected`, so the lowered model never drops a quantizer silently. The mask decoder's attentions
 (a few tokens against the image, well under 1% of SAM's time) are not touched.
 
 Reads: NodeInfo roles and attn_path. Writes: the fused node carries the av_matmul's record with
-role "fused_attention" and `findings["fuse_attention"]` = {"rel_pos": bool}.
-Invariant: the function computed is unchanged (up to the kernels' float rounding).
+role "fused_attention" and `findings["fuse_attention"]` = {"rel_pos": bool, "kernel": name}.
+Invariant: the function computed is unchanged up to the kernels' float rounding ("flex",
+"triton") or their 8-bit rounding of q, k, v and P ("float8", "int8-qk").
 """
 
 from __future__ import annotations
@@ -27,12 +31,20 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from samq_fx import triton_attention
 from samq_fx.kernels import plain_attention, rel_pos_attention
 from samq_fx.meta import add_finding, get_info, update_info
 from samq_fx.pipeline import PassContext, PassResult
 
 PASS_NAME = "fuse_attention"
 aten = torch.ops.aten
+REL_POS_KERNELS = {
+    "flex": rel_pos_attention,
+    "triton": triton_attention.rel_pos_attention_bf16,
+    "float8": triton_attention.rel_pos_attention_float8,
+    "int8-qk": triton_attention.rel_pos_attention_int8_qk,
+}
+"""`ctx.state["attention"]` -> the function that replaces an attention with rel-pos bias."""
 
 
 def _is(node, *targets) -> bool:
@@ -99,6 +111,13 @@ def _match(softmax: torch.fx.Node):
 
 def fuse_attention(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     result = PassResult(counts={"fused": 0, "with_rel_pos": 0})
+    chosen = {
+        "enc_global": ctx.state.get("attention", "flex"),
+        "enc_window": ctx.state.get("window_attention", "flex"),
+    }
+    for name in chosen.values():
+        if name not in REL_POS_KERNELS:
+            raise ValueError(f"attention kernel {name!r}; kernels: {list(REL_POS_KERNELS)}")
     if ctx.part != "image_encoder":
         result.notes.append("mask decoder attentions are not fused (a few tokens each)")
         return result
@@ -115,10 +134,13 @@ def fuse_attention(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             if rel_h is None:
                 fused = gm.graph.call_function(plain_attention, (q, k, v))
             else:
-                fused = gm.graph.call_function(rel_pos_attention, (q, k, v, rel_h, rel_w))
+                kernel_name = chosen.get(info.attn_kind, "flex")
+                kernel = REL_POS_KERNELS[kernel_name]
+                fused = gm.graph.call_function(kernel, (q, k, v, rel_h, rel_w))
         fused.meta = dict(av.meta)
         update_info(fused, PASS_NAME, role="fused_attention")
-        add_finding(fused, PASS_NAME, {"rel_pos": rel_h is not None})
+        used = kernel_name if rel_h is not None else "sdpa"
+        add_finding(fused, PASS_NAME, {"rel_pos": rel_h is not None, "kernel": used})
         av.replace_all_uses_with(fused)
         gm.graph.erase_node(av)
         result.counts["fused"] += 1

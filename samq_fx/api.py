@@ -295,8 +295,9 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Q
         from samq_fx.lower import LowerConfig, lower
 
         cfg = LowerConfig.from_dict(payload["lowering"])
-        model = lower(model, cfg.backend, dtype=cfg.dtype, fuse_attention=cfg.fuse_attention,
-                      strict=cfg.strict, verbose=False)  # fmt: skip
+        options = {f: getattr(cfg, f) for f in ("dtype", "fuse_attention", "attention",
+                                                "window_attention", "strict")}  # fmt: skip
+        model = lower(model, cfg.backend, **options, verbose=False)
     return model
 
 

@@ -62,6 +62,12 @@ BACKENDS = {
 # Not offered: float8 with per-row dynamic scales. Window attention pads tokens with zeros, and
 # torchao 0.18's per-row float8 scale of an all-zero row is 0, so those rows come out NaN
 # (measured on the H100: SQNR nan). float8-static has no such rows to scale.
+ATTENTION_KERNELS = {
+    "flex": "flex attention, bias folded into q·k (CUDA + compile); SDPA otherwise",
+    "triton": "Triton flash kernel, bias added in-kernel, compute dtype (CUDA)",
+    "float8": "Triton flash kernel, float8 e4m3 q·kᵀ and P·v, dynamic scales (H100/Ada)",
+    "int8-qk": "Triton flash kernel, int8 q·kᵀ (k smoothed), float8 P·v (H100/Ada)",
+}
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 _FLOAT8_MAX = 448.0  # e4m3
 
@@ -80,12 +86,22 @@ class LowerConfig(DictConfig):
             "float16", "float32", or None for bfloat16 on CUDA and float32 on the CPU.
         fuse_attention: replace encoder attention chains by a fused kernel (flex attention /
             SDPA carrying the relative-position bias) where no quantizer sits inside.
+        attention: the fused encoder attention's kernel (`ATTENTION_KERNELS`): "flex" (flex
+            attention on CUDA under compile, SDPA otherwise, compute dtype), "triton" (this
+            project's Triton kernel, compute dtype), "float8" (the Triton kernel with float8
+            q·kᵀ and P·v) or "int8-qk" (int8 q·kᵀ, float8 P·v); the last three need CUDA and
+            quantize q, k, v with dynamic per-tensor scales. It applies to the global
+            attentions, which hold ~90% of the encoder's attention work.
+        window_attention: the same for the windowed attentions (14 x 14 tokens in SAM), where
+            flex is the fastest on the H100 (bench/RESULTS.md), hence the default.
         strict: raise instead of keeping a layer fake-quantized.
     """
 
     backend: str = "int8-static"
     dtype: str | None = None
     fuse_attention: bool = True
+    attention: str = "flex"
+    window_attention: str = "flex"
     strict: bool = False
 
     def __post_init__(self) -> None:
@@ -93,6 +109,11 @@ class LowerConfig(DictConfig):
             raise LoweringError(
                 f"unknown lowering backend {self.backend!r}; backends: {list(BACKENDS)}"
             )
+        for kernel in (self.attention, self.window_attention):
+            if kernel not in ATTENTION_KERNELS:
+                raise LoweringError(
+                    f"unknown attention kernel {kernel!r}; kernels: {list(ATTENTION_KERNELS)}"
+                )
         if self.dtype not in (None, "bfloat16", "float16", "float32"):
             raise LoweringError(
                 f"dtype must be bfloat16, float16, float32 or None, not {self.dtype!r}"
@@ -109,6 +130,7 @@ class LoweringReport:
     device: str
     lowered: dict[str, str] = field(default_factory=dict)
     kept: dict[str, str] = field(default_factory=dict)
+    attention: str = "flex"
     fused_attention: int = 0
     unfused_attention: dict[str, str] = field(default_factory=dict)
     weight_bytes: int = 0
@@ -120,7 +142,7 @@ class LoweringReport:
         head = (
             f"lowering {self.backend} ({self.dtype}, {self.device}): {len(self.lowered)} linears "
             f"lowered, {len(self.kept)} kept fake-quantized, {self.fused_attention} attentions "
-            f"fused; weights {self.weight_bytes / 2**20:.1f} MiB "
+            f"fused ({self.attention}); weights {self.weight_bytes / 2**20:.1f} MiB "
             f"({self.weight_bytes / max(self.fp16_weight_bytes, 1):.2f}x fp16)"
         )
         return head + "\n" + format_table(("site", "status", "kernel / reason"), rows)
@@ -355,6 +377,22 @@ def cast_boundaries(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     return PassResult(counts=counts)
 
 
+def _check_attention_kernel(attention: str, device: torch.device) -> None:
+    """Refuse an attention kernel this device cannot run (no silent fallback)."""
+    if attention == "flex":
+        return
+    if device.type != "cuda":
+        raise LoweringError(
+            f"attention kernel {attention!r} is a Triton CUDA kernel; the model is on {device}: "
+            "use attention='flex' (SDPA on the CPU)"
+        )
+    if attention in ("float8", "int8-qk") and torch.cuda.get_device_capability(device) < (8, 9):
+        raise LoweringError(
+            f"attention kernel {attention!r} needs float8 tensor cores (sm_89+: H100, L4, ...); "
+            f"this GPU is {torch.cuda.get_device_name(device)}"
+        )
+
+
 def _float_passes(part: str, fuse_attention: bool) -> list:
     """The graph edits that need no quantizer, shared by `lower` and `optimize_float`: the
     encoder's patch embedding as one GEMM and its fused attention, then the boundary casts."""
@@ -420,6 +458,8 @@ def lower(
     *,
     dtype: str | None = None,
     fuse_attention: bool = True,
+    attention: str = "flex",
+    window_attention: str = "flex",
     strict: bool = False,
     compile: bool = False,
     verbose: bool = True,
@@ -432,6 +472,9 @@ def lower(
             "float8-static").
         dtype: compute dtype for everything else (default bfloat16 on CUDA, float32 on CPU).
         fuse_attention: fuse the encoder's attention (with its relative-position bias).
+        attention, window_attention: the kernels of the global and the windowed attentions,
+            from `ATTENTION_KERNELS` ("flex", "triton", "float8", "int8-qk"); "float8" and
+            "int8-qk" make the attention matmuls 8-bit.
         strict: raise `LoweringError` if any quantized layer has no kernel (else it stays
             fake-quantized, with a warning that names it).
         compile: wrap the image encoder and mask decoder in `torch.compile(fullgraph=True)`.
@@ -443,7 +486,14 @@ def lower(
     Example:
         >>> fast = lower(q, "int8-static", compile=True)
     """
-    cfg = LowerConfig(backend=backend, dtype=dtype, fuse_attention=fuse_attention, strict=strict)
+    cfg = LowerConfig(
+        backend=backend,
+        dtype=dtype,
+        fuse_attention=fuse_attention,
+        attention=attention,
+        window_attention=window_attention,
+        strict=strict,
+    )
     if isinstance(qmodel, LoweredSam):
         raise LoweringError("this model is already lowered; lower the QuantizedSam it came from")
     if not isinstance(qmodel, QuantizedSam):
@@ -457,15 +507,27 @@ def lower(
         if cfg.dtype
         else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     )
+    _check_attention_kernel(cfg.attention, device)
+    _check_attention_kernel(cfg.window_attention, device)
     model = copy.deepcopy(qmodel)
     model.__class__ = LoweredSam
     fp16_bytes = _fp16_bytes(model)
     _cast_floats(model, torch_dtype)
     kernels = TorchaoBackend(cfg.backend, torch_dtype, device)
     report = LoweringReport(cfg.backend, str(torch_dtype).removeprefix("torch."), str(device))
+    report.attention = (
+        f"global {cfg.attention}, window {cfg.window_attention}"
+        if cfg.fuse_attention
+        else "unfused"
+    )
     for part in PARTS:
         gm = getattr(model, part)
-        ctx = PassContext(part, model.samq_arch, config=kernels, state={"dtype": torch_dtype})
+        state = {
+            "dtype": torch_dtype,
+            "attention": cfg.attention,
+            "window_attention": cfg.window_attention,
+        }
+        ctx = PassContext(part, model.samq_arch, config=kernels, state=state)
         records = run_passes(gm, ctx, [lower_linears, *_float_passes(part, cfg.fuse_attention)])
         results = {r.name: r.result for r in records}  # the latest run of each pass
         prefix = "enc" if part == "image_encoder" else "dec"
@@ -506,14 +568,18 @@ def lower(
     return model.eval()
 
 
-def compile_parts(model: CapturedSam, *, fuse_int_mm_with_mul: bool = True) -> CapturedSam:
+def compile_parts(
+    model: CapturedSam, *, fuse_int_mm_with_mul: bool = True, cudagraphs: bool = False
+) -> CapturedSam:
     """torch.compile(fullgraph=True) the image encoder and mask decoder in place.
 
     `fuse_int_mm_with_mul` lets inductor fuse torch._int_mm with the rescale that follows it
     (one of torchao's recommended settings; the others, coordinate-descent tuning above all,
-    cost minutes of compile time for little here).
+    cost minutes of compile time for little here). `cudagraphs` replays each call as one CUDA
+    graph (inductor's "reduce-overhead"): no per-kernel launch gaps, at the price of one
+    recorded graph per input shape.
     """
-    options = {"force_fuse_int_mm_with_mul": fuse_int_mm_with_mul}
+    options = {"force_fuse_int_mm_with_mul": fuse_int_mm_with_mul, "triton.cudagraphs": cudagraphs}
     for part in PARTS:
         gm = getattr(model, part)
         compiled = torch.compile(gm, fullgraph=True, options=options)
@@ -522,23 +588,35 @@ def compile_parts(model: CapturedSam, *, fuse_int_mm_with_mul: bool = True) -> C
 
 
 def optimize_float(
-    captured: CapturedSam, dtype: str = "bfloat16", *, fuse_attention: bool = True
+    captured: CapturedSam,
+    dtype: str = "bfloat16",
+    *,
+    fuse_attention: bool = True,
+    attention: str = "flex",
+    window_attention: str = "flex",
 ) -> CapturedSam:
     """The best floating-point pipeline without quantization: a copy of `captured` cast to
-    `dtype`, with fused attention; `compile_parts` it for speed. The baseline `lower`'s speed is
-    judged against, built from the same passes."""
+    `dtype`, with fused attention ("flex" or "triton", see `LowerConfig`); `compile_parts` it
+    for speed. The baseline `lower`'s speed is judged against, built from the same passes."""
+    for kernel in (attention, window_attention):
+        if kernel not in ("flex", "triton"):
+            raise ValueError(f"optimize_float keeps attention in {dtype}: 'flex' or 'triton'")
+        _check_attention_kernel(kernel, captured.pixel_mean.device)
     if not isinstance(captured, CapturedSam) or isinstance(captured, QuantizedSam):
         raise TypeError("optimize_float expects a full-precision samq_fx.capture(sam) model")
     model = copy.deepcopy(captured)
     torch_dtype = _DTYPES[dtype]
     _cast_floats(model, torch_dtype)
     for part in PARTS:
-        ctx = PassContext(part, model.samq_arch, state={"dtype": torch_dtype})
+        ctx = PassContext(
+            part, model.samq_arch, state={"dtype": torch_dtype, "attention": attention}
+        )
         run_passes(getattr(model, part), ctx, _float_passes(part, fuse_attention))
     return model.eval()
 
 
 __all__ = [
+    "ATTENTION_KERNELS",
     "BACKENDS",
     "LowerConfig",
     "LoweredSam",

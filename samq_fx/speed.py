@@ -10,11 +10,15 @@ Settings:
   fp32               captured SAM, fp32, eager
   bf16               bf16, eager
   bf16-compile       bf16, torch.compile(fullgraph=True)
-  bf16-fused         bf16 + fused rel-pos attention (flex attention) + compile: the best float
-                     pipeline this project builds (`samq_fx.lower.optimize_float`)
+  bf16-fused         bf16 + fused rel-pos attention (flex attention) + compile
+  bf16-triton        bf16 + this project's Triton rel-pos attention kernel + compile; with
+                     bf16-fused, the best float pipelines this project builds (`optimize_float`)
   fp32-compile, fp32-fused   the same in float32 (the CPU baselines)
   int8-static ...    `samq_fx.lower(q, backend)` + compile, q calibrated on 2 generated images
-                     (W8A8-int8 preset, min-max ranges; W4A16-int4 for int4-weight)
+                     (W8A8-int8 preset, min-max ranges; W4A16-int4 for int4-weight);
+                     a suffix picks the attention: +unfused (eager chain), +triton (Triton bf16),
+                     +f8attn (Triton, float8 q·kᵀ and P·v), +i8attn (int8 q·kᵀ, float8 P·v);
+                     for the global attentions, windows keep flex (+f8attn-all: windows too)
 
     samq-fx bench --model vit_b --device cuda --batch 1 8 --json speed.json
     samq-fx bench --model tiny --device cpu --settings fp32 fp32-compile int8-static
@@ -39,10 +43,18 @@ import torch
 
 import samq_fx
 from samq_fx.demo import calibration_samples
-from samq_fx.lower import compile_parts, lower, optimize_float, stored_bytes
+from samq_fx.lower import compile_parts as _compile_parts
+from samq_fx.lower import lower, optimize_float, stored_bytes
 from samq_fx.report import format_table
 
-FLOAT_SETTINGS = ("fp32", "fp32-compile", "fp32-fused", "bf16", "bf16-compile", "bf16-fused")
+FLOAT_SETTINGS = ("fp32", "fp32-compile", "fp32-fused", "bf16", "bf16-compile", "bf16-fused",
+                  "bf16-triton", "bf16-triton-all")  # fmt: skip
+VARIANTS = {"unfused": {"fuse_attention": False}, "triton": {"attention": "triton"},
+            "f8attn": {"attention": "float8"}, "i8attn": {"attention": "int8-qk"},
+            "f8attn-all": {"attention": "float8", "window_attention": "float8"},
+            "i8attn-all": {"attention": "int8-qk", "window_attention": "int8-qk"}}  # fmt: skip
+"""Attention variants of a lowered setting ("float8-static+f8attn"); without -all the windowed
+attentions keep flex (the fastest there), the global ones take the named kernel."""
 LOWERED_SETTINGS = ("int8-static", "int8-dynamic", "float8-static", "int4-weight")
 DEFAULT_GPU = ("fp32", "bf16", "bf16-compile", "bf16-fused", *LOWERED_SETTINGS)
 
@@ -114,8 +126,9 @@ def _quantiles(times: list[float]) -> tuple[float, float, float]:
     return statistics.median(times), qs[0], qs[-1]
 
 
-def build(setting: str, captured, quantized: dict):
+def build(setting: str, captured, quantized: dict, cudagraphs: bool = False):
     """(model, compiled?) for a setting."""
+    compile_parts = partial(_compile_parts, cudagraphs=cudagraphs)
     if setting == "fp32":
         return captured, False
     if setting == "fp32-compile":
@@ -128,9 +141,14 @@ def build(setting: str, captured, quantized: dict):
         return compile_parts(optimize_float(captured, "bfloat16", fuse_attention=False)), True
     if setting == "bf16-fused":
         return compile_parts(optimize_float(captured, "bfloat16")), True
-    backend, _, variant = setting.partition("+")  # "int8-static+unfused": no fused attention
+    if setting == "bf16-triton":  # Triton for the global attentions, flex for the windows
+        return compile_parts(optimize_float(captured, "bfloat16", attention="triton")), True
+    if setting == "bf16-triton-all":
+        model = optimize_float(captured, "bfloat16", attention="triton", window_attention="triton")
+        return compile_parts(model), True
+    backend, _, variant = setting.partition("+")  # "float8-static+f8attn": 8-bit attention
     q = quantized["int4" if backend == "int4-weight" else "int8"]
-    lowered = lower(q, backend, fuse_attention=variant != "unfused", verbose=False)
+    lowered = lower(q, backend, **VARIANTS.get(variant, {}), verbose=False)
     return compile_parts(lowered), True
 
 
@@ -143,7 +161,10 @@ def decoder_inputs(model, emb: torch.Tensor, prompts: int, generator: torch.Gene
     return sparse, dense, model.prompt_encoder.get_dense_pe()
 
 
-def run_model(args, name: str, device: torch.device, sha: str, versions: dict) -> list[Row]:
+def run_model(
+    args, name: str, device: torch.device, sha: str, versions: dict, done=lambda rows: None
+) -> list[Row]:
+    """Rows of one model; `done(rows)` after each setting (the JSON is written as rows come)."""
     torch.manual_seed(0)
     sam = samq_fx.build_sam(name, pretrained=False).to(device).eval()
     captured = samq_fx.capture(sam)
@@ -170,6 +191,7 @@ def run_model(args, name: str, device: torch.device, sha: str, versions: dict) -
 
     def make_row(setting, part, batch, times, first, peak, weights, fid) -> Row:
         p50, p10, p90 = _quantiles(times)
+        setting += "@cg" if compiled and args.cudagraphs else ""
         return Row(sha, versions["torch"], versions["torchao"], versions["device"], name, setting,
                    part, batch, batch / p50, 1e3 * p50, 1e3 * p10, 1e3 * p90, peak, weights,
                    max(0.0, first - p50), fid)  # fmt: skip
@@ -180,7 +202,7 @@ def run_model(args, name: str, device: torch.device, sha: str, versions: dict) -
             torch.cuda.empty_cache()
         torch._dynamo.reset()
         try:
-            model, _ = build(setting, captured, quantized)
+            model, compiled = build(setting, captured, quantized, args.cudagraphs)
         except Exception as err:  # a setting without kernels here (float8 on the CPU) says so
             print(f"{name} {setting}: skipped ({type(err).__name__}: {err})", flush=True)
             continue
@@ -208,9 +230,11 @@ def run_model(args, name: str, device: torch.device, sha: str, versions: dict) -
                 part = f"decoder x{args.prompts}"
                 rows.append(make_row(setting, part, 1, times, first, 0.0, dec_weights, fid))
         if setting in args.profile:
-            out = f"{args.profile_json}_{setting}.json" if args.profile_json else None
+            tag = setting.replace("+", "_")
+            out = f"{args.profile_json}_{tag}.json" if args.profile_json else None
             profile(model, inputs[max(args.batch)], out)
         del model
+        done(rows)
     return rows
 
 
@@ -264,6 +288,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", nargs="*", default=[], help="profile these settings' encoder")
     p.add_argument("--profile-json", default=None, help="prefix of per-setting profile JSONs")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--cudagraphs", action="store_true",
+                   help="compiled settings replay CUDA graphs (rows marked '@cg')")  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -278,8 +304,10 @@ def run(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         args.settings = list(DEFAULT_GPU if device.type == "cuda" else
                              ("fp32", "fp32-compile", "fp32-fused", "int8-static", "int8-dynamic"))  # fmt: skip
     unknown = {s.partition("+")[0] for s in args.settings} - set(FLOAT_SETTINGS + LOWERED_SETTINGS)
+    unknown |= {s for s in args.settings if s.partition("+")[2] not in ("", *VARIANTS)}
     if unknown:
-        p.error(f"unknown settings {sorted(unknown)}; known: {FLOAT_SETTINGS + LOWERED_SETTINGS}")
+        p.error(f"unknown settings {sorted(unknown)}; known: {FLOAT_SETTINGS + LOWERED_SETTINGS}"
+                f", lowered ones with a suffix +{'/+'.join(VARIANTS)}")  # fmt: skip
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
     import torchao
@@ -292,12 +320,15 @@ def run(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     }  # fmt: skip
     sha = git_sha()
     rows: list[Row] = []
-    for name in args.model:
-        rows += run_model(args, name, device, sha, versions)
+
+    def write(model_rows: list[Row]) -> None:
         if args.json:
             record = {"args": {k: v for k, v in vars(args).items() if not callable(v)} | {"json": str(args.json)}, "date": time.strftime("%Y-%m-%d"),
-                      "rows": [asdict(r) for r in rows]}  # fmt: skip
+                      "rows": [asdict(r) for r in rows + model_rows]}  # fmt: skip
             args.json.write_text(json.dumps(record, indent=1) + "\n")
+
+    for name in args.model:
+        rows += run_model(args, name, device, sha, versions, write)
     headers = ("model", "setting", "part", "batch", "img/s", "p50 ms", "p10-p90 ms", "peak MiB",
                "weights MiB", "compile s", "SQNR dB")  # fmt: skip
     table = [

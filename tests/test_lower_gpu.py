@@ -37,10 +37,22 @@ def _sqnr(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float(10 * torch.log10(ref.pow(2).mean() / (out - ref).pow(2).mean().clamp_min(1e-30)))
 
 
-@pytest.mark.parametrize("backend", list(KERNELS))
-def test_compiled_encoder_calls_the_kernel(tiny_cuda, backend):
+def _compile_and_run(lowered, q):
+    """(compiled output, eager lowered output, fake-quant output, generated code) of the encoder
+    on one random batch; `lowered` is compiled in place."""
     from torch._inductor.utils import run_and_get_code
 
+    x = torch.randn(2, 3, 256, 256, device="cuda")
+    with torch.no_grad():
+        eager = lowered.image_encoder(x)
+        fake = q.image_encoder(x)
+        compile_parts(lowered)
+        out, codes = run_and_get_code(lowered.image_encoder, x)
+    return out, eager, fake, "\n".join(codes)
+
+
+@pytest.mark.parametrize("backend", list(KERNELS))
+def test_compiled_encoder_calls_the_kernel(tiny_cuda, backend):
     preset, kernel = KERNELS[backend]
     if backend.startswith("float8") and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("float8 needs sm_89+")
@@ -48,16 +60,62 @@ def test_compiled_encoder_calls_the_kernel(tiny_cuda, backend):
                          progress=False)  # fmt: skip
     lowered = samq_fx.lower(q, backend, verbose=False)
     assert lowered.samq_lowering_report.fused_attention == 4
-    x = torch.randn(2, 3, 256, 256, device="cuda")
-    with torch.no_grad():
-        eager = lowered.image_encoder(x)
-        fake = q.image_encoder(x)
-        compile_parts(lowered)
-        out, codes = run_and_get_code(lowered.image_encoder, x)
-    source = "\n".join(codes)
+    out, eager, fake, source = _compile_and_run(lowered, q)
     calls = sorted(set(re.findall(r"extern_kernels\.\w+|torch\.ops\.\w+\.\w+", source)))
     assert kernel in source, f"{backend}: no {kernel} call in the compiled encoder; calls: {calls}"
     assert "flex" in source.lower(), f"no flex attention kernel in the compiled encoder: {calls}"
     assert _sqnr(out, eager) > 25, f"compiled vs eager lowered: {_sqnr(out, eager):.1f} dB"
     floor = 12 if backend == "int4-weight" else 20
     assert _sqnr(out, fake) > floor, f"lowered vs fake-quant: {_sqnr(out, fake):.1f} dB"
+
+
+@pytest.mark.parametrize("mode", ["bf16", "float8", "int8-qk"])
+@pytest.mark.parametrize(
+    "shape",
+    [(4, 64, 64, 64), (48, 14, 14, 64), (8, 32, 32, 32), (16, 8, 8, 32), (4, 64, 64, 80)],
+    ids=["sam-global", "sam-window", "tiny-global", "tiny-window", "sam-h-global"],
+)
+def test_triton_attention_kernel(mode, shape):
+    """The Triton kernel against its float32 reference on the same (quantized) operands, and
+    against exact attention."""
+    from samq_fx.kernels import rel_pos_bias
+    from samq_fx.triton_attention import attention_reference, launch, op_inputs
+
+    if mode != "bf16" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 needs sm_89+")
+    bh, kh, kw, d = shape
+    L = kh * kw
+    g = torch.Generator(device="cuda").manual_seed(bh + d)
+    q = torch.randn(bh, L, d, device="cuda", generator=g) * d**-0.5
+    k = torch.randn(bh, L, d, device="cuda", generator=g) + 1.0
+    v = torch.randn(bh, L, d, device="cuda", generator=g)
+    rh = torch.randn(bh, kh, kw, kh, device="cuda", generator=g)
+    rw = torch.randn(bh, kh, kw, kw, device="cuda", generator=g)
+    args = op_inputs(*(t.bfloat16() for t in (q, k, v, rh, rw)), mode)
+    out = launch(*args).float()
+    ref = attention_reference(*args).float()
+    assert torch.isfinite(out).all()
+    err = float((out - ref).norm() / ref.norm())
+    assert err < (1e-2 if mode == "bf16" else 2e-2), f"kernel vs reference: {err:.2e}"
+    exact = torch.softmax(q @ k.transpose(1, 2) + rel_pos_bias(rh, rw), -1) @ v
+    err = float((out - exact).norm() / exact.norm())
+    bound = {"bf16": 0.02, "float8": 0.12, "int8-qk": 0.06}[mode]
+    assert err < bound, f"kernel vs exact attention: {err:.3f}"
+
+
+@pytest.mark.parametrize("attention", ["triton", "float8", "int8-qk"])
+def test_compiled_encoder_runs_the_triton_attention(tiny_cuda, attention):
+    """Global attentions on the Triton kernel, windows on flex: both in the compiled code."""
+    if attention != "triton" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 needs sm_89+")
+    q = samq_fx.quantize(tiny_cuda, calibration_samples(2), samq_fx.QuantConfig.preset("W8A8-int8"),
+                         progress=False)  # fmt: skip
+    lowered = samq_fx.lower(q, "int8-static", attention=attention, verbose=False)
+    report = lowered.samq_lowering_report
+    assert report.fused_attention == 4 and report.attention == f"global {attention}, window flex"
+    out, eager, fake, source = _compile_and_run(lowered, q)
+    assert "samq.rel_pos_attention" in source, "the compiled encoder does not call the kernel"
+    assert "flex" in source.lower(), "the windows' flex attention is missing"
+    assert "int_mm" in source
+    assert _sqnr(out, eager) > 25, f"compiled vs eager lowered: {_sqnr(out, eager):.1f} dB"
+    assert _sqnr(out, fake) > 15, f"lowered vs fake-quant: {_sqnr(out, fake):.1f} dB"
