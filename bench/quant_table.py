@@ -8,6 +8,7 @@ report per unit.
     python bench/quant_table.py --table ptq4sam --recon-iters 100 --json bench/ptq4sam_table.json
     python bench/quant_table.py --table saq-sam --recon-iters 200 --json bench/saq_sam_table.json
     python bench/quant_table.py --table car-sam --recon-iters 100 --json bench/car_sam_table.json
+    python bench/quant_table.py --table car-sam-agq --num-val 100 --json bench/car_sam_agq_table.json
 
 Prompts are the validation set's ground-truth boxes (CAR-SAM's protocol), never detector boxes.
 """
@@ -15,7 +16,6 @@ Prompts are the validation set's ground-truth boxes (CAR-SAM's protocol), never 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -23,7 +23,7 @@ from pathlib import Path
 if __package__ is None and "samq_fx" not in sys.modules:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from samq_fx.config import AgqConfig, CalibConfig, QuantConfig  # noqa: E402
+from samq_fx.config import CalibConfig, QuantConfig  # noqa: E402
 from samq_fx.demo import run_table  # noqa: E402
 from samq_fx.meta import get_info  # noqa: E402
 
@@ -77,7 +77,8 @@ def saq_sam_settings(recon_iters: int, num_calib: int) -> list[QuantConfig]:
 
 def car_sam_settings(recon_iters: int, num_calib: int) -> list[QuantConfig]:
     """W4A4 first: min-max, MSE, ptq4sam, car-sam, CAR-SAM's ablation (MAC, JCAR) and car-sam
-    on PTQ4SAM's AGQ statistics; then W6A6: min-max, MSE, ptq4sam, car-sam."""
+    with the strict reading's uniform softmax grid (agq=False); then W6A6: min-max, MSE,
+    ptq4sam, car-sam. (Before `CAR_SAM_AGQ`, car-sam and this ablation ran the uniform grid.)"""
     calib = CalibConfig(num_images=num_calib)
 
     def cfg(method: str, b: int, **switches) -> QuantConfig:
@@ -91,9 +92,33 @@ def car_sam_settings(recon_iters: int, num_calib: int) -> list[QuantConfig]:
         cfg("car-sam", 4, jcar=False),  # MAC + per-branch reconstruction
         cfg("car-sam", 4, mac=False, jcar=False),  # neither: plain per-branch reconstruction
         cfg("car-sam", 4, recon=False),  # MAC only, no reconstruction
-        dataclasses.replace(cfg("car-sam", 4), agq=AgqConfig()),  # on PTQ4SAM's AGQ
+        cfg("car-sam", 4, agq=False),  # the strict reading: uniform softmax grid
     ]
     return rows + [cfg(m, 6) for m in ("minmax", "mse", "ptq4sam", "car-sam")]
+
+
+def car_sam_agq_settings(recon_iters: int, num_calib: int) -> list[QuantConfig]:
+    """W4A4, CAR-SAM's post-softmax quantizer (`CAR_SAM_AGQ`): MSE, ptq4sam, car-sam with AGQ
+    on the softmax (the default) and with the strict reading's uniform grid (car-sam-noagq),
+    samq; then the ablation of the default car-sam: without MAC, per-branch units instead of
+    JCAR, no reconstruction (MAC + AGQ only)."""
+    calib = CalibConfig(num_images=num_calib)
+
+    def cfg(method: str, **switches) -> QuantConfig:
+        return QuantConfig.for_method(
+            method, 4, 4, recon_iters=recon_iters, calib=calib, **switches
+        )
+
+    return [
+        cfg("mse"),
+        cfg("ptq4sam"),
+        cfg("car-sam", agq=True),
+        cfg("car-sam", agq=False),
+        cfg("samq"),
+        cfg("car-sam", agq=True, mac=False),
+        cfg("car-sam", agq=True, jcar=False),
+        cfg("car-sam", agq=True, recon=False),
+    ]
 
 
 def final_settings(recon_iters: int, num_calib: int) -> list[QuantConfig]:
@@ -124,6 +149,7 @@ TABLES = {
     "ptq4sam": ptq4sam_settings,
     "saq-sam": saq_sam_settings,
     "car-sam": car_sam_settings,
+    "car-sam-agq": car_sam_agq_settings,
 }
 
 

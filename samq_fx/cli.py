@@ -249,7 +249,8 @@ objects (a point grid, the full-precision model's mask for each point, its box).
         help="range setting (minmax, percentile, mse) or a method: ptq4sam (BIG sign folding + "
         "AGQ log2 softmax quantizer + QDrop block reconstruction); saq-sam (ptq4sam's BIG + AGQ, "
         "PCC clipping of decoder q/k, prompt-aware stage reconstruction); car-sam (MAC "
-        "matmul-aware weight compensation + JCAR joint cross-attention reconstruction); samq "
+        "matmul-aware weight compensation + JCAR joint cross-attention reconstruction, AGQ on "
+        "the softmax; --no-agq: uniform softmax grid); samq "
         "(this project's recipe: BIG + AGQ, other parts by switch)",
     )
     p.add_argument(
@@ -266,7 +267,6 @@ objects (a point grid, the full-precision model's mask for each point, its box).
     )
     for part, what in (
         ("big", "bimodal sign folding"),
-        ("agq", "log2 softmax quantizer"),
         ("recon", "block reconstruction"),
         ("pcc", "perceptual-consistency clipping"),
         ("par", "prompt-aware reconstruction (plain MSE on its units)"),
@@ -275,6 +275,12 @@ objects (a point grid, the full-precision model's mask for each point, its box).
         p.add_argument(
             f"--no-{part}", action="store_true", help=f"ptq4sam / saq-sam without {what}"
         )
+    p.add_argument(
+        "--no-agq",
+        action="store_true",
+        help="ptq4sam / saq-sam / car-sam / samq without the AGQ log2 softmax quantizer: a "
+        "uniform per-tensor grid on the softmax (for car-sam, the paper's strict reading)",
+    )
     for part, what in (
         ("mac", "matmul-aware compensation"),
         ("jcar", "joint cross-attention units (per-branch units instead)"),
@@ -319,33 +325,43 @@ def _calibration_loader(args: argparse.Namespace):
     return [{"image": files[i], "image_id": files[i].name} for i in sorted(order)]
 
 
-def _cmd_quantize(args: argparse.Namespace) -> int:
+def quant_config_from_args(args: argparse.Namespace):
+    """The `QuantConfig` of `samq-fx quantize`'s arguments: the method's own parts unless a
+    `--no-...` switch drops one (so `--method samq` keeps MAC and reconstruction off, and
+    `--method car-sam` keeps AGQ on its softmax, `CAR_SAM_AGQ`)."""
     import dataclasses
+
+    from samq_fx.config import CalibConfig, QuantConfig
+
+    cfg = QuantConfig.for_method(
+        args.method,
+        args.w_bits,
+        None if args.a_bits == 16 else args.a_bits,
+        bimodal=not args.no_big,
+        agq=False if args.no_agq else None,
+        recon=False if args.no_recon else None,
+        recon_iters=args.recon_iters,
+        pcc=False if args.no_pcc else (True if args.pcc else None),
+        par=not args.no_par,
+        mac=False if args.no_mac else None,
+        jcar=not args.no_jcar,
+        calib=CalibConfig(num_images=args.calib_size, seed=args.seed),
+    )
+    if args.no_layer_skip and cfg.par is not None:
+        cfg = dataclasses.replace(cfg, par=dataclasses.replace(cfg.par, layer_skip=False))
+    return cfg
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import samq_fx
-    from samq_fx.config import CalibConfig, QuantConfig
 
     out = Path(args.output)
     if out.exists() and not args.force:
         parser_error(f"{out} exists; pass --force to overwrite it")
     try:
-        cfg = QuantConfig.for_method(
-            args.method,
-            args.w_bits,
-            None if args.a_bits == 16 else args.a_bits,
-            bimodal=not args.no_big,
-            agq=not args.no_agq,
-            recon=not args.no_recon,
-            recon_iters=args.recon_iters,
-            pcc=False if args.no_pcc else (True if args.pcc else None),
-            par=not args.no_par,
-            mac=not args.no_mac,
-            jcar=not args.no_jcar,
-            calib=CalibConfig(num_images=args.calib_size, seed=args.seed),
-        )
-        if args.no_layer_skip and cfg.par is not None:
-            cfg = dataclasses.replace(cfg, par=dataclasses.replace(cfg.par, layer_skip=False))
+        cfg = quant_config_from_args(args)
         loader = _calibration_loader(args)
         sam = samq_fx.build_sam(args.model, args.checkpoint).to(args.device)
         q = samq_fx.quantize(sam, loader, cfg, progress=not args.no_progress)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -13,7 +14,15 @@ import samq_fx
 from samq_fx import recon
 from samq_fx.calib import forward_item, prepare_calibration, validate_loader
 from samq_fx.cli import main
-from samq_fx.config import CalibConfig, MacConfig, QuantConfig, ReconConfig
+from samq_fx.config import (
+    CAR_SAM_AGQ,
+    AgqConfig,
+    BimodalConfig,
+    CalibConfig,
+    MacConfig,
+    QuantConfig,
+    ReconConfig,
+)
 from samq_fx.demo import calibration_samples
 from samq_fx.meta import get_info, nodes_with_role
 from samq_fx.passes.compensate_matmul import (
@@ -23,7 +32,7 @@ from samq_fx.passes.compensate_matmul import (
     solve,
     sylvester_reference,
 )
-from samq_fx.quantizers import QuantSpec, UniformQuantizer
+from samq_fx.quantizers import Log2Quantizer, QuantSpec, UniformQuantizer
 
 
 def _quantizer(t: torch.Tensor, bits: int = 4) -> UniformQuantizer:
@@ -240,10 +249,21 @@ def test_jcar_converges_at_least_as_low_as_branch_by_branch(tiny_trained_capture
 @pytest.mark.unit
 def test_car_sam_switches_names_and_round_trip():
     full = QuantConfig.for_method("car-sam", 4, 4)
+    assert CAR_SAM_AGQ and full.agq == AgqConfig()  # the documented default: AGQ softmax grid
     assert full.mac == MacConfig() and full.recon.units == "joint-cross"
-    assert full.bimodal is None and full.agq is None and full.name == "W4A4-car-sam"
+    assert full.bimodal is None and full.name == "W4A4-car-sam"
     assert QuantConfig.preset("W4A4-car-sam") == full
     assert QuantConfig.from_dict(full.to_dict()) == full
+    assert QuantConfig.for_method("car-sam", 4, 4, agq=True) == full
+    strict = QuantConfig.for_method("car-sam", 4, 4, agq=False)  # uniform softmax grid
+    assert strict.agq is None and strict.mac == full.mac and strict.recon == full.recon
+    assert strict.name == "W4A4-car-sam-noagq"
+    assert QuantConfig.from_dict(strict.to_dict()) == strict
+    assert QuantConfig.from_dict(strict.to_dict()).name == "W4A4-car-sam-noagq"
+    assert QuantConfig.for_method("car-sam", 4, 4, agq=False, mac=False).name == (
+        "W4A4-car-sam-nomac-noagq"
+    )
+    assert dataclasses.replace(full, bimodal=BimodalConfig()).name == "W4A4-car-sam+bimodal"
     nomac = QuantConfig.for_method("car-sam", 4, 4, mac=False)
     assert nomac.mac is None and nomac.recon == full.recon and nomac.name == "W4A4-car-sam-nomac"
     nojcar = QuantConfig.for_method("car-sam", 6, 6, jcar=False, recon_iters=7)
@@ -257,6 +277,29 @@ def test_car_sam_switches_names_and_round_trip():
         MacConfig(attn_kinds=("enc_global",))
     with pytest.raises(ValueError, match="unknown MacConfig keys"):
         MacConfig.from_dict({"lambda": 1.0})
+
+
+@pytest.mark.slow
+def test_car_sam_softmax_quantizer_is_agq_or_uniform_by_switch(tiny_trained_captured, calib):
+    """car-sam's post-softmax quantizers: AGQ's log2 grid by default (one per softmax, its
+    base searched), a uniform per-tensor asymmetric grid with agq=False."""
+    cal = CalibConfig(num_images=2)
+    for agq in (True, False):
+        cfg = QuantConfig.for_method("car-sam", 4, 4, agq=agq, recon=False, calib=cal)
+        if agq:
+            cfg = dataclasses.replace(cfg, agq=AgqConfig(search_images=2))
+        q = samq_fx.quantize(tiny_trained_captured, calib[:2], cfg, progress=False)
+        sites = [n for p in ("image_encoder", "mask_decoder")
+                 for n in nodes_with_role(getattr(q, p), "av_matmul")]  # fmt: skip
+        assert len(sites) == 11
+        logs = [m for m in q.modules() if isinstance(m, Log2Quantizer)]
+        searched = ["search_agq" in get_info(n).findings for n in sites]
+        if agq:
+            assert len(logs) == 11 and all(m.frozen for m in logs) and all(searched)
+        else:
+            assert logs == [] and not any(searched)
+        log2_rows = [r for r in samq_fx.summary(q).rows if r.kind == "log2"]
+        assert len(log2_rows) == (11 if agq else 0)
 
 
 @pytest.mark.slow

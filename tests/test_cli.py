@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import samq_fx
-from samq_fx.cli import main
+from samq_fx.cli import build_parser, main, quant_config_from_args
+from samq_fx.config import QuantConfig
 from samq_fx.data import make_dataset
 
 
@@ -34,6 +35,32 @@ def test_roles_command_prints_table(capsys):
     out = capsys.readouterr().out
     assert "enc_global" in out and "final_token_to_image" in out
     assert "218 annotated nodes" in out
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("switches", "name", "parts"),
+    [
+        (["--method", "car-sam"], "W4A4-car-sam", {"agq", "mac", "recon"}),
+        (["--method", "car-sam", "--no-agq"], "W4A4-car-sam-noagq", {"mac", "recon"}),
+        (["--method", "car-sam", "--no-mac", "--no-recon"], "W4A4-car-sam-nomac-norecon", {"agq"}),
+        (["--method", "ptq4sam", "--no-agq"], "W4A4-ptq4sam-noagq", {"bimodal", "recon"}),
+        (["--method", "samq"], "W4A4-samq", {"bimodal", "agq"}),  # MAC, recon stay off
+        (["--method", "samq", "--no-agq"], "W4A4-samq-noagq", {"bimodal"}),
+        (["--method", "mse"], "W4A4-mse", set()),
+    ],
+)
+def test_quantize_switches_give_the_methods_configs(switches, name, parts):
+    args = build_parser().parse_args([
+        "quantize", "--model", "tiny", "--calib-images", "calib", "--output", "q.samq",
+        "--w-bits", "4", "--a-bits", "4", *switches,
+    ])  # fmt: skip
+    cfg = quant_config_from_args(args)
+    assert cfg.name == name
+    on = {k for k in ("bimodal", "agq", "recon", "pcc", "par", "mac") if getattr(cfg, k)}
+    assert on == parts
+    assert cfg == QuantConfig.for_method(cfg.method, 4, 4, **{k: k in parts for k in
+                                         ("bimodal", "agq", "recon", "mac")}, calib=cfg.calib)  # fmt: skip
 
 
 @pytest.mark.slow

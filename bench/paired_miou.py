@@ -1,0 +1,128 @@
+"""Paired comparison of quantization settings on the same objects: per-instance IoUs and a
+bootstrap interval of each mIoU difference.
+
+The tables (`bench/quant_table.py`) give one mIoU per setting; whether a gap of a few tenths is
+more than the choice of validation scenes needs the per-object IoUs of both settings. This
+quantizes the tiny SAM with each setting (the same calibration images and validation scenes as
+`quant_table.py`), keeps every ground-truth-box IoU, and resamples images (with all their
+objects) 10,000 times for a 95% interval of mIoU(a) - mIoU(b). Each setting is also scored on
+its own calibration scenes (`calib_miou`), which tells overfitting (better there, worse on the
+validation scenes) from a worse fit.
+
+    python bench/paired_miou.py --num-val 100 --json bench/paired_miou.json \\
+        --rows W4A4-ptq4sam@100 W4A4-car-sam@100 W4A4-ptq4sam@300 \\
+        --pairs W4A4-car-sam@100:W4A4-ptq4sam@100 W4A4-ptq4sam@300:W4A4-ptq4sam@100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ is None and "samq_fx" not in sys.modules:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from samq_fx import build_sam, capture, quantize  # noqa: E402
+from samq_fx.config import CalibConfig, QuantConfig  # noqa: E402
+from samq_fx.data import CocoDataset, make_dataset  # noqa: E402
+from samq_fx.demo import CALIB_SEED, VAL_SEED, calibration_samples  # noqa: E402
+from samq_fx.eval import predict_image  # noqa: E402
+
+
+def setting(row: str, num_calib: int) -> QuantConfig:
+    """A row name, e.g. W4A4-car-sam-noagq@300: for_method("car-sam", 4, 4, agq=False,
+    recon_iters=300); without @ITERS the method's own step count."""
+    name, _, iters = row.partition("@")
+    bits, method = name.split("-", 1)
+    w, a = (int(x) for x in bits[1:].split("A"))
+    switches = {}
+    for base in ("car-sam", "ptq4sam", "saq-sam", "samq", "mse", "minmax"):
+        if method.startswith(base):
+            for part in method[len(base) :].split("-no")[1:]:
+                switches[{"big": "bimodal"}.get(part, part)] = False
+            method = base
+            break
+    cfg = QuantConfig.for_method(
+        method, w, a, recon_iters=int(iters) if iters else None,
+        calib=CalibConfig(num_images=num_calib), **switches,
+    )  # fmt: skip
+    if cfg.name != name:
+        raise ValueError(f"{row!r} parses to {cfg.name}")
+    return cfg
+
+
+def per_image_ious(model, dataset) -> list[list[float]]:
+    return [predict_image(model, dataset[i]).instance_ious for i in range(len(dataset))]
+
+
+def paired_interval(a: list[list[float]], b: list[list[float]], draws: int = 10_000) -> dict:
+    """mIoU(a) - mIoU(b) over all objects, and a 95% bootstrap interval resampling images."""
+    rng = np.random.default_rng(0)
+    sums = np.array([sum(x) - sum(y) for x, y in zip(a, b, strict=True)])
+    counts = np.array([len(x) for x in a])
+    idx = rng.integers(0, len(a), size=(draws, len(a)))
+    boot = sums[idx].sum(1) / counts[idx].sum(1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    better = np.mean([xi > yi for x, y in zip(a, b) for xi, yi in zip(x, y)])
+    return {
+        "diff": float(sums.sum() / counts.sum()),
+        "ci95": [float(lo), float(hi)],
+        "objects_a_better": float(better),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", nargs="+", required=True, metavar="NAME[@ITERS]")
+    p.add_argument("--pairs", nargs="*", default=[], metavar="A:B")
+    p.add_argument("--num-val", type=int, default=100)
+    p.add_argument("--num-calib", type=int, default=8)
+    p.add_argument("--json", type=Path, required=True)
+    args = p.parse_args(argv)
+    settings = {row: setting(row, args.num_calib) for row in args.rows}
+    torch.manual_seed(0)
+    out = {"args": vars(args) | {"json": str(args.json)}, "rows": {}, "pairs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        make_dataset(Path(tmp) / "val", args.num_val, VAL_SEED, progress=False)
+        make_dataset(Path(tmp) / "calib", args.num_calib, CALIB_SEED, progress=False)
+        dataset, calib_scenes = (
+            CocoDataset(Path(tmp) / d / "images", Path(tmp) / d / "annotations.json")
+            for d in ("val", "calib")
+        )
+        captured = capture(build_sam("tiny"))
+        calib = calibration_samples(args.num_calib)
+        ious = {}
+        for row, cfg in settings.items():
+            start = time.perf_counter()
+            q = quantize(captured, calib, cfg, progress=False)
+            q_s = time.perf_counter() - start
+            ious[row] = per_image_ious(q, dataset)
+            flat = [x for img in ious[row] for x in img]
+            on_calib = [x for img in per_image_ious(q, calib_scenes) for x in img]
+            out["rows"][row] = {
+                "miou": float(np.mean(flat)), "objects": len(flat), "quantize_s": q_s,
+                "calib_miou": float(np.mean(on_calib)), "calib_objects": len(on_calib),
+                "per_image_ious": ious[row],
+            }  # fmt: skip
+            print(f"{row}: mIoU {100 * np.mean(flat):.2f} ({len(flat)} objects), on the "
+                  f"calibration scenes {100 * np.mean(on_calib):.2f} ({len(on_calib)}), "
+                  f"quantize {q_s:.0f} s", flush=True)  # fmt: skip
+            for pair in args.pairs:
+                a, b = pair.split(":")
+                if a in ious and b in ious and pair not in out["pairs"]:
+                    out["pairs"][pair] = r = paired_interval(ious[a], ious[b])
+                    print(f"{a} - {b}: {100 * r['diff']:+.2f} mIoU, 95% CI "
+                          f"[{100 * r['ci95'][0]:+.2f}, {100 * r['ci95'][1]:+.2f}]", flush=True)  # fmt: skip
+            args.json.write_text(json.dumps(out) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
