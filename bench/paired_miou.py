@@ -85,6 +85,7 @@ def main(argv=None) -> int:
     p.add_argument("--num-val", type=int, default=100)
     p.add_argument("--num-calib", type=int, default=8)
     p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where quantization and eval run")
     args = p.parse_args(argv)
     settings = {row: setting(row, args.num_calib) for row in args.rows}
     torch.manual_seed(0)
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
             CocoDataset(Path(tmp) / d / "images", Path(tmp) / d / "annotations.json")
             for d in ("val", "calib")
         )
-        captured = capture(build_sam("tiny"))
+        captured = capture(build_sam("tiny").to(args.device))
         calib = calibration_samples(args.num_calib)
         ious = {}
         for row, cfg in settings.items():
