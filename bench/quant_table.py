@@ -123,8 +123,8 @@ def car_sam_agq_settings(recon_iters: int, num_calib: int) -> list[QuantConfig]:
 
 def final_settings(recon_iters: int, num_calib: int) -> list[QuantConfig]:
     """The one table of issue 10: W4A4, W6A6, W8A8 x {min-max, MSE, ptq4sam, saq-sam, car-sam,
-    samq}, then at W4A4 the parts samq leaves off, stacked on it one at a time (PCC, MAC,
-    JCAR reconstruction), and samq without BIG or AGQ."""
+    samq}, then at W4A4 the ablation of samq: PCC stacked on it, and samq without MAC, without
+    reconstruction, without BIG, without AGQ."""
     calib = CalibConfig(num_images=num_calib)
 
     def cfg(method: str, b: int, **switches) -> QuantConfig:
@@ -136,8 +136,8 @@ def final_settings(recon_iters: int, num_calib: int) -> list[QuantConfig]:
     rows = [cfg(m, 4) for m in methods]
     rows += [
         cfg("samq", 4, pcc=True),
-        cfg("samq", 4, mac=True),
-        cfg("samq", 4, recon=True),
+        cfg("samq", 4, mac=False),
+        cfg("samq", 4, recon=False),
         cfg("samq", 4, bimodal=False),
         cfg("samq", 4, agq=False),
     ]

@@ -23,6 +23,8 @@ Modes, and the units of each (forward order = order of a unit's first node):
                  layer, then dec.final_t2i.                     (tiny: 9 + 9; SAM-B: 25 + 9 = 34)
   "joint-cross"  as ptq4sam, but a decoder layer's t2i, mlp and i2t, with the residual adds,
                  norms and pe adds between them, form one unit dec.{i}.cross (CAR-SAM JCAR).
+  "stage-joint"  the encoder as saq-stage, the decoder as joint-cross (samq: PAR for the
+                 encoder stages, JCAR for the decoder).
   "saq-stage"    SAQ-SAM (papers.md §2.2): encoder stages enc.stage{k}, each the whole blocks
                  (norms, residual adds, window partition included) up to and including a
                  global-attention block (blocks after the last global block join the last
@@ -53,7 +55,7 @@ from samq_fx.meta import get_info, module_stack, update_info
 from samq_fx.pipeline import PassContext, PassResult
 
 PASS_NAME = "tag_blocks"
-UNIT_MODES = ("ptq4sam", "joint-cross", "saq-stage")
+UNIT_MODES = ("ptq4sam", "joint-cross", "saq-stage", "stage-joint")
 UNITS_ATTR = "samq_units"
 
 _DECODER_ATTN = {
@@ -181,8 +183,17 @@ def _specs(gm: torch.fx.GraphModule, part: str, mode: str) -> list[UnitSpec]:
     return list(specs.values())
 
 
+def _part_mode(mode: str, part: str) -> str:
+    """The plain mode that partitions `part`: "stage-joint" is saq-stage in the encoder and
+    joint-cross in the decoder."""
+    if mode == "stage-joint":
+        return "saq-stage" if part == "image_encoder" else "joint-cross"
+    return mode
+
+
 def expected_unit_count(ctx: PassContext, mode: str) -> int:
     a = ctx.arch
+    mode = _part_mode(mode, ctx.part)
     if mode == "saq-stage":
         if ctx.part == "image_encoder":
             return len(encoder_stages(a.encoder_depth, a.encoder_global_attn_indexes)) + 1
@@ -246,10 +257,10 @@ def _is_quantizer(node: torch.fx.Node) -> bool:
 
 def tag_blocks(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     mode = units_mode(ctx)
-    if mode == "saq-stage":
+    if _part_mode(mode, ctx.part) == "saq-stage":
         specs = _stage_specs(gm, ctx.part, ctx)
     else:
-        specs = _specs(gm, ctx.part, mode)
+        specs = _specs(gm, ctx.part, _part_mode(mode, ctx.part))
     want = expected_unit_count(ctx, mode)
     if len(specs) != want:
         raise UnitError(

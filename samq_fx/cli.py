@@ -251,12 +251,17 @@ objects (a point grid, the full-precision model's mask for each point, its box).
         "PCC clipping of decoder q/k, prompt-aware stage reconstruction); car-sam (MAC "
         "matmul-aware weight compensation + JCAR joint cross-attention reconstruction, AGQ on "
         "the softmax; --no-agq: uniform softmax grid); samq "
-        "(this project's recipe: BIG + AGQ, other parts by switch)",
+        "(this project's recipe: BIG + AGQ + MAC + JCAR reconstruction, other parts by switch)",
     )
     p.add_argument(
         "--pcc",
         action="store_true",
         help="stack SAQ-SAM's perceptual-consistency clipping on any method",
+    )
+    p.add_argument(
+        "--par",
+        action="store_true",
+        help="samq: reconstruct the encoder by SAQ-SAM's stages with its prompt-aware loss",
     )
     p.add_argument(
         "--recon-iters",
@@ -327,8 +332,8 @@ def _calibration_loader(args: argparse.Namespace):
 
 def quant_config_from_args(args: argparse.Namespace):
     """The `QuantConfig` of `samq-fx quantize`'s arguments: the method's own parts unless a
-    `--no-...` switch drops one (so `--method samq` keeps MAC and reconstruction off, and
-    `--method car-sam` keeps AGQ on its softmax, `CAR_SAM_AGQ`)."""
+    `--no-...` switch drops one (so `--method car-sam` keeps AGQ on its softmax,
+    `CAR_SAM_AGQ`, and `--method samq --no-recon` is the recipe without reconstruction)."""
     import dataclasses
 
     from samq_fx.config import CalibConfig, QuantConfig
@@ -342,7 +347,7 @@ def quant_config_from_args(args: argparse.Namespace):
         recon=False if args.no_recon else None,
         recon_iters=args.recon_iters,
         pcc=False if args.no_pcc else (True if args.pcc else None),
-        par=not args.no_par,
+        par=False if args.no_par else (True if args.par else None),
         mac=False if args.no_mac else None,
         jcar=not args.no_jcar,
         calib=CalibConfig(num_images=args.calib_size, seed=args.seed),

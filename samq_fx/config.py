@@ -182,7 +182,8 @@ class ReconConfig(DictConfig):
     Args:
         units: how the graph is partitioned: "ptq4sam" (each encoder attention and MLP, the
             neck; each decoder attention and MLP), "joint-cross" (a decoder layer's t2i, MLP
-            and i2t as one unit) or "saq-stage" (SAQ-SAM: encoder stages ending at a global
+            and i2t as one unit), "stage-joint" (encoder as saq-stage, decoder as joint-cross:
+            samq) or "saq-stage" (SAQ-SAM: encoder stages ending at a global
             block, the neck; each decoder two-way layer whole, the final t2i).
         iters: optimisation steps per unit (PTQ4SAM: 20,000).
         lr_round: Adam learning rate of the AdaRound variables.
@@ -416,8 +417,11 @@ class QuantConfig:
                 name += "+agq" if self.agq is not None else "-noagq"
             name += "+bimodal" if self.bimodal is not None else ""
         elif self.method == "samq":
-            name += "".join(f"-no{k}" for k in ("bimodal", "agq") if getattr(self, k) is None)
-            name += "".join(f"+{k}" for k in ("mac", "recon") if getattr(self, k) is not None)
+            parts = ("bimodal", "agq", "mac", "recon")
+            name += "".join(f"-no{k}" for k in parts if getattr(self, k) is None)
+            if self.recon is not None:
+                name += "+par" if self.par is not None else ""
+                name += "" if self.recon.units in ("stage-joint", "joint-cross") else "-nojcar"
         elif self.mac is not None:
             name += "+mac"
         if self.pcc is not None and self.method != "saq-sam":
@@ -436,7 +440,7 @@ class QuantConfig:
         recon: bool | None = None,
         recon_iters: int | None = None,
         pcc: bool | None = None,
-        par: bool = True,
+        par: bool | None = None,
         mac: bool | None = None,
         jcar: bool = True,
         **changes: Any,
@@ -448,15 +452,17 @@ class QuantConfig:
         reconstruction, where jcar=False keeps the reconstruction with PTQ4SAM's per-branch units
         and recon=False drops it, and AGQ, its post-softmax quantizer: on by default, see
         `CAR_SAM_AGQ`; agq=False is the uniform per-tensor grid of the strict reading, named
-        "car-sam-noagq"; "samq": this project's recipe, BIG + AGQ on, with MAC, PCC and
-        reconstruction (JCAR units) off unless switched on, as the ablations on the tiny SAM
-        chose, see bench/RESULTS.md); for "minmax", "percentile" and "mse" they are ignored,
+        "car-sam-noagq"; "samq": this project's recipe, BIG + AGQ + MAC + reconstruction with
+        CAR-SAM's joint decoder units (JCAR), PCC and PAR off, as the ablations on the tiny SAM
+        chose (bench/RESULTS.md: reconstruction costs mIoU at 100 steps a unit and gains at
+        1,000; SAQ-SAM's encoder stages with PAR, `par=True`, scored lower there;
+        `recon=False` is the fast variant); for "minmax", "percentile" and "mse" they are
+        ignored,
         except `pcc=True`, which stacks PCC on any method. None means the method's own choice.
         saq-sam with `par=False` reconstructs its units with plain MSE.
         """
-        own = method != "samq"  # samq: MAC and reconstruction off unless asked for
-        mac = own if mac is None else mac
-        recon = own if recon is None else recon
+        mac = True if mac is None else mac
+        recon = True if recon is None else recon
         agq = (CAR_SAM_AGQ if method == "car-sam" else True) if agq is None else agq
         parts: dict[str, Any] = {}
         iters = {} if recon_iters is None else {"iters": recon_iters}
@@ -467,17 +473,28 @@ class QuantConfig:
                 "bimodal": BimodalConfig() if bimodal else None,
                 "agq": AgqConfig() if agq else None,
                 "recon": recon_cfg if recon else None,
-                "par": ParConfig() if saq and par and recon else None,
+                "par": ParConfig() if saq and par is not False and recon else None,
             }
-        elif method in ("car-sam", "samq"):
+        elif method == "car-sam":
             units = "joint-cross" if jcar else "ptq4sam"
             parts = {
                 "mac": MacConfig() if mac else None,
                 "recon": ReconConfig(units=units, **iters) if recon else None,
+                "agq": AgqConfig() if agq else None,
             }
-            parts["agq"] = AgqConfig() if agq else None
-            if method == "samq":
-                parts["bimodal"] = BimodalConfig() if bimodal else None
+        elif method == "samq":  # JCAR decoder units; par=True: SAQ-SAM's stages + PAR too
+            if par:  # None: off, the ablation's choice
+                units = "stage-joint" if jcar else "saq-stage"
+                recon_cfg = dataclasses.replace(saq_recon_config(recon_iters), units=units)
+            else:
+                recon_cfg = ReconConfig(units="joint-cross" if jcar else "ptq4sam", **iters)
+            parts = {
+                "bimodal": BimodalConfig() if bimodal else None,
+                "agq": AgqConfig() if agq else None,
+                "mac": MacConfig() if mac else None,
+                "recon": recon_cfg if recon else None,
+                "par": ParConfig() if par and recon else None,
+            }
         if pcc or (pcc is None and method == "saq-sam"):
             parts["pcc"] = PccConfig()
         return cls(method=method, w_bits=w_bits, a_bits=a_bits, **parts, **changes)

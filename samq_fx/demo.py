@@ -101,7 +101,8 @@ def demo_settings(
     """The demo's rows: every method at every bit width. "ptq4sam", "saq-sam" and "car-sam" run
     without reconstruction unless `recon_iters` is given (20,000 / 2,000 steps a unit do not fit
     a CPU demo): "saq-sam-norecon" is PTQ4SAM's statistics plus PCC (SAQ-SAM's clipping),
-    "car-sam-norecon" is MSE ranges plus MAC and AGQ; "samq" is this project's recipe (BIG + AGQ)."""
+    "car-sam-norecon" is MSE ranges plus MAC and AGQ; "samq-norecon" is this project's
+    recipe without its reconstruction (BIG + AGQ + MAC)."""
     calib = CalibConfig(num_images=num_calib)
     settings = [
         QuantConfig.for_method(

@@ -326,3 +326,21 @@ def test_car_sam_cli_end_to_end_saves_and_reloads(tmp_path, capsys):
     assert main([*args[:-5], "--no-mac", "--no-jcar", "--no-recon", "--output",
                  str(tmp_path / "d.samq"), "--no-progress"]) == 0  # fmt: skip
     assert "W4A4-car-sam-nomac-norecon" in capsys.readouterr().out
+
+
+@pytest.mark.unit
+def test_samq_recipe_and_its_switches():
+    """samq = BIG + AGQ + MAC + JCAR reconstruction (the 1,000-step ablation's choice); PAR on
+    SAQ-SAM's encoder stages and the fast statistics-only variant are switches."""
+    samq = QuantConfig.for_method("samq", 4, 4)
+    car = QuantConfig.for_method("car-sam", 4, 4)
+    assert samq.name == "W4A4-samq" and samq.bimodal is not None and samq.agq is not None
+    assert samq.mac == car.mac and samq.recon == car.recon and samq.par is None
+    with_par = QuantConfig.for_method("samq", 4, 4, par=True, recon_iters=100)
+    assert with_par.name == "W4A4-samq+par" and with_par.recon.units == "stage-joint"
+    assert with_par.par is not None and with_par.recon.iters == 100
+    fast = QuantConfig.for_method("samq", 4, 4, recon=False)
+    assert fast.name == "W4A4-samq-norecon" and fast.recon is None and fast.par is None
+    for cfg in (samq, with_par, fast):
+        assert QuantConfig.from_dict(cfg.to_dict()) == cfg
+        assert QuantConfig.from_dict(cfg.to_dict()).name == cfg.name

@@ -282,3 +282,16 @@ def test_qdrop_is_off_after_reconstruct(reconstructed, setup):
         if name.endswith("__input"):
             module.drop_prob = 0.5  # what the reference repos leave on at test time (§5.1)
     assert not torch.equal(run(probe, 0), run(probe, 1))
+
+
+def test_stage_joint_is_saq_stages_in_the_encoder_and_joint_cross_in_the_decoder(setup):
+    """samq + PAR's units: SAQ-SAM's encoder stages, CAR-SAM's joint decoder layers."""
+    qmodel = copy.deepcopy(setup[0])
+    units = recon.tag_units(qmodel, ReconConfig(units="stage-joint"))
+    assert units["image_encoder"] == ["enc.stage0", "enc.stage1", "enc.neck"]
+    assert (
+        units["mask_decoder"]
+        == recon.tag_units(copy.deepcopy(setup[0]), ReconConfig(units="joint-cross"))[
+            "mask_decoder"
+        ]
+    )
