@@ -393,6 +393,12 @@ def _check_attention_kernel(attention: str, device: torch.device) -> None:
         )
 
 
+def _pass_state(dtype: torch.dtype, attention: str, window_attention: str) -> dict:
+    """What the float graph edits read from `PassContext.state` (`cast_boundaries`,
+    `fuse_attention`), the same for `lower` and `optimize_float`."""
+    return {"dtype": dtype, "attention": attention, "window_attention": window_attention}
+
+
 def _float_passes(part: str, fuse_attention: bool) -> list:
     """The graph edits that need no quantizer, shared by `lower` and `optimize_float`: the
     encoder's patch embedding as one GEMM and its fused attention, then the boundary casts."""
@@ -522,11 +528,7 @@ def lower(
     )
     for part in PARTS:
         gm = getattr(model, part)
-        state = {
-            "dtype": torch_dtype,
-            "attention": cfg.attention,
-            "window_attention": cfg.window_attention,
-        }
+        state = _pass_state(torch_dtype, cfg.attention, cfg.window_attention)
         ctx = PassContext(part, model.samq_arch, config=kernels, state=state)
         records = run_passes(gm, ctx, [lower_linears, *_float_passes(part, cfg.fuse_attention)])
         results = {r.name: r.result for r in records}  # the latest run of each pass
@@ -608,9 +610,8 @@ def optimize_float(
     torch_dtype = _DTYPES[dtype]
     _cast_floats(model, torch_dtype)
     for part in PARTS:
-        ctx = PassContext(
-            part, model.samq_arch, state={"dtype": torch_dtype, "attention": attention}
-        )
+        state = _pass_state(torch_dtype, attention, window_attention)
+        ctx = PassContext(part, model.samq_arch, state=state)
         run_passes(getattr(model, part), ctx, _float_passes(part, fuse_attention))
     return model.eval()
 

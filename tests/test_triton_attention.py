@@ -170,3 +170,20 @@ def test_triton_attention_needs_cuda(tiny_trained_captured):
         LowerConfig(attention="sdpa")
     with pytest.raises(ValueError, match="'flex' or 'triton'"):
         samq_fx.optimize_float(tiny_trained_captured, "float32", attention="float8")
+
+
+def test_optimize_float_passes_both_attention_kernels(tiny_trained_captured, monkeypatch):
+    """optimize_float hands the window kernel to the pass too (it once dropped it, so
+    `bf16-triton-all` ran flex on the windows). The device check is lifted: the graph is only
+    inspected, not run."""
+    lowering = sys.modules["samq_fx.lower"]  # the module (samq_fx.lower is the function)
+    monkeypatch.setattr(lowering, "_check_attention_kernel", lambda kernel, device: None)
+    model = samq_fx.optimize_float(
+        tiny_trained_captured, "float32", attention="triton", window_attention="triton"
+    )
+    kernels = [
+        n.meta["samq"].findings["fuse_attention"]["kernel"]
+        for n in model.image_encoder.graph.nodes
+        if n.op == "call_function" and "rel_pos_attention" in getattr(n.target, "__name__", "")
+    ]
+    assert kernels == ["triton"] * 4
