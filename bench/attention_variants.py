@@ -32,7 +32,7 @@ import torch.nn.functional as F
 if __package__ is None and "samq_fx" not in sys.modules:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from samq_fx.kernels import augment_rel_pos  # noqa: E402
-from samq_fx.triton_attention import rel_pos_attention_triton  # noqa: E402
+from samq_fx.triton_attention import attention_flops, rel_pos_attention_triton  # noqa: E402
 
 # Measured 2026-11-26, H100 80GB HBM3, torch 2.11, bf16 (ms a call, compiled):
 #   global 96x64x64:    chain 7.45, flex-mod 21.45, sdpa-bias 16.07, aug-pad 33.00, aug-flex 2.85
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
         rw = torch.randn(bh, h, w, w, device=dev, dtype=torch.bfloat16)
         args = (q, k, v, rh, rw)
         ref = chain(*(t.float() for t in args))
-        flops = 4.0 * bh * L * L * d  # q·kᵀ and P·v
+        flops = attention_flops(bh, L, d)
         for vname in args_.only:
             fn = VARIANTS[vname]
             try:

@@ -475,26 +475,19 @@ class QuantConfig:
                 "recon": recon_cfg if recon else None,
                 "par": ParConfig() if saq and par is not False and recon else None,
             }
-        elif method == "car-sam":
-            units = "joint-cross" if jcar else "ptq4sam"
-            parts = {
-                "mac": MacConfig() if mac else None,
-                "recon": ReconConfig(units=units, **iters) if recon else None,
-                "agq": AgqConfig() if agq else None,
-            }
-        elif method == "samq":  # JCAR decoder units; par=True: SAQ-SAM's stages + PAR too
-            if par:  # None: off, the ablation's choice
+        elif method in ("car-sam", "samq"):  # samq: car-sam's parts + BIG (+ PAR by switch)
+            recon_cfg = ReconConfig(units="joint-cross" if jcar else "ptq4sam", **iters)
+            if method == "samq" and par:  # SAQ-SAM's encoder stages and schedule, PAR loss
                 units = "stage-joint" if jcar else "saq-stage"
                 recon_cfg = dataclasses.replace(saq_recon_config(recon_iters), units=units)
-            else:
-                recon_cfg = ReconConfig(units="joint-cross" if jcar else "ptq4sam", **iters)
             parts = {
-                "bimodal": BimodalConfig() if bimodal else None,
-                "agq": AgqConfig() if agq else None,
                 "mac": MacConfig() if mac else None,
                 "recon": recon_cfg if recon else None,
-                "par": ParConfig() if par and recon else None,
+                "agq": AgqConfig() if agq else None,
             }
+            if method == "samq":
+                parts["bimodal"] = BimodalConfig() if bimodal else None
+                parts["par"] = ParConfig() if par and recon else None
         if pcc or (pcc is None and method == "saq-sam"):
             parts["pcc"] = PccConfig()
         return cls(method=method, w_bits=w_bits, a_bits=a_bits, **parts, **changes)

@@ -52,6 +52,7 @@ from samq_fx.pipeline import PassContext, PassResult, run_passes
 from samq_fx.quantizers import UniformQuantizer, assert_deployable, dequantize
 from samq_fx.report import format_table
 from samq_fx.serial import DictConfig
+from samq_fx.triton_attention import FLOAT8_MAX
 
 BACKENDS = {
     "int8-static": "W8A8, int8 x int8 with calibrated activation scales (torchao Int8Tensor)",
@@ -69,7 +70,6 @@ ATTENTION_KERNELS = {
     "int8-qk": "Triton flash kernel, int8 q·kᵀ (k smoothed), float8 P·v (H100/Ada)",
 }
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-_FLOAT8_MAX = 448.0  # e4m3
 
 
 class LoweringError(ValueError):
@@ -334,7 +334,7 @@ class TorchaoBackend:
         lo = (qp.qmin - qp.zero_point.float()) * qp.scale
         hi = (qp.qmax - qp.zero_point.float()) * qp.scale
         amax = torch.maximum(lo.abs(), hi.abs())
-        act_scale = (amax / _FLOAT8_MAX).reshape(_per_tensor_shape(x_val)).float()
+        act_scale = (amax / FLOAT8_MAX).reshape(_per_tensor_shape(x_val)).float()
         lin = self._linear(weight, bias)
         cfg = Float8StaticActivationFloat8WeightConfig(
             act_quant_scale=act_scale.to(self.device),

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 P_SCALE = 256.0
-FLOAT8_MAX = 448.0  # e4m3
+FLOAT8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
 
 try:
     import triton
@@ -36,18 +36,25 @@ def key_grid_pad(width: int) -> int:
     return 1 << max(width - 1, 0).bit_length()
 
 
+def _quantize_per_tensor(x: Tensor, qmax: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(x / s) clamped to ±qmax in `dtype` (rounded first for an integer dtype) and the dynamic
+    per-tensor scale s = amax(|x|) / qmax (float32, 0-dim, on the device: no host sync). Plain
+    ops, so that inductor fuses them into the kernel that produces x."""
+    scale = (x.detach().abs().amax().float() / qmax).clamp(min=1e-12)
+    scaled = x.float() / scale
+    if not dtype.is_floating_point:
+        scaled = scaled.round()
+    return scaled.clamp(-qmax, qmax).to(dtype), scale
+
+
 def quantize_float8(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(x / s) as float8 e4m3 and s = amax(|x|) / 448 (float32, 0-dim): a dynamic per-tensor scale
-    computed on the device, no host sync. Written with plain ops so that inductor fuses it into
-    the kernel that produces x."""
-    scale = (x.detach().abs().amax().float() / FLOAT8_MAX).clamp(min=1e-12)
-    return (x.float() / scale).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(torch.float8_e4m3fn), scale
+    """x as float8 e4m3 with a dynamic per-tensor scale amax(|x|) / 448."""
+    return _quantize_per_tensor(x, FLOAT8_MAX, torch.float8_e4m3fn)
 
 
 def quantize_int8(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(x / s) rounded to int8 and s = amax(|x|) / 127 (symmetric, dynamic per tensor)."""
-    scale = (x.detach().abs().amax().float() / 127.0).clamp(min=1e-12)
-    return (x.float() / scale).round().clamp(-127, 127).to(torch.int8), scale
+    """x rounded to int8 with a dynamic symmetric per-tensor scale amax(|x|) / 127."""
+    return _quantize_per_tensor(x, 127.0, torch.int8)
 
 
 def attention_reference(
