@@ -17,6 +17,7 @@ validation scenes) from a worse fit.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -30,7 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from samq_fx import build_sam, capture, quantize  # noqa: E402
-from samq_fx.config import CalibConfig, QuantConfig  # noqa: E402
+from samq_fx.config import CalibConfig, QuantConfig, ReconConfig  # noqa: E402
 from samq_fx.data import CocoDataset, make_dataset  # noqa: E402
 from samq_fx.demo import CALIB_SEED, VAL_SEED, calibration_samples  # noqa: E402
 from samq_fx.eval import predict_image  # noqa: E402
@@ -38,15 +39,20 @@ from samq_fx.eval import predict_image  # noqa: E402
 
 def setting(row: str, num_calib: int) -> QuantConfig:
     """A row name, e.g. W4A4-car-sam-noagq@300: for_method("car-sam", 4, 4, agq=False,
-    recon_iters=300); without @ITERS the method's own step count."""
+    recon_iters=300); without @ITERS the method's own step count. "+part" switches a part on
+    (W4A4-samq+pcc), and ",field=value" after the steps overrides a `ReconConfig` field
+    (W4A4-samq@1000,lr_scale=2e-3)."""
+    row, *recon_changes = row.split(",")
     name, _, iters = row.partition("@")
     bits, method = name.split("-", 1)
     w, a = (int(x) for x in bits[1:].split("A"))
     switches = {}
     for base in ("car-sam", "ptq4sam", "saq-sam", "samq", "mse", "minmax"):
         if method.startswith(base):
-            for part in method[len(base) :].split("-no")[1:]:
+            head, *added = method[len(base) :].split("+")
+            for part in head.split("-no")[1:]:
                 switches[{"big": "bimodal"}.get(part, part)] = False
+            switches.update({part: True for part in added})
             method = base
             break
     cfg = QuantConfig.for_method(
@@ -55,6 +61,17 @@ def setting(row: str, num_calib: int) -> QuantConfig:
     )  # fmt: skip
     if cfg.name != name:
         raise ValueError(f"{row!r} parses to {cfg.name}")
+    if recon_changes:
+        if cfg.recon is None:
+            raise ValueError(f"{row!r} has no reconstruction to change")
+        fields = {f.name: f.type for f in dataclasses.fields(ReconConfig)}
+        changes = {}
+        for change in recon_changes:
+            key, _, value = change.partition("=")
+            if key not in fields:
+                raise ValueError(f"{change!r}: ReconConfig has no field {key!r}")
+            changes[key] = type(getattr(cfg.recon, key))(value)
+        cfg = dataclasses.replace(cfg, recon=dataclasses.replace(cfg.recon, **changes))
     return cfg
 
 
@@ -78,9 +95,23 @@ def paired_interval(a: list[list[float]], b: list[list[float]], draws: int = 10_
     }
 
 
+def pair_up(pairs: list[str], ious: dict, done: dict) -> None:
+    """Add (and print) each "A:B" pair whose two rows are known and not yet paired."""
+    for pair in pairs:
+        a, b = pair.split(":")
+        if a in ious and b in ious and pair not in done:
+            done[pair] = r = paired_interval(ious[a], ious[b])
+            print(f"{a} - {b}: {100 * r['diff']:+.2f} mIoU, 95% CI "
+                  f"[{100 * r['ci95'][0]:+.2f}, {100 * r['ci95'][1]:+.2f}]", flush=True)  # fmt: skip
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", nargs="+", required=True, metavar="NAME[@ITERS]")
+    p.add_argument("--rows", nargs="*", default=[], metavar="NAME[@ITERS][,FIELD=VALUE]")
+    p.add_argument(
+        "--from-json", nargs="*", type=Path, default=[], metavar="JSON",
+        help="earlier runs' files: their rows join the pairs (same --num-val and scenes)",
+    )  # fmt: skip
     p.add_argument("--pairs", nargs="*", default=[], metavar="A:B")
     p.add_argument("--num-val", type=int, default=100)
     p.add_argument("--num-calib", type=int, default=8)
@@ -89,7 +120,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     settings = {row: setting(row, args.num_calib) for row in args.rows}
     torch.manual_seed(0)
-    out = {"args": vars(args) | {"json": str(args.json)}, "rows": {}, "pairs": {}}
+    out = {
+        "args": vars(args)
+        | {"json": str(args.json), "from_json": [str(f) for f in args.from_json]},
+        "rows": {},
+        "pairs": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         make_dataset(Path(tmp) / "val", args.num_val, VAL_SEED, progress=False)
         make_dataset(Path(tmp) / "calib", args.num_calib, CALIB_SEED, progress=False)
@@ -100,6 +136,13 @@ def main(argv=None) -> int:
         captured = capture(build_sam("tiny").to(args.device))
         calib = calibration_samples(args.num_calib)
         ious = {}
+        for path in args.from_json:
+            earlier = json.loads(path.read_text())
+            if earlier["args"]["num_val"] != args.num_val:
+                raise ValueError(
+                    f"{path}: --num-val {earlier['args']['num_val']}, not {args.num_val}"
+                )
+            ious |= {row: r["per_image_ious"] for row, r in earlier["rows"].items()}
         for row, cfg in settings.items():
             start = time.perf_counter()
             q = quantize(captured, calib, cfg, progress=False)
@@ -115,13 +158,10 @@ def main(argv=None) -> int:
             print(f"{row}: mIoU {100 * np.mean(flat):.2f} ({len(flat)} objects), on the "
                   f"calibration scenes {100 * np.mean(on_calib):.2f} ({len(on_calib)}), "
                   f"quantize {q_s:.0f} s", flush=True)  # fmt: skip
-            for pair in args.pairs:
-                a, b = pair.split(":")
-                if a in ious and b in ious and pair not in out["pairs"]:
-                    out["pairs"][pair] = r = paired_interval(ious[a], ious[b])
-                    print(f"{a} - {b}: {100 * r['diff']:+.2f} mIoU, 95% CI "
-                          f"[{100 * r['ci95'][0]:+.2f}, {100 * r['ci95'][1]:+.2f}]", flush=True)  # fmt: skip
+            pair_up(args.pairs, ious, out["pairs"])
             args.json.write_text(json.dumps(out) + "\n")
+        pair_up(args.pairs, ious, out["pairs"])
+        args.json.write_text(json.dumps(out) + "\n")
     return 0
 
 
