@@ -4,7 +4,7 @@
     fast = samq_fx.lower(q, backend="int8-static", compile=True)   # drop-in Sam
     SamPredictor(fast).set_image(image)
 
-This is the only file that imports torchao. The graph work is two passes, run per part:
+This is the only file that imports torchao (int4 uses PyTorch's own tinygemm op). The graph work is two passes, run per part:
 `passes/lower_linears.py` swaps each fake-quantized linear for a module whose weight is a
 torchao tensor subclass built from the calibrated quantizers (`make_linear` below), and
 `passes/fuse_attention.py` swaps the encoder's attention chains for one fused kernel,
@@ -18,8 +18,9 @@ Backends (what runs where; `BACKENDS` holds the same as data):
                  point: torchao `Int8Tensor` (codes copied from the quantizer, AdaRound's
                  rounding included) -> torch._int_mm. Needs symmetric 8-bit weights.
   int8-dynamic   the same weights; activations quantized per token at run time (symmetric).
-  int4-weight    W4A16: torchao int4 tinygemm (`tile_packed_to_4d`) on CUDA, torchao's
-                 int4-in-int8 weight-only layout on the CPU; weights per group of 32..256.
+  int4-weight    W4A16: PyTorch's int4 tinygemm (`Int4Linear`: aten._weight_int4pack_mm on
+                 CUDA, its _for_cpu twin on the CPU), packed from the calibrated codes; weights
+                 per group of 32..256, 0.5 bytes a weight plus a (scale, zero) pair a group.
   float8-static  H100 / Ada: float8 e4m3 weights and activations, the activation scale from the
                  calibrated range: torchao float8 -> torch._scaled_mm.
 
@@ -49,7 +50,7 @@ from samq_fx.passes.fuse_attention import fuse_attention as fuse_attention_pass
 from samq_fx.passes.lower_linears import lower_linears
 from samq_fx.passes.patch_embed_as_matmul import patch_embed_as_matmul
 from samq_fx.pipeline import PassContext, PassResult, run_passes
-from samq_fx.quantizers import UniformQuantizer, assert_deployable, dequantize
+from samq_fx.quantizers import UniformQuantizer, assert_deployable
 from samq_fx.report import format_table
 from samq_fx.serial import DictConfig
 from samq_fx.triton_attention import FLOAT8_MAX
@@ -198,6 +199,84 @@ def _activation_spec_problem(in_q, bits: int) -> str | None:
     return None
 
 
+class Int4Linear(nn.Module):
+    """A W4A16 linear from the calibrated codes and grid, 4 bits a weight in memory: PyTorch's
+    int4 tinygemm kernel (`aten._weight_int4pack_mm`) on CUDA; on the CPU two codes a byte,
+    unpacked to the compute dtype at each call and multiplied by the float GEMM (PyTorch's CPU
+    int4 kernel, `_weight_int4pack_mm_for_cpu`, took 11.5 s for one 4096x768x3072 product on
+    this project's 2-core machine, 130x the float GEMM, so it is not used).
+
+    Why not torchao's int4 tensor: it re-derives each group's (scale, zero) from the
+    dequantized weights (so a calibrated clip is not kept exactly) and pads the input dim to a
+    multiple of 1024, which stores SAM-B's 768-wide layers a third larger and pads every
+    activation at run time. The kernel itself needs neither: K a multiple of 32, N of 8.
+
+    tinygemm computes w = (u - 8) * scale + zero per group from codes u in [0, 15]; our grid is
+    w = (q - z) * s with q in [qmin, qmin + 15], so u = q - qmin, scale = s and
+    zero = (8 + qmin - z) * s, held in the compute dtype (bf16 on CUDA, as tinygemm requires;
+    rounding s to bf16 moves a weight by at most 2^-6 of its step).
+    """
+
+    def __init__(self, codes, qparams, bias, group_size: int, dtype: torch.dtype):
+        super().__init__()
+        out_f, in_f = codes.shape
+        self.in_features, self.out_features, self.group_size = in_f, out_f, group_size
+        q = (codes.to(torch.int32) - qparams.qmin).reshape(out_f, in_f)
+        if q.numel() and not (0 <= int(q.min()) and int(q.max()) <= 15):
+            raise LoweringError("int4 codes outside a 16-level grid")
+        s = qparams.scale.float().reshape(out_f, in_f // group_size)
+        z = qparams.zero_point.float().reshape(out_f, in_f // group_size)
+        zero = (8 + qparams.qmin - z) * s
+        scale_zero = torch.stack([s, zero], dim=-1).transpose(0, 1).contiguous()
+        packed = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)  # (N, K/2), even k high
+        if codes.device.type == "cuda":
+            packed = torch.ops.aten._convert_weight_to_int4pack(packed, _inner_k_tiles(in_f))
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale_zero", scale_zero.to(dtype))
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
+
+    @staticmethod
+    def unsupported(shape, group_size: int, dtype: torch.dtype, device: torch.device) -> str | None:
+        """Why the kernel cannot take this layer, or None."""
+        out_f, in_f = shape
+        if in_f % group_size or in_f % 32 or out_f % 8:
+            return (
+                f"a {out_f}x{in_f} weight: the int4 kernel needs in_features a multiple of 32 "
+                f"and of the group ({group_size}), out_features a multiple of 8"
+            )
+        if device.type == "cuda" and dtype != torch.bfloat16:
+            return f"int4 tinygemm on CUDA takes bfloat16 activations, not {dtype}"
+        return None
+
+    @staticmethod
+    def kernel_name(device: torch.device) -> str:
+        if device.type == "cuda":
+            return "int4 tinygemm (aten._weight_int4pack_mm) x bf16"
+        return "int4 weights, unpacked per call x float GEMM"
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The (N, K) float weight the codes stand for (the CPU path's GEMM operand)."""
+        u = torch.stack([self.packed >> 4, self.packed & 15], dim=-1).reshape(self.out_features, -1)
+        u = u.reshape(self.out_features, -1, self.group_size).to(self.scale_zero.dtype)
+        scale, zero = self.scale_zero.transpose(0, 1).unbind(-1)
+        return ((u - 8) * scale[..., None] + zero[..., None]).reshape(self.out_features, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed.dim() == 2:  # CPU layout
+            return nn.functional.linear(x, self.dequantized_weight(), self.bias)
+        x2 = x.reshape(-1, self.in_features).contiguous()
+        y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, self.scale_zero)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def _inner_k_tiles(in_features: int) -> int:
+    """tinygemm's k-tiles per packed word group: the largest of 8, 4, 2 whose 16-wide tiles
+    divide in_features (the kernel requires it)."""
+    return next(t for t in (8, 4, 2) if in_features % (16 * t) == 0)
+
+
 class TorchaoBackend:
     """Builds one lowered linear per calibrated site (`make_linear`), for one backend."""
 
@@ -285,31 +364,11 @@ class TorchaoBackend:
                 f"{spec.bits}-bit {spec.granularity} weights; int4 kernels take 4-bit weights in "
                 f"groups of {INT4_GROUP_SIZES} (preset 'W4A16')"
             )
-        qp = w_q.qparams()
-        # the calibrated grid's values; torchao re-derives (scale, zero) per group from them
-        w_hat = dequantize(
-            w_q.int_repr(weight), qp.scale, qp.zero_point, group_size=spec.group_size
-        )
-        lin = self._linear(w_hat, bias)
-        if self.device.type == "cuda":
-            from torchao.quantization import Int4WeightOnlyConfig, quantize_
-
-            cfg = Int4WeightOnlyConfig(
-                group_size=spec.group_size,
-                int4_packing_format="tile_packed_to_4d",
-                set_inductor_config=False,
-            )
-            kernel = "int4 tinygemm (tile_packed_to_4d) x bf16"
-        else:
-            from torchao.quantization import IntxWeightOnlyConfig, quantize_
-            from torchao.quantization.granularity import PerGroup
-
-            cfg = IntxWeightOnlyConfig(
-                weight_dtype=torch.int4, granularity=PerGroup(spec.group_size)
-            )
-            kernel = "int4 weights (torchao intx, unpacked to int8) x float"
-        quantize_(lin, cfg)
-        return lin, kernel
+        problem = Int4Linear.unsupported(weight.shape, spec.group_size, self.dtype, self.device)
+        if problem:
+            return None, problem
+        lin = Int4Linear(w_q.int_repr(weight), w_q.qparams(), bias, spec.group_size, self.dtype)
+        return lin, Int4Linear.kernel_name(self.device)
 
     def _float8_ok(self) -> str | None:
         if self.device.type != "cuda" or torch.cuda.get_device_capability(self.device) < (8, 9):

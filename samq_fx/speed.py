@@ -15,7 +15,8 @@ Settings:
                      bf16-fused, the best float pipelines this project builds (`optimize_float`)
   fp32-compile, fp32-fused   the same in float32 (the CPU baselines)
   int8-static ...    `samq_fx.lower(q, backend)` + compile, q calibrated on 2 generated images
-                     (W8A8-int8 preset, min-max ranges; W4A16-int4 for int4-weight);
+                     (W8A8-int8 preset, min-max ranges; W4A16-int4 for int4-weight, with
+                     groups of 128 on SAM-B/L/H, whose linears all divide by 128);
                      a suffix picks the attention: +unfused (eager chain), +triton (Triton bf16),
                      +f8attn (Triton, float8 q·kᵀ and P·v), +i8attn (int8 q·kᵀ, float8 P·v);
                      for the global attentions, windows keep flex (+f8attn-all: windows too)
@@ -177,7 +178,8 @@ def run_model(
         cfg = samq_fx.QuantConfig.preset("W8A8-int8", method="minmax")
         quantized["int8"] = samq_fx.quantize(captured, calib, cfg, progress=False)
     if "int4-weight" in backends:
-        cfg = samq_fx.QuantConfig.preset("W4A16-int4", method="minmax")
+        group = 64 if name == "tiny" else 128  # the tiny decoder's 64-wide layers
+        cfg = samq_fx.QuantConfig.preset("W4A16-int4", method="minmax", w_group_size=group)
         quantized["int4"] = samq_fx.quantize(captured, calib, cfg, progress=False)
     gen = torch.Generator().manual_seed(1)
     inputs = {b: torch.randn(b, 3, size, size, generator=gen).to(device) for b in args.batch}

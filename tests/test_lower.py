@@ -17,7 +17,8 @@ from samq_fx.config import Override, QuantConfig
 from samq_fx.data import generate_scene, mask_box
 from samq_fx.demo import calibration_samples
 from samq_fx.kernels import rel_pos_attention, rel_pos_bias
-from samq_fx.lower import LoweringError, compile_parts, lower, optimize_float
+from samq_fx.lower import Int4Linear, LoweringError, compile_parts, lower, optimize_float
+from samq_fx.quantizers import QuantSpec, UniformQuantizer
 
 
 def _sqnr(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -122,9 +123,50 @@ def test_int4_weight_only(tiny_trained_captured, calib):
     lowered = lower(q, "int4-weight", verbose=False)
     report = lowered.samq_lowering_report
     assert report.lowered and not report.kept
+    assert set(report.lowered.values()) == {"int4 weights, unpacked per call x float GEMM"}
     snr = _encoder_sqnr(lowered, q, seed=2)
-    # torchao re-derives each group's (scale, zero) from the calibrated grid's values
-    assert snr > 25, f"int4-weight vs its fake quant: SQNR {snr:.1f} dB"
+    # the calibrated codes and float32 grid themselves: equal up to float summation order
+    assert snr > 80, f"int4-weight vs its fake quant: SQNR {snr:.1f} dB"
+    # 4 bits a weight plus float32 (scale, zero) a group of 64: 0.625 bytes a weight
+    int4 = [m for m in lowered.modules() if isinstance(m, Int4Linear)]
+    weights = sum(m.in_features * m.out_features for m in int4)
+    stored = sum(m.packed.nbytes + m.scale_zero.nbytes for m in int4)
+    assert stored == weights * (0.5 + 8 / 64)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    out_f=st.sampled_from([8, 16, 24]),
+    groups=st.integers(1, 3),
+    group_size=st.sampled_from([32, 64, 128]),
+    symmetric=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_int4_linear_keeps_the_calibrated_grid(out_f, groups, group_size, symmetric, seed):
+    """Int4Linear packs the quantizer's own codes: its weight is the fake-quant weight (the same
+    (q - z) * s per group, also for symmetric grids whose codes start at -8), bias included."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_f, groups * group_size, generator=gen) * 0.1
+    spec = QuantSpec(4, symmetric, "group", observer="mse", group_size=group_size)
+    w_q = UniformQuantizer(spec)
+    w_q(weight)
+    w_q.freeze()
+    bias = torch.randn(out_f, generator=gen)
+    lin = Int4Linear(w_q.int_repr(weight), w_q.qparams(), bias, group_size, torch.float32)
+    with torch.no_grad():
+        expected = w_q(weight)
+        assert torch.allclose(lin.dequantized_weight(), expected, atol=1e-6, rtol=1e-5)
+        x = torch.randn(3, 5, weight.shape[1], generator=gen)
+        ref = torch.nn.functional.linear(x, expected, bias)
+        assert torch.allclose(lin(x), ref, atol=1e-4, rtol=1e-4)
+    assert lin.packed.dtype == torch.uint8 and lin.packed.numel() == weight.numel() // 2
+
+
+def test_int4_linear_refuses_shapes_without_a_kernel():
+    cpu = torch.device("cpu")
+    assert "multiple of 32" in Int4Linear.unsupported((64, 48), 32, torch.float32, cpu)
+    assert "multiple of 8" in Int4Linear.unsupported((60, 64), 64, torch.float32, cpu)
+    assert Int4Linear.unsupported((64, 768), 128, torch.float32, cpu) is None
 
 
 def test_no_kernel_for_4_bit_activations(tiny_trained_captured, calib):

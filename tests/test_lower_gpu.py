@@ -65,8 +65,7 @@ def test_compiled_encoder_calls_the_kernel(tiny_cuda, backend):
     assert kernel in source, f"{backend}: no {kernel} call in the compiled encoder; calls: {calls}"
     assert "flex" in source.lower(), f"no flex attention kernel in the compiled encoder: {calls}"
     assert _sqnr(out, eager) > 25, f"compiled vs eager lowered: {_sqnr(out, eager):.1f} dB"
-    floor = 12 if backend == "int4-weight" else 20
-    assert _sqnr(out, fake) > floor, f"lowered vs fake-quant: {_sqnr(out, fake):.1f} dB"
+    assert _sqnr(out, fake) > 20, f"lowered vs fake-quant: {_sqnr(out, fake):.1f} dB"
 
 
 @pytest.mark.parametrize("mode", ["bf16", "float8", "int8-qk"])
@@ -119,3 +118,33 @@ def test_compiled_encoder_runs_the_triton_attention(tiny_cuda, attention):
     assert "int_mm" in source
     assert _sqnr(out, eager) > 25, f"compiled vs eager lowered: {_sqnr(out, eager):.1f} dB"
     assert _sqnr(out, fake) > 15, f"lowered vs fake-quant: {_sqnr(out, fake):.1f} dB"
+
+
+@pytest.mark.parametrize(
+    "shape,group_size",
+    [((2304, 768), 64), ((768, 3072), 128), ((64, 64), 32), ((256, 96), 32)],
+    ids=["sam-b-qkv", "sam-b-lin2", "tiny-decoder", "inner-k-tiles-2"],
+)
+def test_int4_tinygemm_matches_the_unpacked_weight(shape, group_size):
+    """The CUDA layout (tinygemm's packed tiles, no padding of K) computes the same product as
+    the CPU layout's unpacked weight, from the same codes and grid."""
+    from samq_fx.lower import Int4Linear
+    from samq_fx.quantizers import QParams
+
+    gen = torch.Generator().manual_seed(0)
+    out_f, in_f = shape
+    codes = torch.randint(0, 16, shape, generator=gen, dtype=torch.int32)
+    groups = (out_f, in_f // group_size)
+    qp = QParams(torch.rand(groups, generator=gen) * 0.02 + 1e-3,
+                 torch.randint(0, 16, groups, generator=gen, dtype=torch.int32), 0, 15)  # fmt: skip
+    bias = torch.randn(out_f, generator=gen)
+    cpu = Int4Linear(codes, qp, bias, group_size, torch.float32)
+    cuda = Int4Linear(codes.cuda(), QParams(qp.scale.cuda(), qp.zero_point.cuda(), 0, 15),
+                      bias.cuda(), group_size, torch.bfloat16)  # fmt: skip
+    assert cuda.packed.numel() * 4 == out_f * in_f // 2  # int32 words: no padding
+    x = torch.randn(3, 37, in_f, generator=gen)
+    with torch.no_grad():
+        ref = torch.nn.functional.linear(x.bfloat16().float(), cpu.dequantized_weight(), bias)
+        out = cuda(x.cuda().bfloat16()).float().cpu()
+    assert out.shape == ref.shape
+    assert _sqnr(out, ref) > 40, f"tinygemm vs unpacked reference: {_sqnr(out, ref):.1f} dB"
