@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 import tempfile
 import time
@@ -49,10 +50,8 @@ def setting(row: str, num_calib: int) -> QuantConfig:
     switches = {}
     for base in ("car-sam", "ptq4sam", "saq-sam", "samq", "mse", "minmax"):
         if method.startswith(base):
-            head, *added = method[len(base) :].split("+")
-            for part in head.split("-no")[1:]:
-                switches[{"big": "bimodal"}.get(part, part)] = False
-            switches.update({part: True for part in added})
+            for sign, part in re.findall(r"(-no|\+)([a-z0-9]+)", method[len(base) :]):
+                switches[{"big": "bimodal"}.get(part, part)] = sign == "+"
             method = base
             break
     cfg = QuantConfig.for_method(
@@ -95,6 +94,56 @@ def paired_interval(a: list[list[float]], b: list[list[float]], draws: int = 10_
     }
 
 
+def split_seed(row: str) -> tuple[str, int]:
+    """("W4A4-saq-sam@1000", 2) for "W4A4-saq-sam@1000,seed=2"; no seed field is seed 0."""
+    fields = row.split(",")
+    seeds = [int(f.removeprefix("seed=")) for f in fields if f.startswith("seed=")]
+    return ",".join(f for f in fields if not f.startswith("seed=")), (seeds or [0])[0]
+
+
+def seed_averaged(a: dict[int, list], b: dict[int, list]) -> dict:
+    """Two settings run with several reconstruction seeds: each object's IoU averaged over the
+    seeds both have, then the paired image bootstrap of that average (scene noise of the
+    seed-averaged models), plus each seed's own paired difference (seed noise)."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        raise ValueError("no seed in common")
+
+    def average(runs):
+        first = runs[seeds[0]]
+        return [
+            [sum(runs[s][i][j] for s in seeds) / len(seeds) for j in range(len(first[i]))]
+            for i in range(len(first))
+        ]
+
+    out = paired_interval(average(a), average(b))
+    out["seeds"] = seeds
+    out["per_seed_diff"] = [paired_interval(a[s], b[s])["diff"] for s in seeds]
+    return out
+
+
+def seed_pair_up(pairs: list[str], ious: dict, done: dict) -> None:
+    """Add (and print) each "A:B" seed-averaged pair (rows A, "A,seed=1", ... against B's)."""
+    runs: dict[str, dict[int, list]] = {}
+    for row, v in ious.items():
+        base, seed = split_seed(row)
+        runs.setdefault(base, {})[seed] = v
+    for pair in pairs:
+        a, b = pair.split(":")
+        if a in runs and b in runs:
+            done[pair] = r = seed_averaged(runs[a], runs[b])
+            per_seed = ", ".join(f"{100 * d:+.2f}" for d in r["per_seed_diff"])
+            print(f"{a} - {b}, seeds {r['seeds']}: {100 * r['diff']:+.2f} mIoU, 95% CI "
+                  f"[{100 * r['ci95'][0]:+.2f}, {100 * r['ci95'][1]:+.2f}]; per seed {per_seed}",
+                  flush=True)  # fmt: skip
+    for base, by_seed in runs.items():
+        if len(by_seed) > 1:
+            mious = [
+                float(np.mean([x for img in by_seed[s] for x in img])) for s in sorted(by_seed)
+            ]
+            done.setdefault("_seed_mious", {})[base] = dict(zip(sorted(by_seed), mious))
+
+
 def pair_up(pairs: list[str], ious: dict, done: dict) -> None:
     """Add (and print) each "A:B" pair whose two rows are known and not yet paired."""
     for pair in pairs:
@@ -113,6 +162,10 @@ def main(argv=None) -> int:
         help="earlier runs' files: their rows join the pairs (same --num-val and scenes)",
     )  # fmt: skip
     p.add_argument("--pairs", nargs="*", default=[], metavar="A:B")
+    p.add_argument(
+        "--seed-pairs", nargs="*", default=[], metavar="A:B",
+        help="rows without their ',seed=N' (N=0 when absent): IoUs averaged over common seeds",
+    )  # fmt: skip
     p.add_argument("--num-val", type=int, default=100)
     p.add_argument("--num-calib", type=int, default=8)
     p.add_argument("--json", type=Path, required=True)
@@ -161,6 +214,13 @@ def main(argv=None) -> int:
             pair_up(args.pairs, ious, out["pairs"])
             args.json.write_text(json.dumps(out) + "\n")
         pair_up(args.pairs, ious, out["pairs"])
+        out["seed_pairs"] = {}
+        seed_pair_up(args.seed_pairs, ious, out["seed_pairs"])
+        for base, mious in out["seed_pairs"].get("_seed_mious", {}).items():
+            spread = " ".join(f"{100 * m:.2f}" for m in mious.values())
+            print(
+                f"{base}: seeds {list(mious)}: mIoU {spread}, mean {100 * np.mean(list(mious.values())):.2f}"
+            )
         args.json.write_text(json.dumps(out) + "\n")
     return 0
 

@@ -123,8 +123,8 @@ def car_sam_agq_settings(recon_iters: int, num_calib: int) -> list[QuantConfig]:
 
 def final_settings(recon_iters: int, num_calib: int) -> list[QuantConfig]:
     """The one table of issue 10: W4A4, W6A6, W8A8 x {min-max, MSE, ptq4sam, saq-sam, car-sam,
-    samq}, then at W4A4 the ablation of samq: PCC stacked on it, and samq without MAC, without
-    reconstruction, without BIG, without AGQ."""
+    samq}, then at W4A4 the ablation of samq: without MAC (= saq-sam), with CAR-SAM's JCAR
+    decoder units, without PAR, without PCC, without reconstruction, without BIG, without AGQ."""
     calib = CalibConfig(num_images=num_calib)
 
     def cfg(method: str, b: int, **switches) -> QuantConfig:
@@ -135,8 +135,10 @@ def final_settings(recon_iters: int, num_calib: int) -> list[QuantConfig]:
     methods = ("minmax", "mse", "ptq4sam", "saq-sam", "car-sam", "samq")
     rows = [cfg(m, 4) for m in methods]
     rows += [
-        cfg("samq", 4, pcc=True),
         cfg("samq", 4, mac=False),
+        cfg("samq", 4, jcar=True),
+        cfg("samq", 4, par=False),
+        cfg("samq", 4, pcc=False),
         cfg("samq", 4, recon=False),
         cfg("samq", 4, bimodal=False),
         cfg("samq", 4, agq=False),

@@ -23,8 +23,8 @@ Modes, and the units of each (forward order = order of a unit's first node):
                  layer, then dec.final_t2i.                     (tiny: 9 + 9; SAM-B: 25 + 9 = 34)
   "joint-cross"  as ptq4sam, but a decoder layer's t2i, mlp and i2t, with the residual adds,
                  norms and pe adds between them, form one unit dec.{i}.cross (CAR-SAM JCAR).
-  "stage-joint"  the encoder as saq-stage, the decoder as joint-cross (samq: PAR for the
-                 encoder stages, JCAR for the decoder).
+  "stage-joint"  the encoder as saq-stage, the decoder as joint-cross (samq+jcar: PAR for
+                 the encoder stages, CAR-SAM's JCAR units for the decoder).
   "saq-stage"    SAQ-SAM (papers.md §2.2): encoder stages enc.stage{k}, each the whole blocks
                  (norms, residual adds, window partition included) up to and including a
                  global-attention block (blocks after the last global block join the last

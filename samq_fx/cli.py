@@ -251,7 +251,8 @@ objects (a point grid, the full-precision model's mask for each point, its box).
         "PCC clipping of decoder q/k, prompt-aware stage reconstruction); car-sam (MAC "
         "matmul-aware weight compensation + JCAR joint cross-attention reconstruction, AGQ on "
         "the softmax; --no-agq: uniform softmax grid); samq "
-        "(this project's recipe: BIG + AGQ + MAC + JCAR reconstruction, other parts by switch)",
+        "(this project's recipe: BIG + AGQ + PCC + MAC + PAR reconstruction on SAQ-SAM's "
+        "stages and whole decoder layers; every part has a --no- switch)",
     )
     p.add_argument(
         "--pcc",
@@ -259,9 +260,9 @@ objects (a point grid, the full-precision model's mask for each point, its box).
         help="stack SAQ-SAM's perceptual-consistency clipping on any method",
     )
     p.add_argument(
-        "--par",
+        "--jcar",
         action="store_true",
-        help="samq: reconstruct the encoder by SAQ-SAM's stages with its prompt-aware loss",
+        help="samq: CAR-SAM's decoder units (t2i + MLP + i2t) instead of whole two-way layers",
     )
     p.add_argument(
         "--recon-iters",
@@ -278,7 +279,7 @@ objects (a point grid, the full-precision model's mask for each point, its box).
         ("layer-skip", "PAR's layer skipping (stage outputs run the deeper FP blocks)"),
     ):
         p.add_argument(
-            f"--no-{part}", action="store_true", help=f"ptq4sam / saq-sam without {what}"
+            f"--no-{part}", action="store_true", help=f"ptq4sam / saq-sam / samq without {what}"
         )
     p.add_argument(
         "--no-agq",
@@ -290,7 +291,7 @@ objects (a point grid, the full-precision model's mask for each point, its box).
         ("mac", "matmul-aware compensation"),
         ("jcar", "joint cross-attention units (per-branch units instead)"),
     ):
-        p.add_argument(f"--no-{part}", action="store_true", help=f"car-sam without {what}")
+        p.add_argument(f"--no-{part}", action="store_true", help=f"car-sam (samq) without {what}")
     p.add_argument("--w-bits", type=int, default=8, metavar="W", help="weight bits, 2..8")
     p.add_argument(
         "--a-bits",
@@ -347,9 +348,9 @@ def quant_config_from_args(args: argparse.Namespace):
         recon=False if args.no_recon else None,
         recon_iters=args.recon_iters,
         pcc=False if args.no_pcc else (True if args.pcc else None),
-        par=False if args.no_par else (True if args.par else None),
+        par=False if args.no_par else None,
         mac=False if args.no_mac else None,
-        jcar=not args.no_jcar,
+        jcar=False if args.no_jcar else (True if args.jcar else None),
         calib=CalibConfig(num_images=args.calib_size, seed=args.seed),
     )
     if args.no_layer_skip and cfg.par is not None:

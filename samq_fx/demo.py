@@ -102,7 +102,7 @@ def demo_settings(
     without reconstruction unless `recon_iters` is given (20,000 / 2,000 steps a unit do not fit
     a CPU demo): "saq-sam-norecon" is PTQ4SAM's statistics plus PCC (SAQ-SAM's clipping),
     "car-sam-norecon" is MSE ranges plus MAC and AGQ; "samq-norecon" is this project's
-    recipe without its reconstruction (BIG + AGQ + MAC)."""
+    recipe without its reconstruction (BIG + AGQ + PCC + MAC)."""
     calib = CalibConfig(num_images=num_calib)
     settings = [
         QuantConfig.for_method(

@@ -16,6 +16,7 @@ from samq_fx.calib import forward_item, prepare_calibration, validate_loader
 from samq_fx.cli import main
 from samq_fx.config import (
     CAR_SAM_AGQ,
+    SAMQ_RECIPE,
     AgqConfig,
     BimodalConfig,
     CalibConfig,
@@ -330,17 +331,26 @@ def test_car_sam_cli_end_to_end_saves_and_reloads(tmp_path, capsys):
 
 @pytest.mark.unit
 def test_samq_recipe_and_its_switches():
-    """samq = BIG + AGQ + MAC + JCAR reconstruction (the 1,000-step ablation's choice); PAR on
-    SAQ-SAM's encoder stages and the fast statistics-only variant are switches."""
+    """samq = BIG + AGQ + PCC + MAC + PAR reconstruction on SAQ-SAM's units and schedule (the
+    4-seed ablation's choice): saq-sam's configuration plus MAC; CAR-SAM's narrower decoder
+    units, plain-MSE units and the statistics-only variant are switches."""
     samq = QuantConfig.for_method("samq", 4, 4)
-    car = QuantConfig.for_method("car-sam", 4, 4)
-    assert samq.name == "W4A4-samq" and samq.bimodal is not None and samq.agq is not None
-    assert samq.mac == car.mac and samq.recon == car.recon and samq.par is None
-    with_par = QuantConfig.for_method("samq", 4, 4, par=True, recon_iters=100)
-    assert with_par.name == "W4A4-samq+par" and with_par.recon.units == "stage-joint"
-    assert with_par.par is not None and with_par.recon.iters == 100
+    saq = QuantConfig.for_method("saq-sam", 4, 4)
+    assert samq.name == "W4A4-samq"
+    assert all(getattr(samq, part) is not None for part in SAMQ_RECIPE)
+    assert samq.recon == saq.recon and samq.recon.units == "saq-stage"
+    assert dataclasses.replace(samq, method="saq-sam", mac=None) == saq
+    assert samq.mac == QuantConfig.for_method("car-sam", 4, 4).mac
+    jcar = QuantConfig.for_method("samq", 4, 4, jcar=True, recon_iters=100)
+    assert jcar.name == "W4A4-samq+jcar" and jcar.recon.units == "stage-joint"
+    assert jcar.par is not None and jcar.recon.iters == 100
+    plain = QuantConfig.for_method("samq", 4, 4, par=False)
+    assert (
+        plain.name == "W4A4-samq-nopar" and plain.par is None and plain.recon.units == "saq-stage"
+    )
     fast = QuantConfig.for_method("samq", 4, 4, recon=False)
     assert fast.name == "W4A4-samq-norecon" and fast.recon is None and fast.par is None
-    for cfg in (samq, with_par, fast):
+    assert fast.pcc is not None and fast.mac is not None
+    for cfg in (samq, jcar, plain, fast):
         assert QuantConfig.from_dict(cfg.to_dict()) == cfg
         assert QuantConfig.from_dict(cfg.to_dict()).name == cfg.name

@@ -45,10 +45,32 @@ def test_roles_command_prints_table(capsys):
         (["--method", "car-sam", "--no-agq"], "W4A4-car-sam-noagq", {"mac", "recon"}),
         (["--method", "car-sam", "--no-mac", "--no-recon"], "W4A4-car-sam-nomac-norecon", {"agq"}),
         (["--method", "ptq4sam", "--no-agq"], "W4A4-ptq4sam-noagq", {"bimodal", "recon"}),
-        (["--method", "samq"], "W4A4-samq", {"bimodal", "agq", "mac", "recon"}),
-        (["--method", "samq", "--no-recon"], "W4A4-samq-norecon", {"bimodal", "agq", "mac"}),
-        (["--method", "samq", "--no-agq"], "W4A4-samq-noagq", {"bimodal", "mac", "recon"}),
-        (["--method", "samq", "--par"], "W4A4-samq+par", {"bimodal", "agq", "mac", "recon", "par"}),
+        (["--method", "samq"], "W4A4-samq", {"bimodal", "agq", "pcc", "mac", "recon", "par"}),
+        (
+            ["--method", "samq", "--no-recon"],
+            "W4A4-samq-norecon",
+            {"bimodal", "agq", "pcc", "mac"},
+        ),
+        (
+            ["--method", "samq", "--no-agq"],
+            "W4A4-samq-noagq",
+            {"bimodal", "pcc", "mac", "recon", "par"},
+        ),
+        (
+            ["--method", "samq", "--no-par"],
+            "W4A4-samq-nopar",
+            {"bimodal", "agq", "pcc", "mac", "recon"},
+        ),
+        (
+            ["--method", "samq", "--no-pcc", "--no-mac"],
+            "W4A4-samq-nopcc-nomac",
+            {"bimodal", "agq", "recon", "par"},
+        ),
+        (
+            ["--method", "samq", "--jcar"],
+            "W4A4-samq+jcar",
+            {"bimodal", "agq", "pcc", "mac", "recon", "par"},
+        ),
         (["--method", "saq-sam"], "W4A4-saq-sam", {"bimodal", "agq", "recon", "pcc", "par"}),
         (
             ["--method", "saq-sam", "--no-par"],
@@ -68,7 +90,8 @@ def test_quantize_switches_give_the_methods_configs(switches, name, parts):
     on = {k for k in ("bimodal", "agq", "recon", "pcc", "par", "mac") if getattr(cfg, k)}
     assert on == parts
     assert cfg == QuantConfig.for_method(cfg.method, 4, 4, **{k: k in parts for k in
-                                         ("bimodal", "agq", "recon", "mac", "par")}, calib=cfg.calib)  # fmt: skip
+                                         ("bimodal", "agq", "recon", "mac", "par", "pcc")},
+                                         jcar=True if "--jcar" in switches else None, calib=cfg.calib)  # fmt: skip
 
 
 @pytest.mark.slow
