@@ -8,7 +8,7 @@ This pass asks the backend (`ctx.config.make_linear`, built in `samq_fx/lower.py
 that imports torchao) for a module that computes the same thing with real kernels, from the
 calibrated quantizers' integer grids, and rewrites the node to
 
-    call_module(samq_lowered.<site>)(x)                 torchao tensor-subclass weight inside
+    call_module(samq_lowered.<site>)(x)                 torchao weight or packed int4 inside
 
 A site the backend has no kernel for (4-bit activations, asymmetric weights for a symmetric
 kernel, ...) keeps its fake quantizers and is listed in `rejected` with the reason: lowering

@@ -4,9 +4,11 @@
     fast = samq_fx.lower(q, backend="int8-static", compile=True)   # drop-in Sam
     SamPredictor(fast).set_image(image)
 
-This is the only file that imports torchao (int4 uses PyTorch's own tinygemm op). The graph work is two passes, run per part:
+This is the only file that imports torchao (int4 runs PyTorch's own tinygemm op). The graph
+work is two passes, run per part:
 `passes/lower_linears.py` swaps each fake-quantized linear for a module whose weight is a
-torchao tensor subclass built from the calibrated quantizers (`make_linear` below), and
+torchao tensor subclass (int4: an `Int4Linear`) built from the calibrated quantizers
+(`make_linear` below), and
 `passes/fuse_attention.py` swaps the encoder's attention chains for one fused kernel,
 `passes/patch_embed_as_matmul.py` turns the patch-embedding convolution into a matmul. A fourth,
 `cast_boundaries` (here), casts graph inputs to the compute dtype and float outputs back to
@@ -18,9 +20,10 @@ Backends (what runs where; `BACKENDS` holds the same as data):
                  point: torchao `Int8Tensor` (codes copied from the quantizer, AdaRound's
                  rounding included) -> torch._int_mm. Needs symmetric 8-bit weights.
   int8-dynamic   the same weights; activations quantized per token at run time (symmetric).
-  int4-weight    W4A16: PyTorch's int4 tinygemm (`Int4Linear`: aten._weight_int4pack_mm on
-                 CUDA, its _for_cpu twin on the CPU), packed from the calibrated codes; weights
-                 per group of 32..256, 0.5 bytes a weight plus a (scale, zero) pair a group.
+  int4-weight    W4A16 (`Int4Linear`): the calibrated codes packed for PyTorch's int4 tinygemm
+                 (aten._weight_int4pack_mm) on CUDA; on the CPU two codes a byte, unpacked per
+                 call for the float GEMM. Weights per group of 32..256: 0.5 bytes a weight plus
+                 a (scale, zero) pair a group.
   float8-static  H100 / Ada: float8 e4m3 weights and activations, the activation scale from the
                  calibrated range: torchao float8 -> torch._scaled_mm.
 
