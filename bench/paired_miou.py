@@ -63,7 +63,7 @@ def setting(row: str, num_calib: int) -> QuantConfig:
     if recon_changes:
         if cfg.recon is None:
             raise ValueError(f"{row!r} has no reconstruction to change")
-        fields = {f.name: f.type for f in dataclasses.fields(ReconConfig)}
+        fields = {f.name for f in dataclasses.fields(ReconConfig)}
         changes = {}
         for change in recon_changes:
             key, _, value = change.partition("=")
@@ -122,8 +122,9 @@ def seed_averaged(a: dict[int, list], b: dict[int, list]) -> dict:
     return out
 
 
-def seed_pair_up(pairs: list[str], ious: dict, done: dict) -> None:
-    """Add (and print) each "A:B" seed-averaged pair (rows A, "A,seed=1", ... against B's)."""
+def seed_pair_up(pairs: list[str], ious: dict, done: dict) -> dict[str, dict[int, float]]:
+    """Add (and print) each "A:B" seed-averaged pair (rows A, "A,seed=1", ... against B's);
+    return each setting run with several seeds: {seed: mIoU}."""
     runs: dict[str, dict[int, list]] = {}
     for row, v in ious.items():
         base, seed = split_seed(row)
@@ -136,12 +137,11 @@ def seed_pair_up(pairs: list[str], ious: dict, done: dict) -> None:
             print(f"{a} - {b}, seeds {r['seeds']}: {100 * r['diff']:+.2f} mIoU, 95% CI "
                   f"[{100 * r['ci95'][0]:+.2f}, {100 * r['ci95'][1]:+.2f}]; per seed {per_seed}",
                   flush=True)  # fmt: skip
-    for base, by_seed in runs.items():
-        if len(by_seed) > 1:
-            mious = [
-                float(np.mean([x for img in by_seed[s] for x in img])) for s in sorted(by_seed)
-            ]
-            done.setdefault("_seed_mious", {})[base] = dict(zip(sorted(by_seed), mious))
+    return {
+        base: {s: float(np.mean([x for img in by_seed[s] for x in img])) for s in sorted(by_seed)}
+        for base, by_seed in runs.items()
+        if len(by_seed) > 1
+    }
 
 
 def pair_up(pairs: list[str], ious: dict, done: dict) -> None:
@@ -152,6 +152,37 @@ def pair_up(pairs: list[str], ious: dict, done: dict) -> None:
             done[pair] = r = paired_interval(ious[a], ious[b])
             print(f"{a} - {b}: {100 * r['diff']:+.2f} mIoU, 95% CI "
                   f"[{100 * r['ci95'][0]:+.2f}, {100 * r['ci95'][1]:+.2f}]", flush=True)  # fmt: skip
+
+
+def run_rows(settings: dict[str, QuantConfig], args, ious: dict, out: dict) -> None:
+    """Quantize and score each setting on the validation and calibration scenes; the JSON is
+    written after each row."""
+    with tempfile.TemporaryDirectory() as tmp:
+        make_dataset(Path(tmp) / "val", args.num_val, VAL_SEED, progress=False)
+        make_dataset(Path(tmp) / "calib", args.num_calib, CALIB_SEED, progress=False)
+        dataset, calib_scenes = (
+            CocoDataset(Path(tmp) / d / "images", Path(tmp) / d / "annotations.json")
+            for d in ("val", "calib")
+        )
+        captured = capture(build_sam("tiny").to(args.device))
+        calib = calibration_samples(args.num_calib)
+        for row, cfg in settings.items():
+            start = time.perf_counter()
+            q = quantize(captured, calib, cfg, progress=False)
+            q_s = time.perf_counter() - start
+            ious[row] = per_image_ious(q, dataset)
+            flat = [x for img in ious[row] for x in img]
+            on_calib = [x for img in per_image_ious(q, calib_scenes) for x in img]
+            out["rows"][row] = {
+                "miou": float(np.mean(flat)), "objects": len(flat), "quantize_s": q_s,
+                "calib_miou": float(np.mean(on_calib)), "calib_objects": len(on_calib),
+                "per_image_ious": ious[row],
+            }  # fmt: skip
+            print(f"{row}: mIoU {100 * np.mean(flat):.2f} ({len(flat)} objects), on the "
+                  f"calibration scenes {100 * np.mean(on_calib):.2f} ({len(on_calib)}), "
+                  f"quantize {q_s:.0f} s", flush=True)  # fmt: skip
+            pair_up(args.pairs, ious, out["pairs"])
+            args.json.write_text(json.dumps(out) + "\n")
 
 
 def main(argv=None) -> int:
@@ -179,49 +210,22 @@ def main(argv=None) -> int:
         "rows": {},
         "pairs": {},
     }
-    with tempfile.TemporaryDirectory() as tmp:
-        make_dataset(Path(tmp) / "val", args.num_val, VAL_SEED, progress=False)
-        make_dataset(Path(tmp) / "calib", args.num_calib, CALIB_SEED, progress=False)
-        dataset, calib_scenes = (
-            CocoDataset(Path(tmp) / d / "images", Path(tmp) / d / "annotations.json")
-            for d in ("val", "calib")
-        )
-        captured = capture(build_sam("tiny").to(args.device))
-        calib = calibration_samples(args.num_calib)
-        ious = {}
-        for path in args.from_json:
-            earlier = json.loads(path.read_text())
-            if earlier["args"]["num_val"] != args.num_val:
-                raise ValueError(
-                    f"{path}: --num-val {earlier['args']['num_val']}, not {args.num_val}"
-                )
-            ious |= {row: r["per_image_ious"] for row, r in earlier["rows"].items()}
-        for row, cfg in settings.items():
-            start = time.perf_counter()
-            q = quantize(captured, calib, cfg, progress=False)
-            q_s = time.perf_counter() - start
-            ious[row] = per_image_ious(q, dataset)
-            flat = [x for img in ious[row] for x in img]
-            on_calib = [x for img in per_image_ious(q, calib_scenes) for x in img]
-            out["rows"][row] = {
-                "miou": float(np.mean(flat)), "objects": len(flat), "quantize_s": q_s,
-                "calib_miou": float(np.mean(on_calib)), "calib_objects": len(on_calib),
-                "per_image_ious": ious[row],
-            }  # fmt: skip
-            print(f"{row}: mIoU {100 * np.mean(flat):.2f} ({len(flat)} objects), on the "
-                  f"calibration scenes {100 * np.mean(on_calib):.2f} ({len(on_calib)}), "
-                  f"quantize {q_s:.0f} s", flush=True)  # fmt: skip
-            pair_up(args.pairs, ious, out["pairs"])
-            args.json.write_text(json.dumps(out) + "\n")
-        pair_up(args.pairs, ious, out["pairs"])
-        out["seed_pairs"] = {}
-        seed_pair_up(args.seed_pairs, ious, out["seed_pairs"])
-        for base, mious in out["seed_pairs"].get("_seed_mious", {}).items():
-            spread = " ".join(f"{100 * m:.2f}" for m in mious.values())
-            print(
-                f"{base}: seeds {list(mious)}: mIoU {spread}, mean {100 * np.mean(list(mious.values())):.2f}"
-            )
-        args.json.write_text(json.dumps(out) + "\n")
+    ious = {}
+    for path in args.from_json:
+        earlier = json.loads(path.read_text())
+        if earlier["args"]["num_val"] != args.num_val:
+            raise ValueError(f"{path}: --num-val {earlier['args']['num_val']}, not {args.num_val}")
+        ious |= {row: r["per_image_ious"] for row, r in earlier["rows"].items()}
+    if settings:
+        run_rows(settings, args, ious, out)
+    pair_up(args.pairs, ious, out["pairs"])
+    out["seed_pairs"] = {}
+    out["seed_mious"] = seed_pair_up(args.seed_pairs, ious, out["seed_pairs"])
+    for base, mious in out["seed_mious"].items():
+        spread = " ".join(f"{100 * m:.2f}" for m in mious.values())
+        mean = 100 * np.mean(list(mious.values()))
+        print(f"{base}: seeds {list(mious)}: mIoU {spread}, mean {mean:.2f}")
+    args.json.write_text(json.dumps(out) + "\n")
     return 0
 
 
