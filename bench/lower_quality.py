@@ -30,7 +30,7 @@ from samq_fx.data import CocoDataset, make_dataset  # noqa: E402
 from samq_fx.demo import VAL_SEED, calibration_samples  # noqa: E402
 from samq_fx.eval import evaluate  # noqa: E402
 from samq_fx.report import format_table  # noqa: E402
-from samq_fx.speed import VARIANTS  # noqa: E402
+from samq_fx.speed import lowering_options  # noqa: E402
 
 PRESET_OF = {"int8-static": "W8A8-int8", "int8-dynamic": "W8A8-int8",
              "float8-static": "W8A8-int8", "int4-weight": "W4A16-int4"}  # fmt: skip
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         calib = calibration_samples(args.num_calib)
         fakes = {}
         for setting in args.backends:
-            backend, _, variant = setting.partition("+")
+            backend, options = lowering_options(setting)
             preset = PRESET_OF[backend]
             if preset not in fakes:
                 q = samq_fx.quantize(captured, calib, samq_fx.QuantConfig.preset(preset),
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
                 records.append({"preset": preset, "model": "fake-quant", **res.to_dict()})
             q, fake = fakes[preset]
             start = time.perf_counter()
-            lowered = samq_fx.lower(q, backend, **VARIANTS.get(variant, {}), verbose=False)
+            lowered = samq_fx.lower(q, backend, **options, verbose=False)
             res = evaluate(lowered, data, reference=fp, progress=False)
             delta = 100 * (res.miou - fake.miou)
             rows.append((preset, setting, f"{100 * res.miou:.2f}", f"{100 * res.mask_ap:.1f}",

@@ -10,7 +10,9 @@ work is two passes, run per part:
 torchao tensor subclass (int4: an `Int4Linear`) built from the calibrated quantizers
 (`make_linear` below), and
 `passes/fuse_attention.py` swaps the encoder's attention chains for one fused kernel,
-`passes/patch_embed_as_matmul.py` turns the patch-embedding convolution into a matmul. A fourth,
+`passes/patch_embed_as_matmul.py` turns the patch-embedding convolution into a matmul, and
+`passes/fuse_linear_epilogue.py` (float8-static) runs each encoder MLP's lin1 + GELU + lin2's
+input quantizer as one GEMM (`samq_fx/float8_epilogue.py`). The last,
 `cast_boundaries` (here), casts graph inputs to the compute dtype and float outputs back to
 float32, so `SamPredictor` feeds the lowered model exactly what it feeds `Sam`.
 
@@ -50,6 +52,7 @@ from samq_fx.api import PARTS, QuantizedSam
 from samq_fx.capture import CapturedSam
 from samq_fx.meta import get_info
 from samq_fx.passes.fuse_attention import fuse_attention as fuse_attention_pass
+from samq_fx.passes.fuse_linear_epilogue import fuse_linear_epilogue
 from samq_fx.passes.lower_linears import lower_linears
 from samq_fx.passes.patch_embed_as_matmul import patch_embed_as_matmul
 from samq_fx.pipeline import PassContext, PassResult, run_passes
@@ -99,6 +102,9 @@ class LowerConfig(DictConfig):
         window_attention: the same for the windowed attentions (14 x 14 tokens in SAM), where
             flex is the fastest on the H100 (bench/RESULTS.md), hence the default.
         strict: raise instead of keeping a layer fake-quantized.
+        fuse_epilogue: float8-static: run each image-encoder MLP (lin1 -> GELU -> lin2) as a
+            float8 GEMM whose epilogue applies the GELU and writes lin2's float8 input (one
+            Triton kernel; CUDA only, as float8 is), instead of a bf16 round trip between them.
     """
 
     backend: str = "int8-static"
@@ -107,6 +113,7 @@ class LowerConfig(DictConfig):
     attention: str = "flex"
     window_attention: str = "flex"
     strict: bool = False
+    fuse_epilogue: bool = True
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -137,6 +144,8 @@ class LoweringReport:
     attention: str = "flex"
     fused_attention: int = 0
     unfused_attention: dict[str, str] = field(default_factory=dict)
+    fused_epilogues: int = 0
+    unfused_epilogues: dict[str, str] = field(default_factory=dict)
     weight_bytes: int = 0
     fp16_weight_bytes: int = 0
 
@@ -146,7 +155,7 @@ class LoweringReport:
         head = (
             f"lowering {self.backend} ({self.dtype}, {self.device}): {len(self.lowered)} linears "
             f"lowered, {len(self.kept)} kept fake-quantized, {self.fused_attention} attentions "
-            f"fused ({self.attention}); weights {self.weight_bytes / 2**20:.1f} MiB "
+            f"fused ({self.attention}), {self.fused_epilogues} activation epilogues fused; weights {self.weight_bytes / 2**20:.1f} MiB "
             f"({self.weight_bytes / max(self.fp16_weight_bytes, 1):.2f}x fp16)"
         )
         return head + "\n" + format_table(("site", "status", "kernel / reason"), rows)
@@ -404,7 +413,18 @@ class TorchaoBackend:
             set_inductor_config=False,
         )
         quantize_(lin, cfg)
+        lin.samq_act_scale = act_scale.to(self.device)  # for `float8_parts`
         return lin, "float8 e4m3 (_scaled_mm), calibrated activation scale"
+
+    def float8_parts(self, module: nn.Module):
+        """(codes (N, K) e4m3, weight scale, input scale, bias) of a linear `_float8_static`
+        built, or None for any other module: what `fuse_linear_epilogue` rebuilds it from."""
+        act_scale = getattr(module, "samq_act_scale", None)
+        weight = getattr(module, "weight", None)
+        codes = getattr(weight, "qdata", None)
+        if act_scale is None or codes is None or codes.dtype != torch.float8_e4m3fn:
+            return None
+        return codes, weight.scale, act_scale, module.bias
 
 
 # -- graph edits -------------------------------------------------------------------------------
@@ -529,6 +549,7 @@ def lower(
     attention: str = "flex",
     window_attention: str = "flex",
     strict: bool = False,
+    fuse_epilogue: bool = True,
     compile: bool = False,
     verbose: bool = True,
 ) -> LoweredSam:
@@ -545,6 +566,8 @@ def lower(
             "int8-qk" make the attention matmuls 8-bit.
         strict: raise `LoweringError` if any quantized layer has no kernel (else it stays
             fake-quantized, with a warning that names it).
+        fuse_epilogue: float8-static: fuse each encoder MLP's GELU and the next linear's
+            input quantizer into the first GEMM (see `LowerConfig`).
         compile: wrap the image encoder and mask decoder in `torch.compile(fullgraph=True)`.
         verbose: print the lowering table.
 
@@ -561,6 +584,7 @@ def lower(
         attention=attention,
         window_attention=window_attention,
         strict=strict,
+        fuse_epilogue=fuse_epilogue,
     )
     if isinstance(qmodel, LoweredSam):
         raise LoweringError("this model is already lowered; lower the QuantizedSam it came from")
@@ -592,7 +616,12 @@ def lower(
         gm = getattr(model, part)
         state = _pass_state(torch_dtype, cfg.attention, cfg.window_attention)
         ctx = PassContext(part, model.samq_arch, config=kernels, state=state)
-        records = run_passes(gm, ctx, [lower_linears, *_float_passes(part, cfg.fuse_attention)])
+        # the encoder's MLPs see B x 4096 tokens; the decoder's a few per prompt, where an
+        # autotuned kernel per prompt count would cost more than the round trip it saves
+        fuse_mlp = cfg.fuse_epilogue and cfg.backend == "float8-static" and part == "image_encoder"
+        epilogue = [fuse_linear_epilogue] if fuse_mlp else []
+        passes = [lower_linears, *epilogue, *_float_passes(part, cfg.fuse_attention)]
+        records = run_passes(gm, ctx, passes)
         results = {r.name: r.result for r in records}  # the latest run of each pass
         prefix = "enc" if part == "image_encoder" else "dec"
         for site, reason in results["lower_linears"].rejected.items():
@@ -601,7 +630,14 @@ def lower(
             info = get_info(node)
             finding = info.findings.get("lower_linears") if info is not None else None
             if finding and node.op == "call_module":
-                report.lowered[f"{prefix}:{node.target.split('.', 1)[1]}"] = finding["kernel"]
+                kernel = finding["kernel"]
+                fused = info.findings.get("fuse_linear_epilogue")
+                if fused:
+                    kernel = f"float8 e4m3 + {fused['activation']} + float8 out (Triton, fused)"
+                report.lowered[f"{prefix}:{node.target.split('.', 1)[1]}"] = kernel
+        if "fuse_linear_epilogue" in results:
+            report.fused_epilogues += results["fuse_linear_epilogue"].counts["fused"]
+            report.unfused_epilogues.update(results["fuse_linear_epilogue"].rejected)
         if "fuse_attention" in results:
             report.fused_attention += results["fuse_attention"].counts["fused"]
             report.unfused_attention.update(results["fuse_attention"].rejected)

@@ -19,7 +19,8 @@ Settings:
                      groups of 128 on SAM-B/L/H, whose linears all divide by 128);
                      a suffix picks the attention: +unfused (eager chain), +triton (Triton bf16),
                      +f8attn (Triton, float8 q·kᵀ and P·v), +i8attn (int8 q·kᵀ, float8 P·v);
-                     for the global attentions, windows keep flex (+f8attn-all: windows too)
+                     for the global attentions, windows keep flex (+f8attn-all: windows too);
+                     float8-static fuses each MLP's GELU into lin1's GEMM (+noepi: it does not)
 
     samq-fx bench --model vit_b --device cuda --batch 1 8 --json speed.json
     samq-fx bench --model tiny --device cpu --settings fp32 fp32-compile int8-static
@@ -53,9 +54,12 @@ FLOAT_SETTINGS = ("fp32", "fp32-compile", "fp32-fused", "bf16", "bf16-compile", 
 VARIANTS = {"unfused": {"fuse_attention": False}, "triton": {"attention": "triton"},
             "f8attn": {"attention": "float8"}, "i8attn": {"attention": "int8-qk"},
             "f8attn-all": {"attention": "float8", "window_attention": "float8"},
-            "i8attn-all": {"attention": "int8-qk", "window_attention": "int8-qk"}}  # fmt: skip
-"""Attention variants of a lowered setting ("float8-static+f8attn"); without -all the windowed
-attentions keep flex (the fastest there), the global ones take the named kernel."""
+            "i8attn-all": {"attention": "int8-qk", "window_attention": "int8-qk"},
+            "noepi": {"fuse_epilogue": False}}  # fmt: skip
+"""Variants of a lowered setting, one or more `+` suffixes ("float8-static+i8attn+noepi"): the
+attention kernel (without -all the windowed attentions keep flex, the fastest there, and the
+global ones take the named kernel); +noepi keeps float8 MLPs as two linears around a separate
+activation pass instead of the fused GEMM epilogue."""
 LOWERED_SETTINGS = ("int8-static", "int8-dynamic", "float8-static", "int4-weight")
 DEFAULT_GPU = ("fp32", "bf16", "bf16-compile", "bf16-fused", *LOWERED_SETTINGS)
 
@@ -127,6 +131,13 @@ def _quantiles(times: list[float]) -> tuple[float, float, float]:
     return statistics.median(times), qs[0], qs[-1]
 
 
+def lowering_options(setting: str) -> tuple[str, dict]:
+    """("float8-static", {"attention": "int8-qk"}) for "float8-static+i8attn": a lowered
+    setting's backend and the `lower` keywords of its `VARIANTS` suffixes."""
+    backend, *variants = setting.split("+")
+    return backend, {k: v for variant in variants for k, v in VARIANTS[variant].items()}
+
+
 def build(setting: str, captured, quantized: dict, cudagraphs: bool = False):
     """(model, compiled?) for a setting."""
     compile_parts = partial(_compile_parts, cudagraphs=cudagraphs)
@@ -147,9 +158,9 @@ def build(setting: str, captured, quantized: dict, cudagraphs: bool = False):
     if setting == "bf16-triton-all":
         model = optimize_float(captured, "bfloat16", attention="triton", window_attention="triton")
         return compile_parts(model), True
-    backend, _, variant = setting.partition("+")  # "float8-static+f8attn": 8-bit attention
+    backend, options = lowering_options(setting)
     q = quantized["int4" if backend == "int4-weight" else "int8"]
-    lowered = lower(q, backend, **VARIANTS.get(variant, {}), verbose=False)
+    lowered = lower(q, backend, **options, verbose=False)
     return compile_parts(lowered), True
 
 
@@ -260,6 +271,7 @@ def profile(model, x: torch.Tensor, path: str | None) -> None:
         kind = (
             "int8 gemm" if any(s in key for s in ("_s8", "s8_", "i8", "int_mm", "i16832"))
             else "fp8 gemm" if any(s in key for s in ("qqtst", "f8f8", "fp8", "e4m3"))
+            or key.startswith("_linear_act_kernel")  # samq_fx.float8_epilogue's GEMM
             else "attention" if any(s in key for s in ("flex", "attention", "fmha", "flash"))
             else "bf16 gemm / conv" if any(s in key for s in ("gemm", "nvjet", "cutlass", "conv", "xmma"))
             else "elementwise / norm / other"
@@ -306,7 +318,7 @@ def run(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         args.settings = list(DEFAULT_GPU if device.type == "cuda" else
                              ("fp32", "fp32-compile", "fp32-fused", "int8-static", "int8-dynamic"))  # fmt: skip
     unknown = {s.partition("+")[0] for s in args.settings} - set(FLOAT_SETTINGS + LOWERED_SETTINGS)
-    unknown |= {s for s in args.settings if s.partition("+")[2] not in ("", *VARIANTS)}
+    unknown |= {s for s in args.settings if not set(s.split("+")[1:]) <= set(VARIANTS)}
     if unknown:
         p.error(f"unknown settings {sorted(unknown)}; known: {FLOAT_SETTINGS + LOWERED_SETTINGS}"
                 f", lowered ones with a suffix +{'/+'.join(VARIANTS)}")  # fmt: skip

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -40,3 +45,21 @@ def tiny_trained_captured():
     """The shipped (trained) tiny SAM, captured once for the session; tests only read it
     (`quantize`, `lower` and `optimize_float` copy it)."""
     return samq_fx.capture(samq_fx.build_sam("tiny"))
+
+
+@pytest.fixture(scope="session")
+def triton_interpreter():
+    """Run a Python script under Triton's CPU interpreter (TRITON_INTERPRET=1 must be set before
+    triton is imported, hence a subprocess) and return its last stdout line."""
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[1]
+
+    def run(script: str) -> str:
+        env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
+        proc = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout.strip().splitlines()[-1]
+
+    return run

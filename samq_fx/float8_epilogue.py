@@ -1,0 +1,393 @@
+"""A float8 GEMM whose epilogue applies the activation and quantizes for the next linear.
+
+SAM's MLP is `lin2(act(lin1(x)))`. Lowered as two float8 linears, lin1 writes its output in
+bf16 (4x the width of the block: SAM-H 32 layers x 32768 x 5120 at batch 8) and a separate
+pass reads it back, applies GELU and writes lin2's float8 input: on the H100 that pass was
+10.2 ms of SAM-H's 105 ms (`bench/profile_vit_h_h100_float8_i8attn.json`). Here the GEMM's
+accumulator goes straight through scale, bias, activation and lin2's calibrated quantizer, and
+only the float8 codes reach memory:
+
+    out = fp8( clamp( act(x8·w8ᵀ · s_x·s_w + b) / s_out, ±448 ) )
+
+`linear_act_reference` is the same function in float32 PyTorch (the op's CPU implementation and
+what the tests compare the kernel with). The unfused pair rounds lin1's output to bf16 before
+the activation; the kernel does not, and its GELU is exact to 2.2e-7 (see `_epilogue`): both
+move a few percent of the codes by one e4m3 step from the float32 reference (GPU test).
+
+Two kernels: one program a tile with pointer loads (any sm_89+ GPU), and a persistent one with
+TMA loads and stores (sm_90); `launch` times both on a shape's first call and keeps the faster.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from samq_fx.triton_attention import FLOAT8_MAX
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships with PyTorch's Linux wheels
+    triton = None
+
+ACTIVATIONS = ("gelu", "relu")
+"""Epilogue activations: aten.gelu (exact, erf) and aten.relu."""
+
+K_MULTIPLE = 32
+"""The kernel walks K in blocks of 32..128 without masks; other K are refused."""
+
+
+def unsupported(in_features: int, activation: str) -> str | None:
+    """Why this layer cannot take the fused kernel, or None."""
+    if activation not in ACTIVATIONS:
+        return f"activation {activation!r} has no fused epilogue (only {ACTIVATIONS})"
+    if in_features % K_MULTIPLE:
+        return f"in_features {in_features} is not a multiple of {K_MULTIPLE}"
+    return None
+
+
+def _activation(y: Tensor, activation: str) -> Tensor:
+    if activation == "gelu":
+        return torch.nn.functional.gelu(y)
+    return torch.relu(y)
+
+
+def linear_act_reference(
+    x: Tensor, w: Tensor, scales: Tensor, bias: Tensor | None, activation: str
+) -> Tensor:
+    """The kernel's function in float32 PyTorch: x (M, K) and w (N, K) float8 (or any float),
+    scales = [s_x·s_w, s_out] float32; returns (M, N) float8 e4m3."""
+    y = (x.float() @ w.float().t()) * scales[0]
+    if bias is not None:
+        y = y + bias.float()
+    y = _activation(y, activation) / scales[1]
+    return y.clamp(-FLOAT8_MAX, FLOAT8_MAX).to(torch.float8_e4m3fn)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _erf(x):
+        """erf within 1.4e-7 (Abramowitz & Stegun 7.1.26): one approximate reciprocal, one
+        exp2 and five FMAs, where libdevice's erff costs about three times the instructions."""
+        a = tl.abs(x)
+        t = tl.math.fdiv(1.0, 1.0 + 0.3275911 * a)
+        poly = t * (
+            0.254829592
+            + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429)))
+        )
+        r = 1.0 - poly * tl.exp2(-a * a * 1.4426950408889634)
+        return tl.where(x < 0, -r, r)
+
+    @triton.jit
+    def _epilogue(acc, BIAS, SCALES, offs_n, N, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr):
+        """scale, bias, activation, and the next linear's quantizer (float32, clamped).
+
+        The epilogue runs on the same warps as the tensor-core loop, so its instruction count
+        is GEMM time: the divide by the output scale is one multiply by its reciprocal, and
+        erf is `_erf` (GELU within 2.2e-7 absolute, under a thousandth of e4m3's finest
+        step at any output scale above 1e-4)."""
+        y = acc * tl.load(SCALES)
+        if HAS_BIAS:
+            y += tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        inv_out = 1.0 / tl.load(SCALES + 1)
+        if ACTIVATION == "gelu":
+            y = y * (1.0 + _erf(y * 0.7071067811865476)) * (0.5 * inv_out)
+        else:
+            y = tl.maximum(y, 0.0) * inv_out
+        return tl.minimum(tl.maximum(y, -448.0), 448.0)
+
+    @triton.jit
+    def _tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
+        """(row block, column block) of a tile, in groups of GROUP_M row blocks so that
+        consecutive tiles reuse the same weight columns from L2."""
+        per_group = GROUP_M * num_n
+        first_m = (tile // per_group) * GROUP_M
+        group_rows = tl.minimum(num_m - first_m, GROUP_M)
+        return first_m + (tile % per_group) % group_rows, (tile % per_group) // group_rows
+
+    @triton.jit
+    def _linear_act_kernel_tma(
+        x_desc, w_desc, o_desc, BIAS, SCALES,
+        M, N, K,
+        HAS_BIAS: tl.constexpr,
+        ACTIVATION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+        NUM_SMS: tl.constexpr,
+    ):  # fmt: skip
+        """Persistent Hopper variant: one program per SM walks the tiles; TMA moves the tiles
+        (zero-filled past the edges, stores clipped) and the tile loop is flattened with the K
+        loop, so the next tile's loads overlap this tile's epilogue."""
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        k_tiles = tl.cdiv(K, BLOCK_K)
+        for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True):
+            pid_m, pid_n = _tile(tile, num_m, num_n, GROUP_M)
+            off_m, off_n = pid_m * BLOCK_M, pid_n * BLOCK_N
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for ki in range(k_tiles):
+                a = x_desc.load([off_m, ki * BLOCK_K])
+                b = w_desc.load([off_n, ki * BLOCK_K])
+                acc = tl.dot(a, b.T, acc)
+            offs_n = off_n + tl.arange(0, BLOCK_N)
+            y = _epilogue(acc, BIAS, SCALES, offs_n, N, HAS_BIAS, ACTIVATION)
+            o_desc.store([off_m, off_n], y.to(o_desc.dtype))
+
+    @triton.jit
+    def _linear_act_kernel(
+        X, W, BIAS, OUT, SCALES,
+        M, N, K,
+        stride_xm, stride_wn, stride_om,
+        HAS_BIAS: tl.constexpr,
+        ACTIVATION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):  # fmt: skip
+        pid_m, pid_n = _tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        # rows / columns past the edge read row 0 (always valid) and are masked at the store,
+        # so the K loop runs without masks
+        rows = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
+        cols = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
+        x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :]
+        w_ptrs = W + cols[None, :] * stride_wn + offs_k[:, None]  # wᵀ tile, K-contiguous
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for _ in range(0, K, BLOCK_K):
+            acc = tl.dot(tl.load(x_ptrs), tl.load(w_ptrs), acc)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        y = _epilogue(acc, BIAS, SCALES, offs_n, N, HAS_BIAS, ACTIVATION)
+        o_ptrs = OUT + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+        tl.store(
+            o_ptrs, y.to(OUT.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :]
+        )
+
+    def _prune(configs, named_args, **kwargs):
+        k = named_args["K"]
+        kept = [c for c in configs if k % c.kwargs["BLOCK_K"] == 0]
+        return kept or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8})]
+
+    _CONFIGS = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                      num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in (
+            (128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 128, 128, 8, 4),
+            (128, 128, 128, 4, 4), (128, 256, 64, 8, 4), (64, 128, 128, 4, 4),
+            (128, 128, 128, 8, 3), (128, 128, 128, 4, 3), (128, 128, 64, 4, 4),
+        )
+    ]  # fmt: skip
+    _tuned_kernel = triton.autotune(
+        _CONFIGS,
+        key=["M", "N", "K", "HAS_BIAS", "ACTIVATION"],
+        prune_configs_by={"early_config_prune": _prune},
+    )(_linear_act_kernel)
+
+    def _set_descriptor_blocks(nargs) -> None:
+        bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+        nargs["x_desc"].block_shape = [bm, bk]
+        nargs["w_desc"].block_shape = [bn, bk]
+        nargs["o_desc"].block_shape = [bm, bn]
+
+    _TMA_CONFIGS = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                      num_warps=w, num_stages=s, pre_hook=_set_descriptor_blocks)
+        for bm, bn, bk, w, s in (
+            (128, 256, 128, 8, 3), (128, 256, 64, 8, 4), (128, 128, 128, 8, 4),
+            (128, 128, 128, 4, 4), (256, 128, 128, 8, 3), (128, 128, 64, 4, 5),
+        )
+    ]  # fmt: skip
+    _tuned_kernel_tma = triton.autotune(  # TMA zero-fills past K: any K % 32 == 0 runs
+        _TMA_CONFIGS, key=["M", "N", "K", "HAS_BIAS", "ACTIVATION"]
+    )(_linear_act_kernel_tma)
+
+KERNELS = ("pointer", "tma")
+"""`pointer`: one program a tile, loads through pointers (any sm_89+ GPU); `tma`: persistent,
+TMA loads and stores (Hopper, sm_90+). `launch` times both on a shape's first call and keeps
+the faster (`chosen_kernels`)."""
+_CHOSEN: dict[tuple, str] = {}
+
+
+def chosen_kernels() -> dict[tuple, str]:
+    """(M, N, K, has_bias, activation) -> the kernel `launch` picked for that shape."""
+    return dict(_CHOSEN)
+
+
+def _tma_ok(x: Tensor) -> bool:
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0)
+
+
+def _run(kernel: str, x, w, out, scales, bias, activation) -> None:
+    m, k = x.shape
+    n = w.shape[0]
+    bias_arg = bias if bias is not None else scales  # never read when HAS_BIAS is False
+    common = {"HAS_BIAS": bias is not None, "ACTIVATION": activation}
+    if kernel == "pointer":
+        grid = lambda meta: (  # noqa: E731
+            triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),
+        )
+        args = (x, w, bias_arg, out, scales, m, n, k, x.stride(0), w.stride(0), out.stride(0))
+        _tuned_kernel[grid](*args, **common)
+        return
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    # block shapes are placeholders until the config's pre_hook sets them
+    x_desc = TensorDescriptor.from_tensor(x, [1, 32])
+    w_desc = TensorDescriptor.from_tensor(w, [1, 32])
+    o_desc = TensorDescriptor.from_tensor(out, [1, 16])
+    grid = lambda meta: (  # noqa: E731
+        min(sms, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),
+    )
+    _tuned_kernel_tma[grid](x_desc, w_desc, o_desc, bias_arg, scales, m, n, k, **common,
+                            NUM_SMS=sms)  # fmt: skip
+
+
+def launch(
+    x: Tensor,
+    w: Tensor,
+    scales: Tensor,
+    bias: Tensor | None,
+    activation: str,
+    *,
+    out_dtype: torch.dtype = torch.float8_e4m3fn,
+    block: tuple[int, int, int] | None = None,
+    kernel: str | None = None,
+) -> Tensor:
+    """Run a Triton kernel: `kernel` from `KERNELS`, or None for the faster on this shape
+    (timed once). `block` = (BLOCK_M, BLOCK_N, BLOCK_K) runs the pointer kernel untuned, as the
+    interpreter tests do; they also store float32 to see the values before rounding."""
+    if triton is None:
+        raise RuntimeError("the fused float8 linear needs Triton, which is not installed")
+    m, k = x.shape
+    n = w.shape[0]
+    problem = unsupported(k, activation)
+    if problem:
+        raise ValueError(problem)
+    x, w = x.contiguous(), w.contiguous()
+    out = torch.empty(m, n, dtype=out_dtype, device=x.device)
+    if block is not None:
+        bm, bn, bk = block
+        bias_arg = bias if bias is not None else scales
+        grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+        _linear_act_kernel[grid](
+            x, w, bias_arg, out, scales, m, n, k, x.stride(0), w.stride(0), out.stride(0),
+            HAS_BIAS=bias is not None, ACTIVATION=activation,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4, num_warps=4,
+        )  # fmt: skip
+        return out
+    if kernel is None:
+        kernel = _CHOSEN.get(key := (m, n, k, bias is not None, activation))
+        if kernel is None:
+            kernel = _pick(x, w, out, scales, bias, activation) if _tma_ok(x) else "pointer"
+            _CHOSEN[key] = kernel
+    elif kernel not in KERNELS or (kernel == "tma" and not _tma_ok(x)):
+        raise ValueError(f"kernel {kernel!r} cannot run here; kernels: {KERNELS} (tma: sm_90+)")
+    _run(kernel, x, w, out, scales, bias, activation)
+    return out
+
+
+def _pick(x, w, out, scales, bias, activation) -> str:
+    """The faster kernel on this shape, each at its autotuned config."""
+    from triton.testing import do_bench
+
+    times = {}
+    for kernel in KERNELS:
+        try:
+            _run(kernel, x, w, out, scales, bias, activation)  # autotunes
+        except Exception as err:  # a Triton without this kernel's features: use the other one
+            warnings.warn(
+                f"float8 epilogue kernel {kernel!r} failed to build ({err!r:.300})", stacklevel=3
+            )
+            continue
+        times[kernel] = do_bench(lambda k=kernel: _run(k, x, w, out, scales, bias, activation))
+    return min(times, key=times.get)
+
+
+@torch.library.custom_op("samq::float8_linear_act", mutates_args=())
+def float8_linear_act_op(
+    x: Tensor, w: Tensor, scales: Tensor, bias: Tensor | None, activation: str
+) -> Tensor:
+    """act(x·wᵀ·scales[0] + bias) quantized to float8 e4m3 with scale scales[1].
+
+    Args:
+        x: (M, K) float8 e4m3, the input's codes (scale s_x).
+        w: (N, K) float8 e4m3, the weight's codes (scale s_w).
+        scales: (2,) float32 [s_x·s_w, s_out], s_out the next linear's input scale.
+        bias: (N,) or None.
+        activation: "gelu" (exact) or "relu".
+
+    Returns:
+        (M, N) float8 e4m3. CUDA runs the Triton kernel, the CPU `linear_act_reference`.
+    """
+    if x.device.type == "cuda":
+        return launch(x, w, scales, bias, activation)
+    return linear_act_reference(x, w, scales, bias, activation)
+
+
+@float8_linear_act_op.register_fake
+def _(x, w, scales, bias, activation):
+    return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float8_e4m3fn)
+
+
+def quantize_static(x: Tensor, scale: Tensor) -> Tensor:
+    """x / scale clamped to ±448 in float8 e4m3: torchao's static float8 activation quantizer,
+    as plain ops so that inductor fuses it into the kernel that produces x."""
+    return (x.float() / scale).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(torch.float8_e4m3fn)
+
+
+class Float8LinearAct(nn.Module):
+    """lin1 + activation + lin2's input quantizer: float8 in, float8 codes for lin2 out."""
+
+    def __init__(self, weight, w_scale, x_scale, bias, out_scale, activation: str) -> None:
+        super().__init__()
+        self.activation = activation
+        self.register_buffer("weight", weight.contiguous())  # (N, K) e4m3 codes
+        self.register_buffer("x_scale", x_scale.float().reshape(()))
+        scales = torch.stack([x_scale.float().reshape(()) * w_scale.float().reshape(()),
+                              out_scale.float().reshape(())])  # fmt: skip
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x8 = quantize_static(x, self.x_scale).reshape(-1, x.shape[-1])
+        y = float8_linear_act_op(x8, self.weight, self.scales, self.bias, self.activation)
+        return y.reshape(*x.shape[:-1], self.weight.shape[0])
+
+
+class Float8LinearOnCodes(nn.Module):
+    """lin2 of a fused pair: takes the float8 codes `Float8LinearAct` wrote (scale `x_scale`)
+    and runs the same `torch._scaled_mm` as torchao's float8 linear."""
+
+    def __init__(self, weight, w_scale, x_scale, bias, out_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.out_dtype = out_dtype
+        self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("w_scale", w_scale.float().reshape(1, 1))
+        self.register_buffer("x_scale", x_scale.float().reshape(1, 1))
+        self.register_buffer("bias", bias)
+
+    def forward(self, x8: Tensor) -> Tensor:
+        y = torch._scaled_mm(
+            x8.reshape(-1, x8.shape[-1]),
+            self.weight.t(),
+            scale_a=self.x_scale,
+            scale_b=self.w_scale,
+            bias=self.bias,
+            out_dtype=self.out_dtype,
+            use_fast_accum=True,
+        )
+        return y.reshape(*x8.shape[:-1], self.weight.shape[0])

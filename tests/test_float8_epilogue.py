@@ -1,0 +1,170 @@
+"""The fused float8 MLP epilogue on the CPU: the Triton kernel under Triton's interpreter against
+its reference, and `fuse_linear_epilogue` on a float8-lowered tiny SAM (float8 lowering is
+allowed on the CPU here, where `torch._scaled_mm` runs) against the unfused lowering. The GPU
+run of the kernel is in tests/test_lower_gpu.py."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import samq_fx
+from samq_fx.config import QuantConfig
+from samq_fx.demo import calibration_samples
+from samq_fx.float8_epilogue import (
+    Float8LinearAct,
+    Float8LinearOnCodes,
+    linear_act_reference,
+    quantize_static,
+    unsupported,
+)
+from samq_fx.lower import LoweringError, TorchaoBackend, lower
+
+_INTERPRETER_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from samq_fx import float8_epilogue as fe
+    torch.manual_seed(0)
+    worst = 0.0
+    # (M, N, K, activation, bias, operand dtype): ragged M and N against the 16-wide blocks,
+    # K of two and three 32-blocks, no bias; float8 codes as the kernel gets them on a GPU
+    for m, n, k, act, bias, dtype in ((50, 40, 64, "gelu", True, torch.float8_e4m3fn),
+                                      (16, 64, 96, "relu", False, torch.float8_e4m3fn),
+                                      (33, 17, 32, "gelu", True, torch.float16)):
+        x = (torch.randn(m, k) * 20).to(dtype)
+        w = (torch.randn(n, k) * 20).to(dtype)
+        b = torch.randn(n) if bias else None
+        scales = torch.tensor([1e-3, 0.01])
+        # float32 out: the values before the e4m3 cast (the interpreter's own cast mis-rounds)
+        out = fe.launch(x, w, scales, b, act, out_dtype=torch.float32, block=(16, 16, 32))
+        y = (x.float() @ w.float().t()) * scales[0] + (b if bias else 0)
+        y = torch.nn.functional.gelu(y) if act == "gelu" else torch.relu(y)
+        ref = (y / scales[1]).clamp(-448, 448)
+        assert out.shape == (m, n) and float(ref.abs().max()) > 5
+        worst = max(worst, float((out - ref).abs().max() / ref.abs().max()))
+    # the persistent TMA kernel: K not a multiple of BLOCK_K (TMA zero-fills), 3 programs
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    m, n, k = 50, 40, 96
+    x = (torch.randn(m, k) * 20).to(torch.float8_e4m3fn)
+    w = (torch.randn(n, k) * 20).to(torch.float8_e4m3fn)
+    b, scales, out = torch.randn(n), torch.tensor([1e-3, 0.01]), torch.zeros(m, n)
+    descs = [TensorDescriptor.from_tensor(t, blk) for t, blk in ((x, [16, 64]), (w, [16, 64]), (out, [16, 16]))]
+    fe._linear_act_kernel_tma[(3,)](*descs, b, scales, m, n, k, HAS_BIAS=True, ACTIVATION="gelu",
+                                    BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, GROUP_M=2, NUM_SMS=3)
+    y = (x.float() @ w.float().t()) * scales[0] + b
+    ref = (torch.nn.functional.gelu(y) / scales[1]).clamp(-448, 448)
+    worst = max(worst, float((out - ref).abs().max() / ref.abs().max()))
+    print(worst)
+    """
+)
+
+
+def test_kernel_under_the_triton_interpreter(triton_interpreter):
+    worst = float(triton_interpreter(_INTERPRETER_SCRIPT))
+    assert worst < 1e-5, f"kernel vs reference, largest relative error {worst:.2e}"
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    m=st.integers(1, 40),
+    n=st.integers(1, 24),
+    k=st.sampled_from([32, 64, 96]),
+    activation=st.sampled_from(["gelu", "relu"]),
+    seed=st.integers(0, 2**16),
+)
+def test_fused_pair_equals_the_unfused_pair(m, n, k, activation, seed):
+    """`Float8LinearAct` then `Float8LinearOnCodes` compute lin2(act(lin1(x))) with both float8
+    linears' calibrated scales: the same as quantizing lin1's float32 output for lin2."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, m, k, generator=g)
+    w1, w2 = torch.randn(n, k, generator=g), torch.randn(8, n, generator=g)
+    b1, b2 = torch.randn(n, generator=g), torch.randn(8, generator=g)
+    sx, sh = x.abs().amax() / 448, torch.tensor(0.02)
+    s1, s2 = w1.abs().amax() / 448, w2.abs().amax() / 448
+    w1q = (w1 / s1).to(torch.float8_e4m3fn)
+    w2q = (w2 / s2).to(torch.float8_e4m3fn)
+    first = Float8LinearAct(w1q, s1, sx, b1, sh, activation)
+    second = Float8LinearOnCodes(w2q, s2, sh, b2, torch.float32)
+    out = second(first(x))
+    # lin1 in the kernel's order: integer-valued float8 products, then one scale
+    h = (quantize_static(x, sx).float() @ w1q.float().t()) * (sx * s1) + b1
+    h = torch.nn.functional.gelu(h) if activation == "gelu" else torch.relu(h)
+    ref = (quantize_static(h, sh).float() * sh) @ (w2q.float() * s2).t() + b2
+    assert out.shape == (2, m, 8)
+    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()) + 1e-6)
+
+
+def test_reference_quantizes_with_the_next_scale():
+    x = torch.tensor([[2.0, -1.0]]).to(torch.float8_e4m3fn)
+    w = torch.tensor([[1.0, 1.0], [1.0, -1.0]]).to(torch.float8_e4m3fn)
+    out = linear_act_reference(x, w, torch.tensor([1.0, 0.5]), None, "relu")
+    assert out.float().tolist() == [[2.0, 6.0]]  # relu([1, 3]) / 0.5
+    big = linear_act_reference(x, w, torch.tensor([1.0, 1e-3]), None, "relu")
+    assert big.float().max() == 448.0  # clamped to e4m3's range, not inf
+
+
+def test_unsupported_says_why():
+    assert "multiple of 32" in unsupported(100, "gelu")
+    assert "silu" in unsupported(64, "silu")
+    assert unsupported(64, "relu") is None
+
+
+@pytest.fixture(scope="module")
+def float8_on_cpu(tiny_trained_captured):
+    """The tiny SAM calibrated W8A8 and lowered float8-static with and without the fused
+    epilogues, on the CPU (torch._scaled_mm has a CPU kernel; `lower` refuses float8 there only
+    because it is slow)."""
+    q = samq_fx.quantize(
+        tiny_trained_captured, calibration_samples(2), QuantConfig.preset("W8A8-int8"),
+        progress=False,
+    )  # fmt: skip
+    mp = pytest.MonkeyPatch()
+    mp.setattr(TorchaoBackend, "_float8_ok", lambda self: None)
+    try:
+        plain = lower(q, "float8-static", fuse_epilogue=False, verbose=False)
+        fused = lower(q, "float8-static", verbose=False)
+    finally:
+        mp.undo()
+    return q, plain, fused
+
+
+def test_pass_fuses_every_mlp_and_keeps_the_outputs(float8_on_cpu):
+    _, plain, fused = float8_on_cpu
+    report = fused.samq_lowering_report
+    arch = fused.samq_arch
+    assert report.fused_epilogues == arch.encoder_depth  # the decoder's MLPs stay two linears
+    assert report.unfused_epilogues == {}
+    assert not any(type(m).__name__ == "Float8LinearAct" for m in fused.mask_decoder.modules())
+    assert plain.samq_lowering_report.fused_epilogues == 0
+    enc = fused.image_encoder
+    targets = [n.target for n in enc.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.gelu.default not in targets, "a GELU was left between the linears"
+    kinds = {type(m).__name__ for m in enc.samq_lowered.values()}
+    assert {"Float8LinearAct", "Float8LinearOnCodes"} <= kinds
+    assert sum(v.startswith("float8 e4m3 + gelu") for v in report.lowered.values()) == (
+        arch.encoder_depth
+    )
+    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = plain.image_encoder(x), fused.image_encoder(x)
+    sqnr = float(10 * torch.log10(a.pow(2).mean() / (a - b).pow(2).mean()))
+    # the two differ only where lin1's float32 output sits on an e4m3 rounding tie
+    assert sqnr > 35, f"fused vs unfused encoder: {sqnr:.1f} dB"
+
+
+def test_other_backends_and_the_switch_leave_the_mlps_alone(float8_on_cpu):
+    q, plain, _ = float8_on_cpu
+    assert not any(type(m).__name__ == "Float8LinearAct" for m in plain.modules())
+    int8 = lower(q, "int8-static", verbose=False)
+    assert int8.samq_lowering_report.fused_epilogues == 0
+    assert int8.samq_lowering.fuse_epilogue  # on, but only float8-static has the kernel
+
+
+def test_float8_is_still_refused_on_the_cpu(float8_on_cpu):
+    q, _, _ = float8_on_cpu
+    with pytest.raises(LoweringError, match="sm_89"):
+        lower(q, "float8-static", verbose=False)
