@@ -13,8 +13,9 @@ float8 for lin2. This pass rewrites the pair to
 where lin1 is now a `Float8LinearAct` (GEMM + scale + bias + activation + lin2's calibrated
 input quantizer in the epilogue, `samq_fx/float8_epilogue.py`) emitting float8 codes, and lin2 a
 `Float8LinearOnCodes` that takes them as they are. Both keep the calibrated scales of the
-float8 linears they replace; the only numeric change is that the activation sees the float32
-accumulator instead of its bf16 rounding.
+float8 linears they replace; the numeric changes are that the activation sees the float32
+accumulator instead of its bf16 rounding, and the kernel's GELU (within 2.2e-7) and its
+multiply by the output scale's reciprocal (`samq_fx/float8_epilogue.py`).
 
 Reads: the backend's `float8_parts(module)` (codes, weight scale, input scale, bias of a lowered
 float8 linear, or None), `ctx.config.dtype`. Writes: `findings["fuse_linear_epilogue"]` =
@@ -30,10 +31,11 @@ import torch.fx
 
 from samq_fx.float8_epilogue import Float8LinearAct, Float8LinearOnCodes, unsupported
 from samq_fx.meta import add_finding
+from samq_fx.passes.lower_linears import LOWERED_ATTR
 from samq_fx.pipeline import PassContext, PassResult
 
 PASS_NAME = "fuse_linear_epilogue"
-LOWERED_PREFIX = "samq_lowered."
+LOWERED_PREFIX = f"{LOWERED_ATTR}."
 _ACTIVATIONS = {torch.ops.aten.gelu.default: "gelu", torch.ops.aten.relu.default: "relu"}
 
 
@@ -82,7 +84,7 @@ def fuse_linear_epilogue(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResu
             continue
         codes1, w_scale1, x_scale1, bias1 = parts1
         codes2, w_scale2, x_scale2, bias2 = parts2
-        lowered = gm.get_submodule(LOWERED_PREFIX.rstrip("."))
+        lowered = getattr(gm, LOWERED_ATTR)
         lowered[site1] = Float8LinearAct(codes1, w_scale1, x_scale1, bias1, x_scale2, activation)
         lowered[site2] = Float8LinearOnCodes(codes2, w_scale2, x_scale2, bias2, backend.dtype)
         act.replace_all_uses_with(lin1)

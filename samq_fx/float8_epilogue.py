@@ -232,16 +232,23 @@ def _tma_ok(x: Tensor) -> bool:
     return x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0)
 
 
-def _run(kernel: str, x, w, out, scales, bias, activation) -> None:
+def _run(kernel: str, x, w, out, scales, bias, activation, block=None) -> None:
+    """Launch `kernel` autotuned, or the pointer kernel at a fixed `block` (see `launch`)."""
     m, k = x.shape
     n = w.shape[0]
     bias_arg = bias if bias is not None else scales  # never read when HAS_BIAS is False
     common = {"HAS_BIAS": bias is not None, "ACTIVATION": activation}
     if kernel == "pointer":
+        args = (x, w, bias_arg, out, scales, m, n, k, x.stride(0), w.stride(0), out.stride(0))
+        if block is not None:
+            bm, bn, bk = block
+            grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+            _linear_act_kernel[grid](*args, **common, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                     GROUP_M=4, num_warps=4)  # fmt: skip
+            return
         grid = lambda meta: (  # noqa: E731
             triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),
         )
-        args = (x, w, bias_arg, out, scales, m, n, k, x.stride(0), w.stride(0), out.stride(0))
         _tuned_kernel[grid](*args, **common)
         return
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -282,14 +289,7 @@ def launch(
     x, w = x.contiguous(), w.contiguous()
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
     if block is not None:
-        bm, bn, bk = block
-        bias_arg = bias if bias is not None else scales
-        grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-        _linear_act_kernel[grid](
-            x, w, bias_arg, out, scales, m, n, k, x.stride(0), w.stride(0), out.stride(0),
-            HAS_BIAS=bias is not None, ACTIVATION=activation,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4, num_warps=4,
-        )  # fmt: skip
+        _run("pointer", x, w, out, scales, bias, activation, block=block)
         return out
     if kernel is None:
         kernel = _CHOSEN.get(key := (m, n, k, bias is not None, activation))
