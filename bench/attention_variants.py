@@ -14,6 +14,9 @@ dim 64) and window blocks (2400 = 8 x 25 windows x 12 heads, 14 x 14 tokens). Va
                tile kept in registers, rel_h a column per key-grid row), head dim 64, bf16
   triton-float8   the same with q, k, v and P in float8 e4m3 (dynamic per-tensor scales)
   triton-int8qk   the same with int8 q·kᵀ (k smoothed) and float8 P·v
+  triton-window   samq_fx.window_attention: one key tile a window, the bias as two one-hot
+               tensor-core dots (window shapes only; here q, k, v are contiguous, in the
+               encoder they are strided views of the qkv output)
 
 The triton-* timings include the quantization of q, k, v (compiled with the call).
 
@@ -33,6 +36,7 @@ if __package__ is None and "samq_fx" not in sys.modules:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from samq_fx.kernels import augment_rel_pos  # noqa: E402
 from samq_fx.triton_attention import attention_flops, rel_pos_attention_triton  # noqa: E402
+from samq_fx.window_attention import fits_one_tile, window_rel_pos_attention  # noqa: E402
 
 # Measured 2026-11-26, H100 80GB HBM3, torch 2.11, bf16 (ms a call, compiled):
 #   global 96x64x64:    chain 7.45, flex-mod 21.45, sdpa-bias 16.07, aug-pad 33.00, aug-flex 2.85
@@ -85,9 +89,17 @@ def _triton(mode):
     return lambda q, k, v, rh, rw: rel_pos_attention_triton(q, k, v, rh, rw, mode)
 
 
+def triton_window(q, k, v, rh, rw):
+    kh, kw = rh.shape[-1], rw.shape[-1]
+    if not fits_one_tile(kh, kw):
+        raise ValueError("not a window shape")
+    return window_rel_pos_attention(q[:, None], k[:, None], v[:, None], rh, rw, 1.0, kh, kw)
+
+
 VARIANTS = {"chain": chain, "flex-mod": flex_mod, "sdpa-bias": sdpa_bias, "aug-pad": aug_pad,
             "aug-flex": aug_flex, "triton-bf16": _triton("bf16"),
-            "triton-float8": _triton("float8"), "triton-int8qk": _triton("int8-qk")}  # fmt: skip
+            "triton-float8": _triton("float8"), "triton-int8qk": _triton("int8-qk"),
+            "triton-window": triton_window}  # fmt: skip
 
 
 def bench(fn, args, reps=20):
@@ -113,9 +125,10 @@ def main(argv=None) -> int:
     args_ = p.parse_args(argv)
     torch.manual_seed(0)
     dev = "cuda"
-    shapes = {"global 96x64x64": (96, 64, 64), "window 2400x14x14": (2400, 14, 14)}
-    for name, (bh, h, w) in shapes.items():
-        L, d = h * w, 64
+    shapes = {"global 96x64x64": (96, 64, 64, 64), "window 2400x14x14": (2400, 14, 14, 64),
+              "SAM-H window 3200x14x14 d80": (3200, 14, 14, 80)}  # fmt: skip
+    for name, (bh, h, w, d) in shapes.items():
+        L = h * w
         q = torch.randn(bh, L, d, device=dev, dtype=torch.bfloat16) * 0.125
         k = torch.randn(bh, L, d, device=dev, dtype=torch.bfloat16) + 1.0  # keys share a bias
         v = torch.randn(bh, L, d, device=dev, dtype=torch.bfloat16)
@@ -132,7 +145,7 @@ def main(argv=None) -> int:
                 err = float((out.float() - ref).norm() / ref.norm())
                 ms = bench(compiled, args)
                 tflops = flops / ms / 1e9
-                print(f"{name:20s} {vname:14s} {ms:8.3f} ms  {tflops:6.1f} TFLOP/s  "
+                print(f"{name:28s} {vname:14s} {ms:8.3f} ms  {tflops:6.1f} TFLOP/s  "
                       f"rel err {err:.4f}", flush=True)  # fmt: skip
             except Exception as e:  # report and go on: this is a survey
                 print(f"{name:20s} {vname:10s} FAILED {type(e).__name__}: {str(e)[:200]}")

@@ -28,10 +28,12 @@ Invariant: the function computed is unchanged up to the kernels' float rounding 
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx
 
-from samq_fx import triton_attention
+from samq_fx import triton_attention, window_attention
 from samq_fx.kernels import plain_attention, rel_pos_attention
 from samq_fx.meta import add_finding, get_info, update_info
 from samq_fx.pipeline import PassContext, PassResult
@@ -109,6 +111,82 @@ def _match(softmax: torch.fx.Node):
     return q, k_t.args[0], v, rel_h, rel_w, av
 
 
+def _is_view(node, rank: int | None = None) -> bool:
+    return _is(node, aten.view.default, aten.reshape.default) and (
+        rank is None or len(node.args[1]) == rank
+    )
+
+
+def _head_split(q_scaled, k, v):
+    """(qkv5, scale, q): the (3, B, heads, L, D) permuted view of the qkv linear's output that q,
+    k and v are copied out of by SAM's `reshape(3, B·heads, L, -1).unbind(0)`, q's softmax
+    scale and the unscaled q; LookupError if the graph is not that."""
+    if not (_is(q_scaled, aten.mul.Tensor) and isinstance(q_scaled.args[1], float)):
+        raise LookupError("q is not the head split times a constant softmax scale")
+    q = q_scaled.args[0]
+    parts = (q, k, v)
+    if not all(_is(n, operator.getitem) and n.args[1] == i for i, n in enumerate(parts)):
+        raise LookupError("q, k, v are not the three parts of one unbind")
+    unbind = q.args[0]
+    if not (_is(unbind, aten.unbind.int) and all(n.args[0] is unbind for n in parts)):
+        raise LookupError("q, k, v are not the three parts of one unbind")
+    merged = unbind.args[0]
+    if unbind.args[1:] not in ((), (0,)) or not _is_view(merged, 4):
+        raise LookupError("the unbind is not of the (3, B·heads, L, D) head split")
+    qkv5 = merged.args[0]
+    if not (_is(qkv5, aten.permute.default) and list(qkv5.args[1]) == [2, 0, 3, 1, 4]):
+        raise LookupError("the head split is not SAM's permute(2, 0, 3, 1, 4) of the qkv output")
+    return qkv5, q_scaled.args[1], q
+
+
+def _head_merge(av):
+    """The node that hands the attention output to the output projection: SAM's
+    `view(B, heads, H, W, D).permute(0, 2, 3, 1, 4).reshape(B, H, W, C)` of attn·v."""
+    split = next(iter(av.users)) if _single_user(av) else None
+    if not _is_view(split, 5) or not _single_user(split):
+        raise LookupError("attn·v is not split into (B, heads, H, W, D)")
+    (perm,) = split.users
+    if not (_is(perm, aten.permute.default) and list(perm.args[1]) == [0, 2, 3, 1, 4]):
+        raise LookupError("the head merge is not permute(0, 2, 3, 1, 4)")
+    (merged,) = perm.users
+    if not (_single_user(perm) and _is_view(merged, 4)):
+        raise LookupError("the head merge is not reshaped to (B, H, W, C)")
+    return merged
+
+
+def _fuse_window(gm: torch.fx.GraphModule, q_scaled, k, v, rel_h, rel_w, av) -> torch.fx.Node:
+    """Wire `window_attention.window_attention_op` straight to the qkv linear's output and to
+    the output projection's input, so neither head split nor head merge is copied. Returns the
+    node that now feeds the projection; LookupError (graph untouched) if SAM's structure around
+    the attention is not there or the window does not fit the kernel's key tile."""
+    qkv5, scale, q = _head_split(q_scaled, k, v)
+    merged = _head_merge(av)
+    kh, kw = (t.meta["val"].shape[-1] for t in (rel_h, rel_w))
+    if not all(isinstance(n, int) for n in (kh, kw)) or not window_attention.fits_one_tile(kh, kw):
+        raise LookupError(f"a {kh} x {kw} key grid does not fit the window kernel's key tile")
+    graph = gm.graph
+    with graph.inserting_after(qkv5):
+        views = [graph.call_function(aten.select.int, (qkv5, 0, i)) for i in range(3)]
+    for i, node in enumerate(views):
+        node.meta = {"val": qkv5.meta["val"][i]} if "val" in qkv5.meta else {}
+    for user in list(q.users):  # the rel-pos einsums' reshape of q reads the strided view
+        if user is not q_scaled:
+            user.replace_input_with(q, views[0])
+            if user.target is aten.view.default:
+                user.target = aten.reshape.default
+    with graph.inserting_before(merged):
+        fused = graph.call_function(
+            window_attention.window_rel_pos_attention, (*views, rel_h, rel_w, scale, kh, kw)
+        )
+        out = graph.call_function(aten.reshape.default, (fused, merged.args[1]))
+    fused.meta = dict(av.meta)
+    if "val" in merged.meta:
+        fused.meta["val"] = merged.meta["val"].flatten(1, 2)
+    out.meta = dict(merged.meta)
+    merged.replace_all_uses_with(out)
+    return fused
+
+
 def fuse_attention(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     result = PassResult(counts={"fused": 0, "with_rel_pos": 0})
     chosen = {
@@ -130,19 +208,26 @@ def fuse_attention(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         except LookupError as err:
             result.rejected[info.attn_path] = str(err)
             continue
-        with gm.graph.inserting_before(av):
-            if rel_h is None:
-                fused = gm.graph.call_function(plain_attention, (q, k, v))
-            else:
-                kernel_name = chosen.get(info.attn_kind, "flex")
-                kernel = REL_POS_KERNELS[kernel_name]
-                fused = gm.graph.call_function(kernel, (q, k, v, rel_h, rel_w))
-        fused.meta = dict(av.meta)
+        kernel_name = chosen.get(info.attn_kind, "flex") if rel_h is not None else "sdpa"
+        fused = None
+        if kernel_name == "triton" and info.attn_kind == "enc_window":
+            try:
+                fused = _fuse_window(gm, q, k, v, rel_h, rel_w, av)
+                kernel_name = "triton-window"
+            except LookupError as err:  # the general Triton kernel takes it, with the copies
+                result.notes.append(f"{info.attn_path}: window kernel not wired ({err})")
+        if fused is None:
+            with gm.graph.inserting_before(av):
+                if rel_h is None:
+                    fused = gm.graph.call_function(plain_attention, (q, k, v))
+                else:
+                    kernel = REL_POS_KERNELS[kernel_name]
+                    fused = gm.graph.call_function(kernel, (q, k, v, rel_h, rel_w))
+            fused.meta = dict(av.meta)
+            av.replace_all_uses_with(fused)
+            gm.graph.erase_node(av)
         update_info(fused, PASS_NAME, role="fused_attention")
-        used = kernel_name if rel_h is not None else "sdpa"
-        add_finding(fused, PASS_NAME, {"rel_pos": rel_h is not None, "kernel": used})
-        av.replace_all_uses_with(fused)
-        gm.graph.erase_node(av)
+        add_finding(fused, PASS_NAME, {"rel_pos": rel_h is not None, "kernel": kernel_name})
         result.counts["fused"] += 1
         result.counts["with_rel_pos"] += rel_h is not None
     gm.graph.eliminate_dead_code()

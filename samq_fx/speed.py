@@ -13,13 +13,15 @@ Settings:
   bf16-fused         bf16 + fused rel-pos attention (flex attention) + compile
   bf16-triton        bf16 + this project's Triton rel-pos attention kernel + compile; with
                      bf16-fused, the best float pipelines this project builds (`optimize_float`)
+  bf16-triton-all    the same with the windows on the Triton window kernel
   fp32-compile, fp32-fused   the same in float32 (the CPU baselines)
   int8-static ...    `samq_fx.lower(q, backend)` + compile, q calibrated on 2 generated images
                      (W8A8-int8 preset, min-max ranges; W4A16-int4 for int4-weight, with
                      groups of 128 on SAM-B/L/H, whose linears all divide by 128);
                      a suffix picks the attention: +unfused (eager chain), +triton (Triton bf16),
                      +f8attn (Triton, float8 q·kᵀ and P·v), +i8attn (int8 q·kᵀ, float8 P·v);
-                     for the global attentions, windows keep flex (+f8attn-all: windows too);
+                     for the global attentions, windows keep flex (+f8attn-all: windows too;
+                     +wtri: windows on the Triton window kernel, in the compute dtype);
                      float8-static fuses each MLP's GELU into lin1's GEMM (+noepi: it does not)
 
     samq-fx bench --model vit_b --device cuda --batch 1 8 --json speed.json
@@ -55,10 +57,12 @@ VARIANTS = {"unfused": {"fuse_attention": False}, "triton": {"attention": "trito
             "f8attn": {"attention": "float8"}, "i8attn": {"attention": "int8-qk"},
             "f8attn-all": {"attention": "float8", "window_attention": "float8"},
             "i8attn-all": {"attention": "int8-qk", "window_attention": "int8-qk"},
+            "wtri": {"window_attention": "triton"},
             "noepi": {"fuse_epilogue": False}}  # fmt: skip
 """Variants of a lowered setting, one or more `+` suffixes ("float8-static+i8attn+noepi"): the
 attention kernel (without -all the windowed attentions keep flex, the fastest there, and the
-global ones take the named kernel); +noepi keeps float8 MLPs as two linears around a separate
+global ones take the named kernel; +wtri puts the windows on the Triton window kernel, which
+reads q, k, v from the qkv output and writes the projection's input layout); +noepi keeps float8 MLPs as two linears around a separate
 activation pass instead of the fused GEMM epilogue."""
 LOWERED_SETTINGS = ("int8-static", "int8-dynamic", "float8-static", "int4-weight")
 DEFAULT_GPU = ("fp32", "bf16", "bf16-compile", "bf16-fused", *LOWERED_SETTINGS)

@@ -1,0 +1,233 @@
+"""SAM's windowed attention as one Triton kernel that reads q, k, v where the qkv linear wrote them.
+
+A window is 14 x 14 tokens in SAM (8 x 8 in the tiny model): all of its keys fit one tile, so
+the kernel needs no online softmax. One program takes a (window, head) and a block of queries:
+
+    s = q·kᵀ·scale + rel_h[:, row(key)] + rel_w[:, col(key)],   out = softmax(s)·v
+
+The key grid is laid out as KH rows of KWP (the row width padded to a power of two) slots, so a
+key's grid row and column are shifts of its slot. The bias is two small tensor-core dots,
+rel_h·E_row + rel_w·E_col, with one-hot E built from the slot indices: exact (one nonzero term
+per sum), and on units the softmax leaves idle. The flex path instead concatenates
+[q, rel_h, rel_w] and [k, one-hots] in memory before every call (`kernels.augment_rel_pos`).
+
+What the graph saves (`passes/fuse_attention.py` wires it): q, k and v are strided views of the
+qkv linear's output, (B, heads, L, D) with the token stride 3·C, so the head split is not copied;
+the output is written token-major, (B, L, heads·D), which is the layout the output projection
+reads, so the head merge is not copied either.
+
+`window_attention_reference` is the same function in float32 PyTorch: the op's CPU
+implementation and what the tests compare the kernel with.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from samq_fx.triton_attention import key_grid_pad
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships with PyTorch's Linux wheels
+    triton = None
+
+MAX_KEYS = 256
+"""The padded key grid (rows x padded row width) one tile holds: SAM's 14 x 14 windows are 14 x 16."""
+
+
+def fits_one_tile(kh: int, kw: int) -> bool:
+    """Whether a kh x kw key grid fits the kernel's single key tile."""
+    return key_grid_pad(kh) * key_grid_pad(kw) <= MAX_KEYS
+
+
+def window_attention_reference(
+    q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, scale: float, kh: int, kw: int
+) -> Tensor:
+    """The kernel's function in float32 PyTorch. Shapes as `window_attention_op`."""
+    b, heads, length, d = q.shape
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qf, kf, vf = (t.to(work).reshape(b * heads, length, d) for t in (q, k, v))
+    rel_h, rel_w = (t.to(work).reshape(b * heads, length, -1) for t in (rel_h, rel_w))
+    bias = rel_h[..., :kh, None] + rel_w[..., None, :kw]
+    logits = qf @ kf.transpose(1, 2) * scale + bias.reshape(b * heads, length, kh * kw)
+    out = logits.softmax(-1) @ vf
+    return (
+        out.reshape(b, heads, length, d).transpose(1, 2).reshape(b, length, heads * d).to(q.dtype)
+    )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _window_attention_kernel(
+        Q, K, V, RH, RW, OUT,
+        stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn, stride_rb, stride_rm, stride_wb, stride_wm,
+        stride_ob, stride_om,
+        scale, HEADS, L, KH, KW,
+        D: tl.constexpr,
+        DP: tl.constexpr,
+        KWP: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        RP: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        M_STEPS: tl.constexpr,
+    ):  # fmt: skip
+        LOG2E: tl.constexpr = 1.4426950408889634
+        bh = tl.program_id(1)
+        b = (bh // HEADS).to(tl.int64)
+        h = (bh % HEADS).to(tl.int64)
+        offs_d = tl.arange(0, DP)  # head dim padded to a power of two (SAM-H: 80 -> 128)
+        d_ok = offs_d < D
+        slot = tl.arange(0, BLOCK_N)
+        key_row = slot // KWP
+        key_col = slot % KWP
+        key_ok = (key_row < KH) & (key_col < KW)
+        key = key_row * KW + key_col
+        # the whole window's keys and values, loaded once for M_STEPS query blocks
+        kt = tl.load(
+            K + b * stride_kb + h * stride_kh + key[None, :] * stride_kn + offs_d[:, None],
+            mask=key_ok[None, :] & d_ok[:, None],
+            other=0.0,
+        )
+        v = tl.load(
+            V + b * stride_vb + h * stride_vh + key[:, None] * stride_vn + offs_d[None, :],
+            mask=key_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        r = tl.arange(0, RP)
+        # one-hot expanders: (rel_h · e_row)[m, slot] = rel_h[m, row(slot)], the same for columns
+        e_row = (key_row[None, :] == r[:, None]).to(kt.dtype)
+        e_col = (key_col[None, :] == r[:, None]).to(kt.dtype)
+        scale_log2 = scale * LOG2E
+        for step in tl.static_range(M_STEPS):
+            offs_m = (tl.program_id(0) * M_STEPS + step) * BLOCK_M + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < L
+            q = tl.load(
+                Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            rh = tl.load(
+                RH + bh.to(tl.int64) * stride_rb + offs_m[:, None] * stride_rm + r[None, :],
+                mask=m_ok[:, None] & (r[None, :] < KH),
+                other=0.0,
+            )
+            rw = tl.load(
+                RW + bh.to(tl.int64) * stride_wb + offs_m[:, None] * stride_wm + r[None, :],
+                mask=m_ok[:, None] & (r[None, :] < KW),
+                other=0.0,
+            )
+            bias = tl.dot(rh.to(kt.dtype), e_row)
+            bias = tl.dot(rw.to(kt.dtype), e_col, bias)
+            s = tl.dot(q, kt) * scale_log2 + bias * LOG2E
+            s = tl.where(key_ok[None, :], s, float("-inf"))
+            p = tl.exp2(s - tl.max(s, 1)[:, None])
+            denom = tl.sum(p, 1)
+            out = tl.dot(p.to(v.dtype), v) / denom[:, None]
+            o_ptrs = OUT + b * stride_ob + offs_m[:, None] * stride_om + h * D + offs_d[None, :]
+            tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+    _CONFIGS = [
+        triton.Config({"BLOCK_M": bm, "M_STEPS": steps}, num_warps=w, num_stages=1)
+        for bm, steps, w in (
+            (64, 1, 4), (64, 1, 8), (64, 2, 4), (64, 2, 8), (64, 4, 8), (128, 1, 8), (128, 2, 8),
+        )
+    ]  # fmt: skip
+    _tuned_kernel = triton.autotune(_CONFIGS, key=["L", "KH", "KW", "D", "HEADS"])(
+        _window_attention_kernel
+    )
+
+
+def launch(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rel_h: Tensor,
+    rel_w: Tensor,
+    scale: float,
+    kh: int,
+    kw: int,
+    *,
+    block_m: int | None = None,
+    m_steps: int = 1,
+    num_warps: int = 4,
+) -> Tensor:
+    """Run the kernel (autotuned unless `block_m` is given, as the interpreter tests do).
+    Shapes as `window_attention_op`; q, k, v may be any strided views with a unit last stride."""
+    if triton is None:
+        raise RuntimeError("the window attention kernel needs Triton, which is not installed")
+    b, heads, length, d = q.shape
+    if length != kh * kw or not fits_one_tile(kh, kw):
+        raise ValueError(
+            f"window attention takes a key grid of at most {MAX_KEYS} padded slots with L = kh·kw; "
+            f"got L={length}, grid {kh} x {kw}"
+        )
+    if d > 256:
+        raise ValueError(f"head dim {d} > 256: the kernel keeps a window's values in registers")
+    q, k, v = [t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v)]
+    rel_h, rel_w = rel_h.reshape(b * heads, length, -1), rel_w.reshape(b * heads, length, -1)
+    rel_h, rel_w = [t if t.stride(-1) == 1 else t.contiguous() for t in (rel_h, rel_w)]
+    out = torch.empty(b, length, heads * d, dtype=q.dtype, device=q.device)
+    kwp = key_grid_pad(kw)
+    args = (q, k, v, rel_h, rel_w, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            rel_h.stride(0), rel_h.stride(1), rel_w.stride(0), rel_w.stride(1),
+            out.stride(0), out.stride(1), float(scale), heads, length, kh, kw)  # fmt: skip
+    common = {"D": d, "DP": max(16, key_grid_pad(d)), "KWP": kwp,
+              "BLOCK_N": max(16, key_grid_pad(kh) * kwp), "RP": max(16, key_grid_pad(max(kh, kw)))}  # fmt: skip
+    if block_m is None:
+        grid = lambda meta: (triton.cdiv(length, meta["BLOCK_M"] * meta["M_STEPS"]), b * heads)  # noqa: E731
+        _tuned_kernel[grid](*args, **common)
+    else:
+        grid = (triton.cdiv(length, block_m * m_steps), b * heads)
+        _window_attention_kernel[grid](
+            *args, **common, BLOCK_M=block_m, M_STEPS=m_steps, num_warps=num_warps
+        )
+    return out
+
+
+@torch.library.custom_op("samq::window_attention", mutates_args=())
+def window_attention_op(
+    q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, scale: float, kh: int, kw: int
+) -> Tensor:
+    """softmax(q·kᵀ·scale + rel_h[row(key)] + rel_w[col(key)])·v over each window's kh x kw keys.
+
+    Args:
+        q, k, v: (B, heads, L, D) with L = kh·kw, any strides with a unit last stride (the head
+            split of the qkv linear's output, not copied); the compute dtype.
+        rel_h, rel_w: (B·heads, L, ≥ kh) and (B·heads, L, ≥ kw): SAM's decomposed rel-pos terms
+            (columns past kh / kw are ignored, so the tables may be padded for aligned GEMMs).
+        scale: the softmax scale (head_dim ** -0.5); q arrives unscaled.
+
+    Returns:
+        (B, L, heads·D), token-major: the layout the output projection reads. CUDA runs the
+        Triton kernel, the CPU `window_attention_reference`.
+    """
+    if q.device.type == "cuda":
+        return launch(q, k, v, rel_h, rel_w, scale, kh, kw)
+    return window_attention_reference(q, k, v, rel_h, rel_w, scale, kh, kw)
+
+
+@window_attention_op.register_fake
+def _(q, k, v, rel_h, rel_w, scale, kh, kw):
+    b, heads, length, d = q.shape
+    return q.new_empty((b, length, heads * d))
+
+
+def window_rel_pos_attention(
+    q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, scale: float, kh: int, kw: int
+) -> Tensor:
+    """`window_attention_op` under a plain function's name, the call `fuse_attention` inserts."""
+    return window_attention_op(q, k, v, rel_h, rel_w, scale, kh, kw)
+
+
+__all__ = [
+    "MAX_KEYS",
+    "fits_one_tile",
+    "launch",
+    "window_attention_op",
+    "window_attention_reference",
+    "window_rel_pos_attention",
+]
