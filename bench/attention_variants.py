@@ -14,9 +14,10 @@ dim 64) and window blocks (2400 = 8 x 25 windows x 12 heads, 14 x 14 tokens). Va
                tile kept in registers, rel_h a column per key-grid row), head dim 64, bf16
   triton-float8   the same with q, k, v and P in float8 e4m3 (dynamic per-tensor scales)
   triton-int8qk   the same with int8 q·kᵀ (k smoothed) and float8 P·v
-  triton-window   samq_fx.window_attention: one key tile a window, the bias as two one-hot
-               tensor-core dots (window shapes only; here q, k, v are contiguous, in the
-               encoder they are strided views of the qkv output)
+  triton-window   samq_fx.window_attention: one key tile a window, rel_h / rel_w computed in
+               the kernel from the tables (the others get them precomputed, untimed) and added
+               as two one-hot tensor-core dots (window shapes only; q, k, v contiguous here, in
+               the encoder strided views of the qkv output)
 
 The triton-* timings include the quantization of q, k, v (compiled with the call).
 
@@ -36,7 +37,11 @@ if __package__ is None and "samq_fx" not in sys.modules:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from samq_fx.kernels import augment_rel_pos  # noqa: E402
 from samq_fx.triton_attention import attention_flops, rel_pos_attention_triton  # noqa: E402
-from samq_fx.window_attention import fits_one_tile, window_rel_pos_attention  # noqa: E402
+from samq_fx.window_attention import (  # noqa: E402
+    fits_one_tile,
+    rel_pos_terms,
+    window_rel_pos_attention,
+)
 
 # Measured 2026-11-26, H100 80GB HBM3, torch 2.11, bf16 (ms a call, compiled):
 #   global 96x64x64:    chain 7.45, flex-mod 21.45, sdpa-bias 16.07, aug-pad 33.00, aug-flex 2.85
@@ -89,11 +94,14 @@ def _triton(mode):
     return lambda q, k, v, rh, rw: rel_pos_attention_triton(q, k, v, rh, rw, mode)
 
 
-def triton_window(q, k, v, rh, rw):
-    kh, kw = rh.shape[-1], rw.shape[-1]
+def triton_window(q, k, v, table_h, table_w):
+    """Takes the rel-pos tables (it computes the terms inside), not rel_h / rel_w."""
+    kh, kw = (table_h.shape[0] + 1) // 2, (table_w.shape[0] + 1) // 2
     if not fits_one_tile(kh, kw):
         raise ValueError("not a window shape")
-    return window_rel_pos_attention(q[:, None], k[:, None], v[:, None], rh, rw, 1.0, kh, kw)
+    return window_rel_pos_attention(
+        q[:, None], k[:, None], v[:, None], table_h, table_w, 1.0, kh, kw
+    )
 
 
 VARIANTS = {"chain": chain, "flex-mod": flex_mod, "sdpa-bias": sdpa_bias, "aug-pad": aug_pad,
@@ -132,18 +140,21 @@ def main(argv=None) -> int:
         q = torch.randn(bh, L, d, device=dev, dtype=torch.bfloat16) * 0.125
         k = torch.randn(bh, L, d, device=dev, dtype=torch.bfloat16) + 1.0  # keys share a bias
         v = torch.randn(bh, L, d, device=dev, dtype=torch.bfloat16)
-        rh = torch.randn(bh, h, w, h, device=dev, dtype=torch.bfloat16)
-        rw = torch.randn(bh, h, w, w, device=dev, dtype=torch.bfloat16)
+        th = torch.randn(2 * h - 1, d, device=dev, dtype=torch.bfloat16)
+        tw = torch.randn(2 * w - 1, d, device=dev, dtype=torch.bfloat16)
+        rh = rel_pos_terms(q[:, None], th, h, w, 0).reshape(bh, h, w, h)
+        rw = rel_pos_terms(q[:, None], tw, h, w, 1).reshape(bh, h, w, w)
         args = (q, k, v, rh, rw)
         ref = chain(*(t.float() for t in args))
         flops = attention_flops(bh, L, d)
         for vname in args_.only:
             fn = VARIANTS[vname]
+            fn_args = (q, k, v, th, tw) if vname == "triton-window" else args
             try:
                 compiled = torch.compile(fn, fullgraph=True)
-                out = compiled(*args)
+                out = compiled(*fn_args).reshape(ref.shape)  # triton-window: (BH, L, D) already
                 err = float((out.float() - ref).norm() / ref.norm())
-                ms = bench(compiled, args)
+                ms = bench(compiled, fn_args)
                 tflops = flops / ms / 1e9
                 print(f"{name:28s} {vname:14s} {ms:8.3f} ms  {tflops:6.1f} TFLOP/s  "
                       f"rel err {err:.4f}", flush=True)  # fmt: skip

@@ -154,29 +154,59 @@ def _head_merge(av):
     return merged
 
 
+def _get_attr_value(gm: torch.fx.GraphModule, node) -> torch.Tensor | None:
+    if not (isinstance(node, torch.fx.Node) and node.op == "get_attr"):
+        return None
+    value = gm
+    for name in node.target.split("."):
+        value = getattr(value, name, None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _rel_pos_table(gm: torch.fx.GraphModule, term, q, axis: int, size: int):
+    """The rel_pos_h (axis 0) / rel_pos_w (axis 1) parameter node behind SAM's rel-pos term
+    `einsum(eq, [reshape(q), index(table, [i - j + size - 1])])`; LookupError otherwise (a
+    table resized by interpolation, another equation)."""
+    eq = ("bhwc,hkc->bhwk", "bhwc,wkc->bhwk")[axis]
+    if not (_is(term, aten.einsum.default) and term.args[0] == eq):
+        raise LookupError(f"the rel-pos term is not einsum({eq!r})")
+    grid, gathered = term.args[1]
+    if not (_is_view(grid, 4) and grid.args[0] is q and _is(gathered, aten.index.Tensor)):
+        raise LookupError("the rel-pos einsum does not read q and an indexed table")
+    table, (coords_node,) = gathered.args
+    coords = _get_attr_value(gm, coords_node)
+    span = torch.arange(size)
+    want = span[:, None] - span[None, :] + size - 1
+    if coords is None or coords.shape != want.shape or not torch.equal(coords.cpu(), want):
+        raise LookupError("the rel-pos table is not indexed by i - j + size - 1")
+    val = table.meta.get("val")
+    if val is None or val.dim() != 2 or val.shape[0] != 2 * size - 1:
+        raise LookupError(f"the rel-pos table is not ({2 * size - 1}, head dim)")
+    return table
+
+
 def _fuse_window(gm: torch.fx.GraphModule, q_scaled, k, v, rel_h, rel_w, av) -> torch.fx.Node:
-    """Wire `window_attention.window_attention_op` straight to the qkv linear's output and to
-    the output projection's input, so neither head split nor head merge is copied. Returns the
-    node that now feeds the projection; LookupError (graph untouched) if SAM's structure around
-    the attention is not there or the window does not fit the kernel's key tile."""
+    """Wire `window_attention.window_attention_op` straight to the qkv linear's output, the
+    rel-pos tables and the output projection's input, so neither the head split nor the head
+    merge is copied and the rel-pos terms are computed in the kernel. Returns the node that now
+    feeds the projection; LookupError (graph untouched) if SAM's structure around the attention
+    is not there or the window does not fit the kernel's key tile."""
     qkv5, scale, q = _head_split(q_scaled, k, v)
     merged = _head_merge(av)
     kh, kw = (t.meta["val"].shape[-1] for t in (rel_h, rel_w))
     if not all(isinstance(n, int) for n in (kh, kw)) or not window_attention.fits_one_tile(kh, kw):
         raise LookupError(f"a {kh} x {kw} key grid does not fit the window kernel's key tile")
+    table_h = _rel_pos_table(gm, rel_h, q, 0, kh)
+    table_w = _rel_pos_table(gm, rel_w, q, 1, kw)
     graph = gm.graph
     with graph.inserting_after(qkv5):
         views = [graph.call_function(aten.select.int, (qkv5, 0, i)) for i in range(3)]
     for i, node in enumerate(views):
         node.meta = {"val": qkv5.meta["val"][i]} if "val" in qkv5.meta else {}
-    for user in list(q.users):  # the rel-pos einsums' reshape of q reads the strided view
-        if user is not q_scaled:
-            user.replace_input_with(q, views[0])
-            if user.target is aten.view.default:
-                user.target = aten.reshape.default
     with graph.inserting_before(merged):
         fused = graph.call_function(
-            window_attention.window_rel_pos_attention, (*views, rel_h, rel_w, scale, kh, kw)
+            window_attention.window_rel_pos_attention,
+            (*views, table_h, table_w, scale, kh, kw),
         )
         out = graph.call_function(aten.reshape.default, (fused, merged.args[1]))
     fused.meta = dict(av.meta)

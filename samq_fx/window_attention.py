@@ -6,10 +6,13 @@ the kernel needs no online softmax. One program takes a (window, head) and a blo
     s = q·kᵀ·scale + rel_h[:, row(key)] + rel_w[:, col(key)],   out = softmax(s)·v
 
 The key grid is laid out as KH rows of KWP (the row width padded to a power of two) slots, so a
-key's grid row and column are shifts of its slot. The bias is two small tensor-core dots,
-rel_h·E_row + rel_w·E_col, with one-hot E built from the slot indices: exact (one nonzero term
-per sum), and on units the softmax leaves idle. The flex path instead concatenates
-[q, rel_h, rel_w] and [k, one-hots] in memory before every call (`kernels.augment_rel_pos`).
+key's grid row and column are shifts of its slot. SAM's rel-pos terms are computed in the kernel
+from the attention's two tables: q·tableᵀ for every relative offset (a tensor-core dot), then
+each query's KH (KW) offsets picked with `tl.gather`. The bias is then two small tensor-core
+dots, rel_h·E_row + rel_w·E_col, with one-hot E built from the slot indices: exact (one nonzero
+term per sum), and on units the softmax leaves idle. The flex path instead runs two einsums for
+rel_h / rel_w and concatenates [q, rel_h, rel_w] and [k, one-hots] in memory before every call
+(`kernels.augment_rel_pos`).
 
 What the graph saves (`passes/fuse_attention.py` wires it): q, k and v are strided views of the
 qkv linear's output, (B, heads, L, D) with the token stride 3·C, so the head split is not copied;
@@ -42,36 +45,57 @@ def fits_one_tile(kh: int, kw: int) -> bool:
     return key_grid_pad(kh) * key_grid_pad(kw) <= MAX_KEYS
 
 
+def rel_pos_terms(q: Tensor, table: Tensor, kh: int, kw: int, axis: int) -> Tensor:
+    """SAM's rel_h (axis 0) or rel_w (axis 1) for q of shape (B, heads, L, D) on a kh x kw grid
+    of queries and keys: (B·heads, L, kh or kw); term r of query (i, j) is
+    q · table[i - r + kh - 1] (axis 0) or q · table[j - r + kw - 1] (axis 1). That is
+    `get_rel_pos` followed by `add_decomposed_rel_pos`'s einsum, for equal query and key grids."""
+    b, heads, length, d = q.shape
+    size = (kh, kw)[axis]
+    coords = torch.arange(size, device=q.device)
+    gathered = table[coords[:, None] - coords[None, :] + size - 1].to(q.dtype)  # (size, size, D)
+    eq = "bhwc,hkc->bhwk" if axis == 0 else "bhwc,wkc->bhwk"
+    terms = torch.einsum(eq, q.reshape(b * heads, kh, kw, d), gathered)
+    return terms.reshape(b * heads, length, size)
+
+
 def window_attention_reference(
-    q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, scale: float, kh: int, kw: int
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    table_h: Tensor,
+    table_w: Tensor,
+    scale: float,
+    kh: int,
+    kw: int,
 ) -> Tensor:
     """The kernel's function in float32 PyTorch. Shapes as `window_attention_op`."""
     b, heads, length, d = q.shape
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qf, kf, vf = (t.to(work).reshape(b * heads, length, d) for t in (q, k, v))
-    rel_h, rel_w = (t.to(work).reshape(b * heads, length, -1) for t in (rel_h, rel_w))
-    bias = rel_h[..., :kh, None] + rel_w[..., None, :kw]
-    logits = qf @ kf.transpose(1, 2) * scale + bias.reshape(b * heads, length, kh * kw)
-    out = logits.softmax(-1) @ vf
-    return (
-        out.reshape(b, heads, length, d).transpose(1, 2).reshape(b, length, heads * d).to(q.dtype)
-    )
+    qf, kf, vf = (t.to(work) for t in (q, k, v))
+    rel_h = rel_pos_terms(qf, table_h.to(work), kh, kw, 0)
+    rel_w = rel_pos_terms(qf, table_w.to(work), kh, kw, 1)
+    bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b * heads, length, kh * kw)
+    qf, kf, vf = (t.reshape(b * heads, length, d) for t in (qf, kf, vf))
+    out = (qf @ kf.transpose(1, 2) * scale + bias).softmax(-1) @ vf
+    out = out.reshape(b, heads, length, d).transpose(1, 2).reshape(b, length, heads * d)
+    return out.to(q.dtype)
 
 
 if triton is not None:
 
     @triton.jit
     def _window_attention_kernel(
-        Q, K, V, RH, RW, OUT,
+        Q, K, V, TH, TW, OUT,
         stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-        stride_vb, stride_vh, stride_vn, stride_rb, stride_rm, stride_wb, stride_wm,
-        stride_ob, stride_om,
+        stride_vb, stride_vh, stride_vn, stride_th, stride_tw, stride_ob, stride_om,
         scale, HEADS, L, KH, KW,
         D: tl.constexpr,
         DP: tl.constexpr,
         KWP: tl.constexpr,
         BLOCK_N: tl.constexpr,
         RP: tl.constexpr,
+        TP: tl.constexpr,
         BLOCK_M: tl.constexpr,
         M_STEPS: tl.constexpr,
     ):  # fmt: skip
@@ -97,6 +121,18 @@ if triton is not None:
             mask=key_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
+        # the rel-pos tables, transposed: row t is the embedding of relative offset t - (K - 1)
+        t = tl.arange(0, TP)
+        tab_h = tl.load(
+            TH + t[None, :] * stride_th + offs_d[:, None],
+            mask=(t[None, :] < 2 * KH - 1) & d_ok[:, None],
+            other=0.0,
+        )
+        tab_w = tl.load(
+            TW + t[None, :] * stride_tw + offs_d[:, None],
+            mask=(t[None, :] < 2 * KW - 1) & d_ok[:, None],
+            other=0.0,
+        )
         r = tl.arange(0, RP)
         # one-hot expanders: (rel_h · e_row)[m, slot] = rel_h[m, row(slot)], the same for columns
         e_row = (key_row[None, :] == r[:, None]).to(kt.dtype)
@@ -110,16 +146,14 @@ if triton is not None:
                 mask=m_ok[:, None] & d_ok[None, :],
                 other=0.0,
             )
-            rh = tl.load(
-                RH + bh.to(tl.int64) * stride_rb + offs_m[:, None] * stride_rm + r[None, :],
-                mask=m_ok[:, None] & (r[None, :] < KH),
-                other=0.0,
-            )
-            rw = tl.load(
-                RW + bh.to(tl.int64) * stride_wb + offs_m[:, None] * stride_wm + r[None, :],
-                mask=m_ok[:, None] & (r[None, :] < KW),
-                other=0.0,
-            )
+            # SAM's decomposed rel-pos terms: rel_h[m, r] = q[m] · table_h[row(m) - r + KH - 1]
+            # (q·table for every offset on the tensor cores, then each query's KH of them)
+            q_row = tl.minimum(offs_m // KW, KH - 1)
+            q_col = offs_m % KW
+            idx_h = tl.where(r[None, :] < KH, q_row[:, None] - r[None, :] + KH - 1, 0)
+            idx_w = tl.where(r[None, :] < KW, q_col[:, None] - r[None, :] + KW - 1, 0)
+            rh = tl.gather(tl.dot(q, tab_h), idx_h, axis=1)
+            rw = tl.gather(tl.dot(q, tab_w), idx_w, axis=1)
             bias = tl.dot(rh.to(kt.dtype), e_row)
             bias = tl.dot(rw.to(kt.dtype), e_col, bias)
             s = tl.dot(q, kt) * scale_log2 + bias * LOG2E
@@ -145,8 +179,8 @@ def launch(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    rel_h: Tensor,
-    rel_w: Tensor,
+    table_h: Tensor,
+    table_w: Tensor,
     scale: float,
     kh: int,
     kw: int,
@@ -167,16 +201,26 @@ def launch(
         )
     if d > 256:
         raise ValueError(f"head dim {d} > 256: the kernel keeps a window's values in registers")
+    if table_h.shape != (2 * kh - 1, d) or table_w.shape != (2 * kw - 1, d):
+        raise ValueError(
+            f"rel-pos tables of shape {tuple(table_h.shape)} and {tuple(table_w.shape)}; a "
+            f"{kh} x {kw} grid with head dim {d} needs ({2 * kh - 1}, {d}) and ({2 * kw - 1}, {d})"
+        )
     q, k, v = [t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v)]
-    rel_h, rel_w = rel_h.reshape(b * heads, length, -1), rel_w.reshape(b * heads, length, -1)
-    rel_h, rel_w = [t if t.stride(-1) == 1 else t.contiguous() for t in (rel_h, rel_w)]
+    table_h, table_w = table_h.to(q.dtype).contiguous(), table_w.to(q.dtype).contiguous()
     out = torch.empty(b, length, heads * d, dtype=q.dtype, device=q.device)
     kwp = key_grid_pad(kw)
-    args = (q, k, v, rel_h, rel_w, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-            rel_h.stride(0), rel_h.stride(1), rel_w.stride(0), rel_w.stride(1),
-            out.stride(0), out.stride(1), float(scale), heads, length, kh, kw)  # fmt: skip
-    common = {"D": d, "DP": max(16, key_grid_pad(d)), "KWP": kwp,
-              "BLOCK_N": max(16, key_grid_pad(kh) * kwp), "RP": max(16, key_grid_pad(max(kh, kw)))}  # fmt: skip
+    args = (q, k, v, table_h, table_w, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            table_h.stride(0), table_w.stride(0), out.stride(0), out.stride(1),
+            float(scale), heads, length, kh, kw)  # fmt: skip
+    common = {
+        "D": d,
+        "DP": max(16, key_grid_pad(d)),
+        "KWP": kwp,
+        "BLOCK_N": max(16, key_grid_pad(kh) * kwp),
+        "RP": max(16, key_grid_pad(max(kh, kw))),
+        "TP": max(16, key_grid_pad(2 * max(kh, kw) - 1)),
+    }
     if block_m is None:
         grid = lambda meta: (triton.cdiv(length, meta["BLOCK_M"] * meta["M_STEPS"]), b * heads)  # noqa: E731
         _tuned_kernel[grid](*args, **common)
@@ -190,15 +234,22 @@ def launch(
 
 @torch.library.custom_op("samq::window_attention", mutates_args=())
 def window_attention_op(
-    q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, scale: float, kh: int, kw: int
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    table_h: Tensor,
+    table_w: Tensor,
+    scale: float,
+    kh: int,
+    kw: int,
 ) -> Tensor:
-    """softmax(q·kᵀ·scale + rel_h[row(key)] + rel_w[col(key)])·v over each window's kh x kw keys.
+    """softmax(q·kᵀ·scale + rel_h[row(key)] + rel_w[col(key)])·v over each window's kh x kw keys,
+    with rel_h, rel_w SAM's decomposed rel-pos terms of the unscaled q (`rel_pos_terms`).
 
     Args:
         q, k, v: (B, heads, L, D) with L = kh·kw, any strides with a unit last stride (the head
             split of the qkv linear's output, not copied); the compute dtype.
-        rel_h, rel_w: (B·heads, L, ≥ kh) and (B·heads, L, ≥ kw): SAM's decomposed rel-pos terms
-            (columns past kh / kw are ignored, so the tables may be padded for aligned GEMMs).
+        table_h, table_w: the attention's rel_pos_h (2·kh - 1, D) and rel_pos_w (2·kw - 1, D).
         scale: the softmax scale (head_dim ** -0.5); q arrives unscaled.
 
     Returns:
@@ -206,27 +257,35 @@ def window_attention_op(
         Triton kernel, the CPU `window_attention_reference`.
     """
     if q.device.type == "cuda":
-        return launch(q, k, v, rel_h, rel_w, scale, kh, kw)
-    return window_attention_reference(q, k, v, rel_h, rel_w, scale, kh, kw)
+        return launch(q, k, v, table_h, table_w, scale, kh, kw)
+    return window_attention_reference(q, k, v, table_h, table_w, scale, kh, kw)
 
 
 @window_attention_op.register_fake
-def _(q, k, v, rel_h, rel_w, scale, kh, kw):
+def _(q, k, v, table_h, table_w, scale, kh, kw):
     b, heads, length, d = q.shape
     return q.new_empty((b, length, heads * d))
 
 
 def window_rel_pos_attention(
-    q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, scale: float, kh: int, kw: int
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    table_h: Tensor,
+    table_w: Tensor,
+    scale: float,
+    kh: int,
+    kw: int,
 ) -> Tensor:
     """`window_attention_op` under a plain function's name, the call `fuse_attention` inserts."""
-    return window_attention_op(q, k, v, rel_h, rel_w, scale, kh, kw)
+    return window_attention_op(q, k, v, table_h, table_w, scale, kh, kw)
 
 
 __all__ = [
     "MAX_KEYS",
     "fits_one_tile",
     "launch",
+    "rel_pos_terms",
     "window_attention_op",
     "window_attention_reference",
     "window_rel_pos_attention",

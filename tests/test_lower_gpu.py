@@ -126,8 +126,9 @@ def test_compiled_encoder_runs_the_triton_attention(tiny_cuda, attention):
     ids=["sam-b", "sam-h", "tiny", "ragged"],
 )
 def test_window_attention_kernel(shape):
-    """The window kernel on strided views of a qkv output, against its float32 reference on the
-    same bf16 operands: output token-major, (B, L, heads·D)."""
+    """The window kernel (rel-pos terms computed inside from the tables) on strided views of a
+    qkv output, against its float32 reference on the same bf16 operands: output token-major,
+    (B, L, heads·D)."""
     from samq_fx.window_attention import launch, window_attention_reference
 
     b, heads, kh, kw, d = shape
@@ -137,10 +138,10 @@ def test_window_attention_kernel(shape):
     qkv[:, :, 1] += 1.0  # keys share a bias, as ViT keys do
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     assert not q.is_contiguous()
-    rh = torch.randn(b * heads, kh, kw, 16, device="cuda", generator=g).bfloat16()
-    rw = torch.randn(b * heads, kh, kw, 16, device="cuda", generator=g).bfloat16()
-    out = launch(q, k, v, rh, rw, d**-0.5, kh, kw).float()
-    ref = window_attention_reference(*(t.float() for t in (q, k, v, rh, rw)), d**-0.5, kh, kw)
+    th = torch.randn(2 * kh - 1, d, device="cuda", generator=g).bfloat16()
+    tw = torch.randn(2 * kw - 1, d, device="cuda", generator=g).bfloat16()
+    out = launch(q, k, v, th, tw, d**-0.5, kh, kw).float()
+    ref = window_attention_reference(*(t.float() for t in (q, k, v, th, tw)), d**-0.5, kh, kw)
     assert out.shape == (b, L, heads * d) and torch.isfinite(out).all()
     err = float((out - ref).norm() / ref.norm())
     assert err < 1e-2, f"kernel vs reference: {err:.2e}"

@@ -28,12 +28,12 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         qkv = torch.randn(b, L, 3, heads, d)
         qkv[:, :, 1] += 1.0
         q, k, v = qkv.half().permute(2, 0, 3, 1, 4).unbind(0)
-        rh, rw = torch.randn(b * heads, L, 16).half(), torch.randn(b * heads, kh, kw, 16).half()
+        th, tw = torch.randn(2 * kh - 1, d).half(), torch.randn(2 * kw - 1, d).half()
         ref = wa.window_attention_reference(
-            *(t.float() for t in (q, k, v, rh, rw)), d**-0.5, kh, kw
+            *(t.float() for t in (q, k, v, th, tw)), d**-0.5, kh, kw
         )
         for block_m, steps in ((16, 1), (32, 2), (64, 4)):
-            out = wa.launch(q, k, v, rh, rw, d**-0.5, kh, kw, block_m=block_m, m_steps=steps)
+            out = wa.launch(q, k, v, th, tw, d**-0.5, kh, kw, block_m=block_m, m_steps=steps)
             assert out.shape == (b, L, heads * d) and torch.isfinite(out).all()
             worst = max(worst, float((out.float() - ref).norm() / ref.norm()))
     print(worst)
@@ -47,19 +47,6 @@ def test_kernel_matches_reference_in_triton_interpreter(triton_interpreter):
     assert worst < 2e-3, worst
 
 
-def _sam_eager(qkv: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, scale: float):
-    """segment_anything's Attention.forward from the qkv output on: head split, scaled q·kᵀ,
-    decomposed rel-pos bias, softmax, attn·v, head merge."""
-    b, h, w, _ = qkv.shape
-    heads = rel_h.shape[0] // b
-    qkv = qkv.reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.reshape(3, b * heads, h * w, -1).unbind(0)
-    attn = (q * scale) @ k.transpose(-2, -1)
-    attn = attn.view(b * heads, h, w, h, w) + rel_h[..., :, None] + rel_w[..., None, :]
-    x = attn.view(b * heads, h * w, h * w).softmax(-1) @ v
-    return x.view(b, heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h * w, -1)
-
-
 @settings(max_examples=25, deadline=None)
 @given(
     b=st.integers(1, 2),
@@ -67,20 +54,24 @@ def _sam_eager(qkv: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, scal
     kh=st.integers(1, 9),
     kw=st.integers(1, 9),
     d=st.sampled_from([4, 8, 12]),
-    pad=st.integers(0, 3),
 )
-def test_reference_is_sams_attention(b, heads, kh, kw, d, pad):
-    """The op's function (q, k, v as views of the qkv output, token-major output, rel-pos tables
-    with padded columns ignored) equals SAM's eager attention."""
-    g = torch.Generator().manual_seed(b * 1000 + kh * 10 + kw)
-    qkv = torch.randn(b, kh, kw, 3 * heads * d, generator=g, dtype=torch.float64)
-    rel_h = torch.randn(b * heads, kh, kw, kh + pad, generator=g, dtype=torch.float64)
-    rel_w = torch.randn(b * heads, kh, kw, kw + pad, generator=g, dtype=torch.float64)
-    scale = d**-0.5
-    want = _sam_eager(qkv, rel_h[..., :kh], rel_w[..., :kw], scale)
-    q, k, v = qkv.reshape(b, kh * kw, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
-    got = window_attention_reference(q, k, v, rel_h, rel_w, scale, kh, kw)
-    assert got.shape == want.shape
+def test_reference_is_sams_attention(b, heads, kh, kw, d):
+    """The op's function, on q, k, v as views of the qkv output and with its token-major output,
+    equals segment_anything's own Attention (rel-pos tables, head split and merge included)."""
+    from segment_anything.modeling.image_encoder import Attention
+
+    torch.manual_seed(b * 1000 + kh * 10 + kw)
+    attn = Attention(heads * d, heads, use_rel_pos=True, input_size=(kh, kw)).double()
+    with torch.no_grad():
+        attn.rel_pos_h.normal_()
+        attn.rel_pos_w.normal_()
+        x = torch.randn(b, kh, kw, heads * d, dtype=torch.float64)
+        want = attn(x)
+        q, k, v = attn.qkv(x).reshape(b, kh * kw, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+        out = window_attention_reference(
+            q, k, v, attn.rel_pos_h, attn.rel_pos_w, attn.scale, kh, kw
+        )
+        got = attn.proj(out.view(b, kh, kw, heads * d))
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-10)
 
 
@@ -88,8 +79,11 @@ def test_key_tile_limits():
     assert fits_one_tile(14, 14) and fits_one_tile(8, 8) and fits_one_tile(16, 16)
     assert not fits_one_tile(17, 16) and not fits_one_tile(64, 64)
     x = torch.zeros(1, 1, 64 * 64, 16)
-    rel = torch.zeros(1, 64 * 64, 64)
+    table = torch.zeros(127, 16)
     with pytest.raises(ValueError, match="grid 64 x 64"):
-        launch(x, x, x, rel, rel, 1.0, 64, 64)
+        launch(x, x, x, table, table, 1.0, 64, 64)
     with pytest.raises(ValueError, match="L=4096, grid 14 x 14"):
-        launch(x, x, x, rel, rel, 1.0, 14, 14)
+        launch(x, x, x, table, table, 1.0, 14, 14)
+    x = torch.zeros(1, 1, 14 * 14, 16)
+    with pytest.raises(ValueError, match=r"needs \(27, 16\) and \(27, 16\)"):
+        launch(x, x, x, table, table, 1.0, 14, 14)
