@@ -52,7 +52,6 @@ from samq_fx.api import PARTS, QuantizedSam
 from samq_fx.capture import CapturedSam
 from samq_fx.meta import get_info
 from samq_fx.passes.fuse_attention import fuse_attention as fuse_attention_pass
-from samq_fx.passes.fuse_attention_quant import fuse_attention_quant as fuse_attention_quant_pass
 from samq_fx.passes.fuse_linear_epilogue import fuse_linear_epilogue
 from samq_fx.passes.lower_linears import lower_linears
 from samq_fx.passes.patch_embed_as_matmul import patch_embed_as_matmul
@@ -100,17 +99,12 @@ class LowerConfig(DictConfig):
             q·kᵀ and P·v) or "int8-qk" (int8 q·kᵀ, float8 P·v); the last three need CUDA and
             quantize q, k, v with dynamic per-tensor scales. It applies to the global
             attentions, which hold ~90% of the encoder's attention work.
-        window_attention: the same for the windowed attentions (14 x 14 tokens in SAM). "flex"
-            is the default because it also runs on the CPU (SDPA); on CUDA "triton" is the
-            fastest: `samq_fx.window_attention`'s kernel, wired to the qkv output and the
-            projection's input with no copies, rel-pos terms computed inside (bench/RESULTS.md).
+        window_attention: the same for the windowed attentions (14 x 14 tokens in SAM), where
+            flex is the fastest on the H100 (bench/RESULTS.md), hence the default.
         strict: raise instead of keeping a layer fake-quantized.
         fuse_epilogue: float8-static: run each image-encoder MLP (lin1 -> GELU -> lin2) as a
             float8 GEMM whose epilogue applies the GELU and writes lin2's float8 input (one
             Triton kernel; CUDA only, as float8 is), instead of a bf16 round trip between them.
-        fuse_attention_quant: float8-static with window_attention="triton": the window kernel
-            stores its output projection's float8 input (`passes/fuse_attention_quant.py`)
-            instead of bf16 for a separate quantize pass.
     """
 
     backend: str = "int8-static"
@@ -120,7 +114,6 @@ class LowerConfig(DictConfig):
     window_attention: str = "flex"
     strict: bool = False
     fuse_epilogue: bool = True
-    fuse_attention_quant: bool = True
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -557,7 +550,6 @@ def lower(
     window_attention: str = "flex",
     strict: bool = False,
     fuse_epilogue: bool = True,
-    fuse_attention_quant: bool = True,
     compile: bool = False,
     verbose: bool = True,
 ) -> LoweredSam:
@@ -576,8 +568,6 @@ def lower(
             fake-quantized, with a warning that names it).
         fuse_epilogue: float8-static: fuse each encoder MLP's GELU and the next linear's
             input quantizer into the first GEMM (see `LowerConfig`).
-        fuse_attention_quant: float8-static: each window kernel stores its projection's float8
-            input (see `LowerConfig`).
         compile: wrap the image encoder and mask decoder in `torch.compile(fullgraph=True)`.
         verbose: print the lowering table.
 
@@ -595,7 +585,6 @@ def lower(
         window_attention=window_attention,
         strict=strict,
         fuse_epilogue=fuse_epilogue,
-        fuse_attention_quant=fuse_attention_quant,
     )
     if isinstance(qmodel, LoweredSam):
         raise LoweringError("this model is already lowered; lower the QuantizedSam it came from")
@@ -629,11 +618,9 @@ def lower(
         ctx = PassContext(part, model.samq_arch, config=kernels, state=state)
         # the encoder's MLPs see B x 4096 tokens; the decoder's a few per prompt, where an
         # autotuned kernel per prompt count would cost more than the round trip it saves
-        float8_encoder = cfg.backend == "float8-static" and part == "image_encoder"
-        epilogue = [fuse_linear_epilogue] if cfg.fuse_epilogue and float8_encoder else []
+        fuse_mlp = cfg.fuse_epilogue and cfg.backend == "float8-static" and part == "image_encoder"
+        epilogue = [fuse_linear_epilogue] if fuse_mlp else []
         passes = [lower_linears, *epilogue, *_float_passes(part, cfg.fuse_attention)]
-        if cfg.fuse_attention_quant and float8_encoder:  # reads fuse_attention's window calls
-            passes.append(fuse_attention_quant_pass)
         records = run_passes(gm, ctx, passes)
         results = {r.name: r.result for r in records}  # the latest run of each pass
         prefix = "enc" if part == "image_encoder" else "dec"
@@ -648,10 +635,9 @@ def lower(
                 if fused:
                     kernel = f"float8 e4m3 + {fused['activation']} + float8 out (Triton, fused)"
                 report.lowered[f"{prefix}:{node.target.split('.', 1)[1]}"] = kernel
-        for name in ("fuse_linear_epilogue", "fuse_attention_quant"):
-            if name in results:
-                report.fused_epilogues += results[name].counts["fused"]
-                report.unfused_epilogues.update(results[name].rejected)
+        if "fuse_linear_epilogue" in results:
+            report.fused_epilogues += results["fuse_linear_epilogue"].counts["fused"]
+            report.unfused_epilogues.update(results["fuse_linear_epilogue"].rejected)
         if "fuse_attention" in results:
             report.fused_attention += results["fuse_attention"].counts["fused"]
             report.unfused_attention.update(results["fuse_attention"].rejected)

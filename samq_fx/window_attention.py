@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from samq_fx.triton_attention import FLOAT8_MAX, key_grid_pad
+from samq_fx.triton_attention import key_grid_pad
 
 try:
     import triton
@@ -68,7 +68,6 @@ def window_attention_reference(
     scale: float,
     kh: int,
     kw: int,
-    out_scale: Tensor | None = None,
 ) -> Tensor:
     """The kernel's function in float32 PyTorch. Shapes as `window_attention_op`."""
     b, heads, length, d = q.shape
@@ -80,9 +79,6 @@ def window_attention_reference(
     qf, kf, vf = (t.reshape(b * heads, length, d) for t in (qf, kf, vf))
     out = (qf @ kf.transpose(1, 2) * scale + bias).softmax(-1) @ vf
     out = out.reshape(b, heads, length, d).transpose(1, 2).reshape(b, length, heads * d)
-    if out_scale is not None:
-        inv = 1.0 / out_scale.to(work).reshape(())
-        return (out * inv).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(torch.float8_e4m3fn)
     return out.to(q.dtype)
 
 
@@ -90,7 +86,7 @@ if triton is not None:
 
     @triton.jit
     def _window_attention_kernel(
-        Q, K, V, TH, TW, OUT, OUT_SCALE,
+        Q, K, V, TH, TW, OUT,
         stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn, stride_th, stride_tw, stride_ob, stride_om,
         scale, HEADS, L, KH, KW,
@@ -100,13 +96,10 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         RP: tl.constexpr,
         TP: tl.constexpr,
-        QUANT_OUT: tl.constexpr,
         BLOCK_M: tl.constexpr,
         M_STEPS: tl.constexpr,
     ):  # fmt: skip
         LOG2E: tl.constexpr = 1.4426950408889634
-        if QUANT_OUT:  # float8 codes for the output projection's calibrated input scale
-            inv_out_scale = 1.0 / tl.load(OUT_SCALE)
         bh = tl.program_id(1)
         b = (bh // HEADS).to(tl.int64)
         h = (bh % HEADS).to(tl.int64)
@@ -168,8 +161,6 @@ if triton is not None:
             p = tl.exp2(s - tl.max(s, 1)[:, None])
             denom = tl.sum(p, 1)
             out = tl.dot(p.to(v.dtype), v) / denom[:, None]
-            if QUANT_OUT:
-                out = tl.clamp(out * inv_out_scale, -448.0, 448.0)  # e4m3's largest
             o_ptrs = OUT + b * stride_ob + offs_m[:, None] * stride_om + h * D + offs_d[None, :]
             tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
@@ -193,7 +184,6 @@ def launch(
     scale: float,
     kh: int,
     kw: int,
-    out_scale: Tensor | None = None,
     *,
     block_m: int | None = None,
     m_steps: int = 1,
@@ -218,11 +208,9 @@ def launch(
         )
     q, k, v = [t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v)]
     table_h, table_w = table_h.to(q.dtype).contiguous(), table_w.to(q.dtype).contiguous()
-    out_dtype = q.dtype if out_scale is None else torch.float8_e4m3fn
-    out = torch.empty(b, length, heads * d, dtype=out_dtype, device=q.device)
+    out = torch.empty(b, length, heads * d, dtype=q.dtype, device=q.device)
     kwp = key_grid_pad(kw)
-    scale_ptr = out if out_scale is None else out_scale  # unread without out_scale
-    args = (q, k, v, table_h, table_w, out, scale_ptr, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+    args = (q, k, v, table_h, table_w, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             table_h.stride(0), table_w.stride(0), out.stride(0), out.stride(1),
             float(scale), heads, length, kh, kw)  # fmt: skip
     common = {
@@ -232,7 +220,6 @@ def launch(
         "BLOCK_N": max(16, key_grid_pad(kh) * kwp),
         "RP": max(16, key_grid_pad(max(kh, kw))),
         "TP": max(16, key_grid_pad(2 * max(kh, kw) - 1)),
-        "QUANT_OUT": out_scale is not None,
     }
     if block_m is None:
         grid = lambda meta: (triton.cdiv(length, meta["BLOCK_M"] * meta["M_STEPS"]), b * heads)  # noqa: E731
@@ -255,7 +242,6 @@ def window_attention_op(
     scale: float,
     kh: int,
     kw: int,
-    out_scale: Tensor | None = None,
 ) -> Tensor:
     """softmax(q·kᵀ·scale + rel_h[row(key)] + rel_w[col(key)])·v over each window's kh x kw keys,
     with rel_h, rel_w SAM's decomposed rel-pos terms of the unscaled q (`rel_pos_terms`).
@@ -265,24 +251,20 @@ def window_attention_op(
             split of the qkv linear's output, not copied); the compute dtype.
         table_h, table_w: the attention's rel_pos_h (2·kh - 1, D) and rel_pos_w (2·kw - 1, D).
         scale: the softmax scale (head_dim ** -0.5); q arrives unscaled.
-        out_scale: the output projection's calibrated float8 input scale (float32, one
-            element), or None.
 
     Returns:
-        (B, L, heads·D), token-major: the layout the output projection reads; in q's dtype, or
-        float8 e4m3 codes clamp(out / out_scale, ±448) when out_scale is given. CUDA runs the
+        (B, L, heads·D), token-major: the layout the output projection reads. CUDA runs the
         Triton kernel, the CPU `window_attention_reference`.
     """
     if q.device.type == "cuda":
-        return launch(q, k, v, table_h, table_w, scale, kh, kw, out_scale)
-    return window_attention_reference(q, k, v, table_h, table_w, scale, kh, kw, out_scale)
+        return launch(q, k, v, table_h, table_w, scale, kh, kw)
+    return window_attention_reference(q, k, v, table_h, table_w, scale, kh, kw)
 
 
 @window_attention_op.register_fake
-def _(q, k, v, table_h, table_w, scale, kh, kw, out_scale=None):
+def _(q, k, v, table_h, table_w, scale, kh, kw):
     b, heads, length, d = q.shape
-    dtype = q.dtype if out_scale is None else torch.float8_e4m3fn
-    return q.new_empty((b, length, heads * d), dtype=dtype)
+    return q.new_empty((b, length, heads * d))
 
 
 def window_rel_pos_attention(
@@ -294,10 +276,9 @@ def window_rel_pos_attention(
     scale: float,
     kh: int,
     kw: int,
-    out_scale: Tensor | None = None,
 ) -> Tensor:
     """`window_attention_op` under a plain function's name, the call `fuse_attention` inserts."""
-    return window_attention_op(q, k, v, table_h, table_w, scale, kh, kw, out_scale)
+    return window_attention_op(q, k, v, table_h, table_w, scale, kh, kw)
 
 
 __all__ = [

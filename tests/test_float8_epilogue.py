@@ -23,7 +23,6 @@ from samq_fx.float8_epilogue import (
     unsupported,
 )
 from samq_fx.lower import LoweringError, TorchaoBackend, lower
-from samq_fx.window_attention import window_rel_pos_attention
 
 _INTERPRETER_SCRIPT = textwrap.dedent(
     """
@@ -169,58 +168,3 @@ def test_float8_is_still_refused_on_the_cpu(float8_on_cpu):
     q, _, _ = float8_on_cpu
     with pytest.raises(LoweringError, match="sm_89"):
         lower(q, "float8-static", verbose=False)
-
-
-def test_window_kernel_writes_the_projections_float8_input(monkeypatch):
-    """With the windows on the window kernel, `fuse_attention_quant` hands each window's output
-    projection's input scale to the kernel (its CPU reference here) and the projection takes the
-    codes; the encoder computes what the flex-window lowering computes. A 256-wide tiny SAM
-    (random weights): torchao lowers no 128 x 128 float8 linear, so the shipped tiny model's
-    projections stay fake-quantized (the next test)."""
-    import dataclasses
-    import sys
-
-    from samq_fx.models import ARCHS, sam_from_arch
-
-    torch.manual_seed(0)
-    arch = dataclasses.replace(ARCHS["tiny"], name="tiny-256", encoder_embed_dim=256)
-    captured = samq_fx.capture(sam_from_arch(arch).eval())
-    q = samq_fx.quantize(
-        captured, calibration_samples(1), QuantConfig.preset("W8A8-int8"), progress=False
-    )
-    lowering = sys.modules["samq_fx.lower"]  # the module (samq_fx.lower is the function)
-    monkeypatch.setattr(TorchaoBackend, "_float8_ok", lambda self: None)
-    monkeypatch.setattr(lowering, "_check_attention_kernel", lambda kernel, device: None)
-    flex = lower(q, "float8-static", verbose=False)
-    windowed = lower(q, "float8-static", window_attention="triton", verbose=False)
-    report = windowed.samq_lowering_report
-    windows = arch.encoder_depth - len(arch.encoder_global_attn_indexes)
-    assert report.fused_epilogues == arch.encoder_depth + windows and not report.unfused_epilogues
-    assert flex.samq_lowering_report.fused_epilogues == arch.encoder_depth
-    enc = windowed.image_encoder
-    calls = [n for n in enc.graph.nodes if n.target is window_rel_pos_attention]
-    assert len(calls) == windows
-    for node in calls:
-        site = node.meta["samq"].findings["fuse_attention_quant"]["consumer"]
-        assert type(enc.samq_lowered[site]).__name__ == "Float8LinearOnCodes"
-        assert node.args[8].op == "get_attr"  # the projection's calibrated input scale
-    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        a, b = flex.image_encoder(x), windowed.image_encoder(x)
-    sqnr = float(10 * torch.log10(a.pow(2).mean() / (a - b).pow(2).mean()))
-    assert sqnr > 30, f"window kernel + float8 store vs flex windows: {sqnr:.1f} dB"
-
-
-def test_window_output_stays_bf16_before_a_fake_quantized_projection(float8_on_cpu, monkeypatch):
-    import sys
-
-    q, _, _ = float8_on_cpu
-    lowering = sys.modules["samq_fx.lower"]
-    monkeypatch.setattr(TorchaoBackend, "_float8_ok", lambda self: None)
-    monkeypatch.setattr(lowering, "_check_attention_kernel", lambda kernel, device: None)
-    windowed = lower(q, "float8-static", window_attention="triton", verbose=False)
-    rejected = windowed.samq_lowering_report.unfused_epilogues
-    assert len(rejected) == 2 and all("float8 linear" in why for why in rejected.values())
-    for node in windowed.image_encoder.graph.nodes:
-        if node.target is window_rel_pos_attention:
-            assert len(node.args) == 8  # no out_scale: the kernel stores the compute dtype
