@@ -15,8 +15,13 @@ which runs flex attention (flash kernel, bias added inside) under torch.compile 
 otherwise; or, with `ctx.state["attention"]` (global attentions) and
 `ctx.state["window_attention"]` (windowed ones) = "triton", "float8" or "int8-qk", by
 `samq_fx.triton_attention` (bias added in the kernel; float8: 8-bit q·kᵀ and P·v; int8-qk:
-int8 q·kᵀ, float8 P·v), which quantizes q, k and v itself with dynamic per-tensor scales. Conservative: an attention whose q, k, probabilities or v still pass through an
-enabled fake quantizer (its integer grid is not what the kernels compute) is left unfused and listed in
+int8 q·kᵀ, float8 P·v), which quantizes q, k and v itself with dynamic per-tensor scales.
+A windowed attention with "triton" gets `samq_fx.window_attention` instead, wired past SAM's
+head split and merge: it reads q, k, v as strided views of the qkv output, takes the rel-pos
+tables (it computes rel_h / rel_w itself) and its (B, L, C) output feeds the projection through a
+reshape; where that structure is not found it falls back to the general kernel with a note.
+Conservative: an attention whose q, k, probabilities or v still pass through an enabled fake
+quantizer (its integer grid is not what the kernels compute) is left unfused and listed in
 `rejected`, so the lowered model never drops a quantizer silently. The mask decoder's attentions
 (a few tokens against the image, well under 1% of SAM's time) are not touched.
 

@@ -99,8 +99,10 @@ class LowerConfig(DictConfig):
             q·kᵀ and P·v) or "int8-qk" (int8 q·kᵀ, float8 P·v); the last three need CUDA and
             quantize q, k, v with dynamic per-tensor scales. It applies to the global
             attentions, which hold ~90% of the encoder's attention work.
-        window_attention: the same for the windowed attentions (14 x 14 tokens in SAM), where
-            flex is the fastest on the H100 (bench/RESULTS.md), hence the default.
+        window_attention: the same for the windowed attentions (14 x 14 tokens in SAM). "flex"
+            is the default because it also runs on the CPU (SDPA); on CUDA "triton" is the
+            fastest: `samq_fx.window_attention`'s kernel, wired to the qkv output and the
+            projection's input with no copies, rel-pos terms computed inside (bench/RESULTS.md).
         strict: raise instead of keeping a layer fake-quantized.
         fuse_epilogue: float8-static: run each image-encoder MLP (lin1 -> GELU -> lin2) as a
             float8 GEMM whose epilogue applies the GELU and writes lin2's float8 input (one
