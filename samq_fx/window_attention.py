@@ -59,16 +59,6 @@ def rel_pos_terms(q: Tensor, table: Tensor, kh: int, kw: int, axis: int) -> Tens
     return terms.reshape(b * heads, length, size)
 
 
-def head_dim_chunks(d: int) -> dict[str, int]:
-    """{"D1": .., "D2": ..}: the head dim as a power of two plus a second one of at least 16
-    (80 = 64 + 16), or D2 = 0 with D1 the next power of two >= d (padded and masked)."""
-    d1 = 1 << (d.bit_length() - 1)
-    rest = d - d1
-    if rest == 0 or (rest >= 16 and rest & (rest - 1) == 0):
-        return {"D1": max(16, d1), "D2": rest}
-    return {"D1": max(16, key_grid_pad(d)), "D2": 0}
-
-
 def window_attention_reference(
     q: Tensor,
     k: Tensor,
@@ -101,8 +91,7 @@ if triton is not None:
         stride_vb, stride_vh, stride_vn, stride_th, stride_tw, stride_ob, stride_om,
         scale, HEADS, L, KH, KW,
         D: tl.constexpr,
-        D1: tl.constexpr,
-        D2: tl.constexpr,
+        DP: tl.constexpr,
         KWP: tl.constexpr,
         BLOCK_N: tl.constexpr,
         RP: tl.constexpr,
@@ -114,34 +103,36 @@ if triton is not None:
         bh = tl.program_id(1)
         b = (bh // HEADS).to(tl.int64)
         h = (bh % HEADS).to(tl.int64)
-        # the head dim as two power-of-two chunks, D1 + D2 (SAM-H: 80 = 64 + 16), so that no
-        # dot runs on padding; D2 = 0 with D1 >= D padded and masked for other head dims
-        d1 = tl.arange(0, D1)
-        d1_ok = d1 < D
+        offs_d = tl.arange(0, DP)  # head dim padded to a power of two (SAM-H: 80 -> 128)
+        d_ok = offs_d < D
         slot = tl.arange(0, BLOCK_N)
         key_row = slot // KWP
         key_col = slot % KWP
         key_ok = (key_row < KH) & (key_col < KW)
         key = key_row * KW + key_col
         # the whole window's keys and values, loaded once for M_STEPS query blocks
-        k_base = K + b * stride_kb + h * stride_kh + key[None, :] * stride_kn
-        v_base = V + b * stride_vb + h * stride_vh + key[:, None] * stride_vn
-        kt = tl.load(k_base + d1[:, None], mask=key_ok[None, :] & d1_ok[:, None], other=0.0)
-        v = tl.load(v_base + d1[None, :], mask=key_ok[:, None] & d1_ok[None, :], other=0.0)
+        kt = tl.load(
+            K + b * stride_kb + h * stride_kh + key[None, :] * stride_kn + offs_d[:, None],
+            mask=key_ok[None, :] & d_ok[:, None],
+            other=0.0,
+        )
+        v = tl.load(
+            V + b * stride_vb + h * stride_vh + key[:, None] * stride_vn + offs_d[None, :],
+            mask=key_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
         # the rel-pos tables, transposed: row t is the embedding of relative offset t - (K - 1)
         t = tl.arange(0, TP)
-        th_base = TH + t[None, :] * stride_th
-        tw_base = TW + t[None, :] * stride_tw
-        th_ok = t[None, :] < 2 * KH - 1
-        tw_ok = t[None, :] < 2 * KW - 1
-        tab_h = tl.load(th_base + d1[:, None], mask=th_ok & d1_ok[:, None], other=0.0)
-        tab_w = tl.load(tw_base + d1[:, None], mask=tw_ok & d1_ok[:, None], other=0.0)
-        if D2 > 0:
-            d2 = D1 + tl.arange(0, D2)
-            kt2 = tl.load(k_base + d2[:, None], mask=key_ok[None, :], other=0.0)
-            v2 = tl.load(v_base + d2[None, :], mask=key_ok[:, None], other=0.0)
-            tab_h2 = tl.load(th_base + d2[:, None], mask=th_ok, other=0.0)
-            tab_w2 = tl.load(tw_base + d2[:, None], mask=tw_ok, other=0.0)
+        tab_h = tl.load(
+            TH + t[None, :] * stride_th + offs_d[:, None],
+            mask=(t[None, :] < 2 * KH - 1) & d_ok[:, None],
+            other=0.0,
+        )
+        tab_w = tl.load(
+            TW + t[None, :] * stride_tw + offs_d[:, None],
+            mask=(t[None, :] < 2 * KW - 1) & d_ok[:, None],
+            other=0.0,
+        )
         r = tl.arange(0, RP)
         # one-hot expanders: (rel_h · e_row)[m, slot] = rel_h[m, row(slot)], the same for columns
         e_row = (key_row[None, :] == r[:, None]).to(kt.dtype)
@@ -150,38 +141,28 @@ if triton is not None:
         for step in tl.static_range(M_STEPS):
             offs_m = (tl.program_id(0) * M_STEPS + step) * BLOCK_M + tl.arange(0, BLOCK_M)
             m_ok = offs_m < L
-            q_base = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
-            q = tl.load(q_base + d1[None, :], mask=m_ok[:, None] & d1_ok[None, :], other=0.0)
-            q_th = tl.dot(q, tab_h)
-            q_tw = tl.dot(q, tab_w)
-            s = tl.dot(q, kt)
-            if D2 > 0:
-                q2 = tl.load(q_base + d2[None, :], mask=m_ok[:, None], other=0.0)
-                q_th = tl.dot(q2, tab_h2, q_th)
-                q_tw = tl.dot(q2, tab_w2, q_tw)
-                s = tl.dot(q2, kt2, s)
+            q = tl.load(
+                Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
             # SAM's decomposed rel-pos terms: rel_h[m, r] = q[m] · table_h[row(m) - r + KH - 1]
             # (q·table for every offset on the tensor cores, then each query's KH of them)
             q_row = tl.minimum(offs_m // KW, KH - 1)
             q_col = offs_m % KW
             idx_h = tl.where(r[None, :] < KH, q_row[:, None] - r[None, :] + KH - 1, 0)
             idx_w = tl.where(r[None, :] < KW, q_col[:, None] - r[None, :] + KW - 1, 0)
-            rh = tl.gather(q_th, idx_h, axis=1)
-            rw = tl.gather(q_tw, idx_w, axis=1)
+            rh = tl.gather(tl.dot(q, tab_h), idx_h, axis=1)
+            rw = tl.gather(tl.dot(q, tab_w), idx_w, axis=1)
             bias = tl.dot(rh.to(kt.dtype), e_row)
             bias = tl.dot(rw.to(kt.dtype), e_col, bias)
-            s = s * scale_log2 + bias * LOG2E
+            s = tl.dot(q, kt) * scale_log2 + bias * LOG2E
             s = tl.where(key_ok[None, :], s, float("-inf"))
             p = tl.exp2(s - tl.max(s, 1)[:, None])
-            inv_denom = 1.0 / tl.sum(p, 1)
-            p = p.to(v.dtype)
-            o_base = OUT + b * stride_ob + offs_m[:, None] * stride_om + h * D
-            out = tl.dot(p, v) * inv_denom[:, None]
-            o_ok = m_ok[:, None] & d1_ok[None, :]
-            tl.store(o_base + d1[None, :], out.to(OUT.dtype.element_ty), mask=o_ok)
-            if D2 > 0:
-                out2 = tl.dot(p, v2) * inv_denom[:, None]
-                tl.store(o_base + d2[None, :], out2.to(OUT.dtype.element_ty), mask=m_ok[:, None])
+            denom = tl.sum(p, 1)
+            out = tl.dot(p.to(v.dtype), v) / denom[:, None]
+            o_ptrs = OUT + b * stride_ob + offs_m[:, None] * stride_om + h * D + offs_d[None, :]
+            tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
     _CONFIGS = [
         triton.Config({"BLOCK_M": bm, "M_STEPS": steps}, num_warps=w, num_stages=1)
@@ -234,7 +215,7 @@ def launch(
             float(scale), heads, length, kh, kw)  # fmt: skip
     common = {
         "D": d,
-        **head_dim_chunks(d),
+        "DP": max(16, key_grid_pad(d)),
         "KWP": kwp,
         "BLOCK_N": max(16, key_grid_pad(kh) * kwp),
         "RP": max(16, key_grid_pad(max(kh, kw))),

@@ -20,10 +20,10 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     from samq_fx import window_attention as wa
     torch.manual_seed(0)
     worst = 0.0
-    # (grid rows, grid cols, head dim, heads): SAM-H's 14 x 14 windows with head dim 80 (two
-    # chunks in the kernel, 64 + 16), the tiny model's 8 x 8, a ragged grid, a head dim padded
-    # to 32; query blocks that cover the window in one program (64 x 4) or several
-    for kh, kw, d, heads in ((14, 14, 80, 2), (8, 8, 32, 4), (5, 7, 16, 3), (3, 4, 20, 2)):
+    # (grid rows, grid cols, head dim, heads): SAM-H's 14 x 14 windows with head dim 80 (padded
+    # to 128 in the kernel), the tiny model's 8 x 8, a ragged grid; query blocks that cover the
+    # window in one program (64 x 4) or several
+    for kh, kw, d, heads in ((14, 14, 80, 2), (8, 8, 32, 4), (5, 7, 16, 3)):
         b, L = 2, kh * kw
         qkv = torch.randn(b, L, 3, heads, d)
         qkv[:, :, 1] += 1.0
