@@ -72,7 +72,8 @@ BACKENDS = {
 # (measured on the H100: SQNR nan). float8-static has no such rows to scale.
 ATTENTION_KERNELS = {
     "flex": "flex attention, bias folded into q·k (CUDA + compile); SDPA otherwise",
-    "triton": "Triton flash kernel, bias added in-kernel, compute dtype (CUDA)",
+    "triton": "Triton flash kernel, bias added in-kernel, compute dtype (CUDA); on windows the "
+    "one-tile window kernel that reads the qkv output and computes the rel-pos terms itself",
     "float8": "Triton flash kernel, float8 e4m3 q·kᵀ and P·v, dynamic scales (H100/Ada)",
     "int8-qk": "Triton flash kernel, int8 q·kᵀ (k smoothed), float8 P·v (H100/Ada)",
 }

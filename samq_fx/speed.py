@@ -59,11 +59,11 @@ VARIANTS = {"unfused": {"fuse_attention": False}, "triton": {"attention": "trito
             "i8attn-all": {"attention": "int8-qk", "window_attention": "int8-qk"},
             "wtri": {"window_attention": "triton"},
             "noepi": {"fuse_epilogue": False}}  # fmt: skip
-"""Variants of a lowered setting, one or more `+` suffixes ("float8-static+i8attn+noepi"): the
-attention kernel (without -all the windowed attentions keep flex, the fastest there, and the
-global ones take the named kernel; +wtri puts the windows on the Triton window kernel, which
-reads q, k, v from the qkv output and writes the projection's input layout); +noepi keeps float8 MLPs as two linears around a separate
-activation pass instead of the fused GEMM epilogue."""
+"""Variants of a lowered setting, one or more `+` suffixes ("float8-static+i8attn+wtri"): the
+attention kernel (without -all the windowed attentions keep flex and the global ones take the
+named kernel); +wtri puts the windows on the Triton window kernel (the fastest there: it reads
+q, k, v from the qkv output and writes the projection's input layout); +noepi keeps float8 MLPs
+as two linears around a separate activation pass instead of the fused GEMM epilogue."""
 LOWERED_SETTINGS = ("int8-static", "int8-dynamic", "float8-static", "int4-weight")
 DEFAULT_GPU = ("fp32", "bf16", "bf16-compile", "bf16-fused", *LOWERED_SETTINGS)
 
