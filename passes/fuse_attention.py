@@ -41,6 +41,7 @@ import torch.fx
 from samq_fx import triton_attention, window_attention
 from samq_fx.kernels import plain_attention, rel_pos_attention
 from samq_fx.meta import add_finding, get_info, update_info
+from samq_fx.passes.insert_quantizers import fetch_attr
 from samq_fx.pipeline import PassContext, PassResult
 
 PASS_NAME = "fuse_attention"
@@ -159,15 +160,6 @@ def _head_merge(av):
     return merged
 
 
-def _get_attr_value(gm: torch.fx.GraphModule, node) -> torch.Tensor | None:
-    if not (isinstance(node, torch.fx.Node) and node.op == "get_attr"):
-        return None
-    value = gm
-    for name in node.target.split("."):
-        value = getattr(value, name, None)
-    return value if isinstance(value, torch.Tensor) else None
-
-
 def _rel_pos_table(gm: torch.fx.GraphModule, term, q, axis: int, size: int):
     """The rel_pos_h (axis 0) / rel_pos_w (axis 1) parameter node behind SAM's rel-pos term
     `einsum(eq, [reshape(q), index(table, [i - j + size - 1])])`; LookupError otherwise (a
@@ -179,7 +171,8 @@ def _rel_pos_table(gm: torch.fx.GraphModule, term, q, axis: int, size: int):
     if not (_is_view(grid, 4) and grid.args[0] is q and _is(gathered, aten.index.Tensor)):
         raise LookupError("the rel-pos einsum does not read q and an indexed table")
     table, (coords_node,) = gathered.args
-    coords = _get_attr_value(gm, coords_node)
+    is_attr = isinstance(coords_node, torch.fx.Node) and coords_node.op == "get_attr"
+    coords = fetch_attr(gm, coords_node.target) if is_attr else None
     span = torch.arange(size)
     want = span[:, None] - span[None, :] + size - 1
     if coords is None or coords.shape != want.shape or not torch.equal(coords.cpu(), want):
