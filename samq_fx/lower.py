@@ -554,6 +554,7 @@ def lower(
     strict: bool = False,
     fuse_epilogue: bool = True,
     compile: bool = False,
+    cudagraphs: bool = False,
     verbose: bool = True,
 ) -> LoweredSam:
     """Lower a calibrated model to real kernels. The argument is not modified.
@@ -572,6 +573,9 @@ def lower(
         fuse_epilogue: float8-static: fuse each encoder MLP's GELU and the next linear's
             input quantizer into the first GEMM (see `LowerConfig`).
         compile: wrap the image encoder and mask decoder in `torch.compile(fullgraph=True)`.
+        cudagraphs: with `compile`, replay each call as a CUDA graph (see `compile_parts`):
+            the float8 pipeline launches more kernels from Python than the bf16 one and is
+            CPU-bound on SAM-B without it.
         verbose: print the lowering table.
 
     Returns:
@@ -589,6 +593,8 @@ def lower(
         strict=strict,
         fuse_epilogue=fuse_epilogue,
     )
+    if cudagraphs and not compile:
+        raise LoweringError("cudagraphs=True replays the compiled model: pass compile=True too")
     if isinstance(qmodel, LoweredSam):
         raise LoweringError("this model is already lowered; lower the QuantizedSam it came from")
     if not isinstance(qmodel, QuantizedSam):
@@ -602,6 +608,10 @@ def lower(
         if cfg.dtype
         else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     )
+    if cudagraphs and device.type != "cuda":
+        raise LoweringError(
+            f"cudagraphs=True needs a model on a CUDA device; this one is on {device}"
+        )
     _check_attention_kernel(cfg.attention, device)
     _check_attention_kernel(cfg.window_attention, device)
     model = copy.deepcopy(qmodel)
@@ -667,8 +677,17 @@ def lower(
     if verbose:
         print(report.table())
     if compile:
-        compile_parts(model)
+        compile_parts(model, cudagraphs=cudagraphs)
     return model.eval()
+
+
+CUDA_FUSION_OPTIONS = {"realize_opcount_threshold": 100, "realize_acc_reads_threshold": 16}
+"""Inductor stores an elementwise chain to memory once it passes 30 ops or 8 tensor reads. A
+windowed block's LayerNorm + pad + partition is past both, so with the defaults the float8
+input of its qkv GEMM came from two kernels and a float32 tensor in between (SAM-H, batch 8:
+200 MB written and read again, per block). With these limits the chain is one kernel that
+writes the float8 codes: SAM-H's float8 encoder 87.95 -> 85.47 ms of kernels, bf16 unchanged
+within noise (bench/RESULTS.md, session 7)."""
 
 
 def compile_parts(
@@ -680,9 +699,12 @@ def compile_parts(
     (one of torchao's recommended settings; the others, coordinate-descent tuning above all,
     cost minutes of compile time for little here). `cudagraphs` replays each call as one CUDA
     graph (inductor's "reduce-overhead"): no per-kernel launch gaps, at the price of one
-    recorded graph per input shape.
+    recorded graph per input shape. On CUDA, `CUDA_FUSION_OPTIONS` lets one kernel do a
+    window's LayerNorm, padding, partition and float8 quantization.
     """
     options = {"force_fuse_int_mm_with_mul": fuse_int_mm_with_mul, "triton.cudagraphs": cudagraphs}
+    if model.pixel_mean.device.type == "cuda":
+        options |= CUDA_FUSION_OPTIONS
     for part in PARTS:
         gm = getattr(model, part)
         compiled = torch.compile(gm, fullgraph=True, options=options)

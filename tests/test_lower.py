@@ -186,6 +186,13 @@ def test_float8_needs_a_capable_gpu(q_int8):
         lower(q_int8, "float8-static", verbose=False)
 
 
+def test_cudagraphs_need_compile_and_cuda(q_int8):
+    with pytest.raises(LoweringError, match="pass compile=True too"):
+        lower(q_int8, "int8-static", cudagraphs=True, verbose=False)
+    with pytest.raises(LoweringError, match="needs a model on a CUDA device; this one is on cpu"):
+        lower(q_int8, "int8-static", compile=True, cudagraphs=True, verbose=False)
+
+
 def test_unknown_backend(q_int8):
     with pytest.raises(LoweringError, match="unknown lowering backend 'int3'"):
         lower(q_int8, "int3")

@@ -56,7 +56,7 @@ def test_readme_lowering_snippet_runs(tmp_path, monkeypatch):
     scene = generate_scene(124, 0)
     calib = [{"image": scene.image, "boxes": np.array([mask_box(m) for m in scene.masks])}]
     lowering = sys.modules["samq_fx.lower"]  # the module (samq_fx.lower is the function)
-    monkeypatch.setattr(lowering, "compile_parts", lambda model: model)
+    monkeypatch.setattr(lowering, "compile_parts", lambda model, **options: model)
     monkeypatch.chdir(tmp_path)
     namespace = {"samq_fx": samq_fx, "sam": samq_fx.build_sam("tiny"), "calib_samples": calib,
                  "image": scene.image, "SamPredictor": SamPredictor}  # fmt: skip

@@ -1,0 +1,88 @@
+"""One compiled encoder call, kernel by kernel: where the GPU waits and what the CPU does.
+
+For each setting (as `samq-fx bench` names them): the median wall time of 10 calls at batch 8,
+the CUDA kernels' busy time and span in one profiled call, when the first kernel starts after
+the call begins, the CPU events that take longest, and a JSON of the kernel sequence (name,
+start, duration in µs) to read block by block. `--inductor key=value` sets inductor options
+for the run (how `CUDA_FUSION_OPTIONS` in `samq_fx.lower` was found).
+
+    PYTHONPATH=. python3 bench/kernel_timeline.py --model vit_h \\
+        --settings float8-static+i8attn+wtri bf16-triton-all --out timeline
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if __package__ is None and "samq_fx" not in sys.modules:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import samq_fx  # noqa: E402
+from samq_fx.demo import calibration_samples  # noqa: E402
+from samq_fx.speed import build  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="vit_b")
+    p.add_argument("--settings", nargs="+", required=True)
+    p.add_argument("--inductor", nargs="*", default=[], help="inductor options, key=int")
+    p.add_argument("--out", default="timeline", help="prefix of the kernel-sequence JSONs")
+    args = p.parse_args(argv)
+    for option in args.inductor:
+        key, value = option.split("=")
+        setattr(torch._inductor.config, key, int(value))
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    captured = samq_fx.capture(samq_fx.build_sam(args.model, pretrained=False).to(device).eval())
+    cfg = samq_fx.QuantConfig.preset("W8A8-int8", method="minmax")
+    quantized = {"int8": samq_fx.quantize(captured, calibration_samples(2), cfg, progress=False)}
+    x = torch.randn(8, 3, 1024, 1024, device=device)
+    for setting in args.settings:
+        torch._dynamo.reset()
+        model, _ = build(setting, captured, quantized)
+        with torch.inference_mode():
+            for _ in range(4):
+                model.image_encoder(x)
+            torch.cuda.synchronize()
+            walls = []
+            for _ in range(10):
+                start = time.perf_counter()
+                model.image_encoder(x)
+                torch.cuda.synchronize()
+                walls.append(time.perf_counter() - start)
+            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            with torch.profiler.profile(activities=activities) as prof:
+                model.image_encoder(x)
+                torch.cuda.synchronize()
+        events = sorted(prof.events(), key=lambda e: e.time_range.start)
+        cuda = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        cpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+        t0 = cpu[0].time_range.start
+        busy = sum(e.time_range.end - e.time_range.start for e in cuda)
+        span = cuda[-1].time_range.end - cuda[0].time_range.start
+        print(f"{args.model} {setting}: wall p50 {1e3 * statistics.median(walls):.2f} ms; kernels "
+              f"{busy / 1e3:.2f} ms busy over a {span / 1e3:.2f} ms span ({len(cuda)} kernels); "
+              f"first kernel {(cuda[0].time_range.start - t0) / 1e3:.2f} ms into the call")  # fmt: skip
+        totals: dict[str, list] = {}
+        for e in cpu:
+            entry = totals.setdefault(e.name[:90], [0, 0.0])
+            entry[0] += 1
+            entry[1] += e.time_range.end - e.time_range.start
+        for name, (count, us) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:15]:
+            print(f"   CPU {us / 1e3:7.2f} ms  x{count:<4d} {name}")
+        sequence = [(e.name[:120], e.time_range.start - cuda[0].time_range.start,
+                     e.time_range.end - e.time_range.start) for e in cuda]  # fmt: skip
+        path = Path(f"{args.out}_{args.model}_{setting.replace('+', '_')}.json")
+        path.write_text(json.dumps(sequence) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
