@@ -206,8 +206,10 @@ def test_int4_tinygemm_matches_the_unpacked_weight(shape, group_size):
 )  # fmt: skip
 def test_float8_epilogue_kernel_matches_its_reference(shape, bias, activation, kernel):
     """The fused float8 GEMM + activation + quantize against its float32 reference: no further
-    off, in the share of codes that differ or in the largest error, than the unfused lowering
-    it replaces (cuBLAS fast-accumulation GEMM, bf16 output, activation, quantize)."""
+    off, in its largest error or in its squared error from the exact function, than the unfused
+    lowering it replaces (cuBLAS fast-accumulation GEMM, bf16 output, activation, quantize).
+    (The share of codes that differ is no measure: `gelu_fast`'s 0.16% moves values that sit
+    near an e4m3 rounding boundary by one step, as bf16's rounding of y does in the other.)"""
     from samq_fx.float8_epilogue import launch, linear_act_reference
 
     if torch.cuda.get_device_capability() < ((9, 0) if kernel == "tma" else (8, 9)):
@@ -231,10 +233,11 @@ def test_float8_epilogue_kernel_matches_its_reference(shape, bias, activation, k
     assert worst <= 1.5 * worst_unfused + 1e-6, (
         f"largest error {worst:.4f} > unfused {worst_unfused:.4f}"
     )
-    differ, baseline = float((out != ref).float().mean()), float((unfused != ref).float().mean())
-    assert differ <= baseline + 0.002, (
-        f"{differ:.2%} codes off the reference (unfused {baseline:.2%})"
-    )
+    exact = (x8.float() @ w8.float().t()) * scales[0] + (b.float() if bias else 0)
+    exact = torch.nn.functional.gelu(exact) if activation == "gelu" else torch.relu(exact)
+    exact = (exact / scales[1]).clamp(-448, 448)
+    err, err_unfused = float((out - exact).pow(2).mean()), float((unfused - exact).pow(2).mean())
+    assert err <= 1.02 * err_unfused, f"squared error {err:.3e} > unfused {err_unfused:.3e}"
     assert float(ref.abs().amax()) > 10, "the test's scales leave the e4m3 range unused"
 
 
