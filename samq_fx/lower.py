@@ -575,7 +575,9 @@ def lower(
         compile: wrap the image encoder and mask decoder in `torch.compile(fullgraph=True)`.
         cudagraphs: with `compile`, replay each call as a CUDA graph (see `compile_parts`):
             the float8 pipeline launches more kernels from Python than the bf16 one and is
-            CPU-bound on SAM-B without it.
+            CPU-bound on SAM-B without it. A replay's outputs live in the graph's memory and
+            the next replay of the same part overwrites them (PyTorch raises if an old one is
+            read): clone what you keep, as `SamPredictor.predict` does by copying to numpy.
         verbose: print the lowering table.
 
     Returns:
