@@ -295,8 +295,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Q
         from samq_fx.lower import LowerConfig, lower
 
         cfg = LowerConfig.from_dict(payload["lowering"])
-        options = {f: getattr(cfg, f) for f in ("dtype", "fuse_attention", "attention",
-                                                "window_attention", "strict")}  # fmt: skip
+        options = {f: v for f, v in cfg.to_dict().items() if f != "backend"}
         model = lower(model, cfg.backend, **options, verbose=False)
     return model
 

@@ -22,10 +22,11 @@ Backends (what runs where; `BACKENDS` holds the same as data):
                  point: torchao `Int8Tensor` (codes copied from the quantizer, AdaRound's
                  rounding included) -> torch._int_mm. Needs symmetric 8-bit weights.
   int8-dynamic   the same weights; activations quantized per token at run time (symmetric).
-  int4-weight    W4A16 (`Int4Linear`): the calibrated codes packed for PyTorch's int4 tinygemm
-                 (aten._weight_int4pack_mm) on CUDA; on the CPU two codes a byte, unpacked per
-                 call for the float GEMM. Weights per group of 32..256: 0.5 bytes a weight plus
-                 a (scale, zero) pair a group.
+  int4-weight    W4A16 (`Int4Linear`): the calibrated codes, 4 bits a weight in memory, with a
+                 (scale, zero) pair per group of 32..256. Two kernels (`INT4_KERNELS`): the
+                 codes dequantized at each call for the compute dtype's GEMM (the image
+                 encoder, CPU and CUDA), or packed for PyTorch's int4 tinygemm
+                 (aten._weight_int4pack_mm; the mask decoder on CUDA).
   float8-static  H100 / Ada: float8 e4m3 weights and activations, the activation scale from the
                  calibrated range: torchao float8 -> torch._scaled_mm.
 
@@ -78,6 +79,15 @@ ATTENTION_KERNELS = {
     "int8-qk": "Triton flash kernel, int8 q·kᵀ (k smoothed), float8 P·v (H100/Ada)",
 }
 INT4_GROUP_SIZES = (32, 64, 128, 256)
+INT4_KERNELS = {
+    "auto": "dequant for the image encoder, tinygemm for the mask decoder on CUDA",
+    "dequant": "codes dequantized per call (one fused elementwise kernel) x the float GEMM",
+    "tinygemm": "PyTorch's int4 tinygemm (aten._weight_int4pack_mm), CUDA, bf16 activations",
+}
+"""How int4-weight multiplies. tinygemm is built for few rows (LLM decoding): on SAM-B's encoder
+GEMMs (thousands of rows) it ran at 25% of bf16 + compile. Dequantizing a layer's codes costs
+one pass over 0.5 bytes a weight, then the GEMM runs at the float GEMM's speed; the decoder's
+GEMMs have a few rows a prompt, where tinygemm's 4-bit reads win (bench/RESULTS.md)."""
 
 
 class LoweringError(ValueError):
@@ -108,6 +118,8 @@ class LowerConfig(DictConfig):
         fuse_epilogue: float8-static: run each image-encoder MLP (lin1 -> GELU -> lin2) as a
             float8 GEMM whose epilogue applies the GELU and writes lin2's float8 input (one
             Triton kernel; CUDA only, as float8 is), instead of a bf16 round trip between them.
+        int4_kernel: int4-weight: one of `INT4_KERNELS`; "auto" dequantizes for the image
+            encoder and runs tinygemm for the mask decoder on CUDA. The CPU always dequantizes.
     """
 
     backend: str = "int8-static"
@@ -117,8 +129,13 @@ class LowerConfig(DictConfig):
     window_attention: str = "flex"
     strict: bool = False
     fuse_epilogue: bool = True
+    int4_kernel: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.int4_kernel not in INT4_KERNELS:
+            raise LoweringError(
+                f"unknown int4 kernel {self.int4_kernel!r}; kernels: {list(INT4_KERNELS)}"
+            )
         if self.backend not in BACKENDS:
             raise LoweringError(
                 f"unknown lowering backend {self.backend!r}; backends: {list(BACKENDS)}"
@@ -215,27 +232,41 @@ def _activation_spec_problem(in_q, bits: int) -> str | None:
 
 
 class Int4Linear(nn.Module):
-    """A W4A16 linear from the calibrated codes and grid, 4 bits a weight in memory: PyTorch's
-    int4 tinygemm kernel (`aten._weight_int4pack_mm`) on CUDA; on the CPU two codes a byte,
-    unpacked to the compute dtype at each call and multiplied by the float GEMM (PyTorch's CPU
-    int4 kernel, `_weight_int4pack_mm_for_cpu`, took 11.5 s for one 4096x768x3072 product on
-    this project's 2-core machine, 130x the float GEMM, so it is not used).
+    """A W4A16 linear from the calibrated codes and grid, 4 bits a weight in memory, run by one
+    of two kernels (`INT4_KERNELS`):
+
+    - "dequant": two codes a byte, (N, K/2); each call dequantizes them to the compute dtype
+      (float32 arithmetic, one rounding) and runs the float GEMM. Under torch.compile the
+      dequantization is one elementwise kernel whose output lives only for that GEMM. The CPU
+      always takes this path (PyTorch's CPU int4 kernel, `_weight_int4pack_mm_for_cpu`, took
+      11.5 s for one 4096x768x3072 product on this project's 2-core machine, 130x the float
+      GEMM).
+    - "tinygemm" (CUDA, bf16): the codes packed for `aten._weight_int4pack_mm`, which reads
+      the 4-bit weights inside the GEMM: best when a call has few rows.
 
     Why not torchao's int4 tensor: it re-derives each group's (scale, zero) from the
     dequantized weights (so a calibrated clip is not kept exactly) and pads the input dim to a
     multiple of 1024, which stores SAM-B's 768-wide layers a third larger and pads every
-    activation at run time. The kernel itself needs neither: K a multiple of 32, N of 8.
+    activation at run time. tinygemm itself needs neither: K a multiple of 32, N of 8.
 
     tinygemm computes w = (u - 8) * scale + zero per group from codes u in [0, 15]; our grid is
     w = (q - z) * s with q in [qmin, qmin + 15], so u = q - qmin, scale = s and
-    zero = (8 + qmin - z) * s, held in the compute dtype (bf16 on CUDA, as tinygemm requires;
-    rounding s to bf16 moves a weight by at most 2^-6 of its step).
+    zero = (8 + qmin - z) * s. Both kernels keep (scale, zero) in that form, in the compute
+    dtype (bf16 on CUDA, as tinygemm requires; rounding s to bf16 moves a weight by at most
+    2^-6 of its step).
     """
 
-    def __init__(self, codes, qparams, bias, group_size: int, dtype: torch.dtype):
+    def __init__(
+        self, codes, qparams, bias, group_size: int, dtype: torch.dtype, kernel: str = "dequant"
+    ):
         super().__init__()
+        if kernel not in ("dequant", "tinygemm"):
+            raise LoweringError(f"unknown int4 kernel {kernel!r}: 'dequant' or 'tinygemm'")
+        if kernel == "tinygemm" and codes.device.type != "cuda":
+            raise LoweringError(f"int4 tinygemm runs on CUDA; these codes are on {codes.device}")
         out_f, in_f = codes.shape
         self.in_features, self.out_features, self.group_size = in_f, out_f, group_size
+        self.kernel = kernel
         q = (codes.to(torch.int32) - qparams.qmin).reshape(out_f, in_f)
         if q.numel() and not (0 <= int(q.min()) and int(q.max()) <= 15):
             raise LoweringError("int4 codes outside a 16-level grid")
@@ -244,40 +275,48 @@ class Int4Linear(nn.Module):
         zero = (8 + qparams.qmin - z) * s
         scale_zero = torch.stack([s, zero], dim=-1).transpose(0, 1).contiguous()
         packed = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)  # (N, K/2), even k high
-        if codes.device.type == "cuda":
+        if kernel == "tinygemm":
             packed = torch.ops.aten._convert_weight_to_int4pack(packed, _inner_k_tiles(in_f))
         self.register_buffer("packed", packed)
         self.register_buffer("scale_zero", scale_zero.to(dtype))
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
 
     @staticmethod
-    def unsupported(shape, group_size: int, dtype: torch.dtype, device: torch.device) -> str | None:
-        """Why the kernel cannot take this layer, or None."""
+    def unsupported(
+        shape, group_size: int, dtype: torch.dtype, device: torch.device, kernel: str
+    ) -> str | None:
+        """Why `kernel` cannot take this layer, or None."""
         out_f, in_f = shape
         if in_f % group_size or in_f % 32 or out_f % 8:
             return (
-                f"a {out_f}x{in_f} weight: the int4 kernel needs in_features a multiple of 32 "
+                f"a {out_f}x{in_f} weight: the int4 kernels need in_features a multiple of 32 "
                 f"and of the group ({group_size}), out_features a multiple of 8"
             )
-        if device.type == "cuda" and dtype != torch.bfloat16:
-            return f"int4 tinygemm on CUDA takes bfloat16 activations, not {dtype}"
+        if kernel == "tinygemm" and device.type != "cuda":
+            return f"int4 tinygemm runs on CUDA, not on {device}"
+        if kernel == "tinygemm" and dtype != torch.bfloat16:
+            return f"int4 tinygemm takes bfloat16 activations, not {dtype}"
         return None
 
     @staticmethod
-    def kernel_name(device: torch.device) -> str:
-        if device.type == "cuda":
+    def kernel_name(kernel: str) -> str:
+        if kernel == "tinygemm":
             return "int4 tinygemm (aten._weight_int4pack_mm) x bf16"
-        return "int4 weights, unpacked per call x float GEMM"
+        return "int4 weights, dequantized per call x float GEMM"
 
     def dequantized_weight(self) -> torch.Tensor:
-        """The (N, K) float weight the codes stand for (the CPU path's GEMM operand)."""
-        u = torch.stack([self.packed >> 4, self.packed & 15], dim=-1).reshape(self.out_features, -1)
-        u = u.reshape(self.out_features, -1, self.group_size).to(self.scale_zero.dtype)
-        scale, zero = self.scale_zero.transpose(0, 1).unbind(-1)
-        return ((u - 8) * scale[..., None] + zero[..., None]).reshape(self.out_features, -1)
+        """The (N, K) weight the codes stand for, in the compute dtype (the "dequant" kernel's
+        GEMM operand; for tinygemm, unpacked from the nibble layout it was built from)."""
+        if self.kernel != "dequant":
+            raise LoweringError("dequantized_weight reads the 'dequant' layout")
+        u = torch.stack([self.packed >> 4, self.packed & 15], dim=-1)
+        u = u.reshape(self.out_features, -1, self.group_size).float()
+        scale, zero = self.scale_zero.transpose(0, 1).float().unbind(-1)
+        w = (u - 8) * scale[..., None] + zero[..., None]
+        return w.reshape(self.out_features, -1).to(self.scale_zero.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed.dim() == 2:  # CPU layout
+        if self.kernel == "dequant":
             return nn.functional.linear(x, self.dequantized_weight(), self.bias)
         x2 = x.reshape(-1, self.in_features).contiguous()
         y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, self.scale_zero)
@@ -295,8 +334,11 @@ def _inner_k_tiles(in_features: int) -> int:
 class TorchaoBackend:
     """Builds one lowered linear per calibrated site (`make_linear`), for one backend."""
 
-    def __init__(self, name: str, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, name: str, dtype: torch.dtype, device: torch.device, int4_kernel: str = "dequant"
+    ) -> None:
         self.name, self.dtype, self.device = name, dtype, device
+        self.int4_kernel = int4_kernel
 
     def make_linear(self, site, w_q, weight, in_q, bias, x_val):
         """(module, kernel description) or (None, reason the site stays fake-quantized)."""
@@ -379,11 +421,15 @@ class TorchaoBackend:
                 f"{spec.bits}-bit {spec.granularity} weights; int4 kernels take 4-bit weights in "
                 f"groups of {INT4_GROUP_SIZES} (preset 'W4A16')"
             )
-        problem = Int4Linear.unsupported(weight.shape, spec.group_size, self.dtype, self.device)
+        kernel = self.int4_kernel
+        problem = Int4Linear.unsupported(
+            weight.shape, spec.group_size, self.dtype, self.device, kernel
+        )
         if problem:
             return None, problem
-        lin = Int4Linear(w_q.int_repr(weight), w_q.qparams(), bias, spec.group_size, self.dtype)
-        return lin, Int4Linear.kernel_name(self.device)
+        codes = w_q.int_repr(weight).to(self.device)
+        lin = Int4Linear(codes, w_q.qparams(), bias, spec.group_size, self.dtype, kernel)
+        return lin, Int4Linear.kernel_name(kernel)
 
     def _float8_ok(self) -> str | None:
         if self.device.type != "cuda" or torch.cuda.get_device_capability(self.device) < (8, 9):
@@ -553,6 +599,7 @@ def lower(
     window_attention: str = "flex",
     strict: bool = False,
     fuse_epilogue: bool = True,
+    int4_kernel: str = "auto",
     compile: bool = False,
     cudagraphs: bool = False,
     verbose: bool = True,
@@ -572,6 +619,7 @@ def lower(
             fake-quantized, with a warning that names it).
         fuse_epilogue: float8-static: fuse each encoder MLP's GELU and the next linear's
             input quantizer into the first GEMM (see `LowerConfig`).
+        int4_kernel: int4-weight: "auto", "dequant" or "tinygemm" (`INT4_KERNELS`).
         compile: wrap the image encoder and mask decoder in `torch.compile(fullgraph=True)`.
         cudagraphs: with `compile`, replay each call as a CUDA graph (see `compile_parts`):
             the float8 pipeline launches more kernels from Python than the bf16 one and is
@@ -594,6 +642,7 @@ def lower(
         window_attention=window_attention,
         strict=strict,
         fuse_epilogue=fuse_epilogue,
+        int4_kernel=int4_kernel,
     )
     if cudagraphs and not compile:
         raise LoweringError("cudagraphs=True replays the compiled model: pass compile=True too")
@@ -620,7 +669,6 @@ def lower(
     model.__class__ = LoweredSam
     fp16_bytes = _fp16_bytes(model)
     _cast_floats(model, torch_dtype)
-    kernels = TorchaoBackend(cfg.backend, torch_dtype, device)
     report = LoweringReport(cfg.backend, str(torch_dtype).removeprefix("torch."), str(device))
     report.attention = (
         f"global {cfg.attention}, window {cfg.window_attention}"
@@ -630,6 +678,8 @@ def lower(
     for part in PARTS:
         gm = getattr(model, part)
         state = _pass_state(torch_dtype, cfg.attention, cfg.window_attention)
+        int4 = _int4_kernel(cfg.int4_kernel, part, device)
+        kernels = TorchaoBackend(cfg.backend, torch_dtype, device, int4_kernel=int4)
         ctx = PassContext(part, model.samq_arch, config=kernels, state=state)
         # the encoder's MLPs see B x 4096 tokens; the decoder's a few per prompt, where an
         # autotuned kernel per prompt count would cost more than the round trip it saves
@@ -681,6 +731,14 @@ def lower(
     if compile:
         compile_parts(model, cudagraphs=cudagraphs)
     return model.eval()
+
+
+def _int4_kernel(choice: str, part: str, device: torch.device) -> str:
+    """The int4 kernel for `part`: "auto" dequantizes for the image encoder (B x 4096 rows a
+    GEMM) and on the CPU, and runs tinygemm for the mask decoder's few rows on CUDA."""
+    if choice != "auto":
+        return choice
+    return "tinygemm" if device.type == "cuda" and part == "mask_decoder" else "dequant"
 
 
 CUDA_FUSION_OPTIONS = {"realize_opcount_threshold": 100, "realize_acc_reads_threshold": 16}
@@ -744,6 +802,7 @@ def optimize_float(
 __all__ = [
     "ATTENTION_KERNELS",
     "BACKENDS",
+    "INT4_KERNELS",
     "LowerConfig",
     "LoweredSam",
     "LoweringError",

@@ -22,7 +22,9 @@ Settings:
                      +f8attn (Triton, float8 q·kᵀ and P·v), +i8attn (int8 q·kᵀ, float8 P·v);
                      for the global attentions, windows keep flex (+f8attn-all: windows too;
                      +wtri: windows on the Triton window kernel, in the compute dtype);
-                     float8-static fuses each MLP's GELU into lin1's GEMM (+noepi: it does not)
+                     float8-static fuses each MLP's GELU into lin1's GEMM (+noepi: it does not);
+                     int4-weight dequantizes each encoder weight for the bf16 GEMM
+                     (+tinygemm: int4 tinygemm instead)
 
     samq-fx bench --model vit_b --device cuda --batch 1 8 --json speed.json
     samq-fx bench --model tiny --device cpu --settings fp32 fp32-compile int8-static
@@ -58,12 +60,14 @@ VARIANTS = {"unfused": {"fuse_attention": False}, "triton": {"attention": "trito
             "f8attn-all": {"attention": "float8", "window_attention": "float8"},
             "i8attn-all": {"attention": "int8-qk", "window_attention": "int8-qk"},
             "wtri": {"window_attention": "triton"},
-            "noepi": {"fuse_epilogue": False}}  # fmt: skip
+            "noepi": {"fuse_epilogue": False},
+            "tinygemm": {"int4_kernel": "tinygemm"}}  # fmt: skip
 """Variants of a lowered setting, one or more `+` suffixes ("float8-static+i8attn+wtri"): the
 attention kernel (without -all the windowed attentions keep flex and the global ones take the
 named kernel); +wtri puts the windows on the Triton window kernel (the fastest there: it reads
 q, k, v from the qkv output and writes the projection's input layout); +noepi keeps float8 MLPs
-as two linears around a separate activation pass instead of the fused GEMM epilogue."""
+as two linears around a separate activation pass instead of the fused GEMM epilogue;
++tinygemm runs int4-weight's encoder on tinygemm instead of dequantizing for the float GEMM."""
 LOWERED_SETTINGS = ("int8-static", "int8-dynamic", "float8-static", "int4-weight")
 DEFAULT_GPU = ("fp32", "bf16", "bf16-compile", "bf16-fused", *LOWERED_SETTINGS)
 

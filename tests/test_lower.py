@@ -123,7 +123,7 @@ def test_int4_weight_only(tiny_trained_captured, calib):
     lowered = lower(q, "int4-weight", verbose=False)
     report = lowered.samq_lowering_report
     assert report.lowered and not report.kept
-    assert set(report.lowered.values()) == {"int4 weights, unpacked per call x float GEMM"}
+    assert set(report.lowered.values()) == {"int4 weights, dequantized per call x float GEMM"}
     snr = _encoder_sqnr(lowered, q, seed=2)
     # the calibrated codes and float32 grid themselves: equal up to float summation order
     assert snr > 80, f"int4-weight vs its fake quant: SQNR {snr:.1f} dB"
@@ -163,10 +163,27 @@ def test_int4_linear_keeps_the_calibrated_grid(out_f, groups, group_size, symmet
 
 
 def test_int4_linear_refuses_shapes_without_a_kernel():
-    cpu = torch.device("cpu")
-    assert "multiple of 32" in Int4Linear.unsupported((64, 48), 32, torch.float32, cpu)
-    assert "multiple of 8" in Int4Linear.unsupported((60, 64), 64, torch.float32, cpu)
-    assert Int4Linear.unsupported((64, 768), 128, torch.float32, cpu) is None
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    unsupported = Int4Linear.unsupported
+    assert "multiple of 32" in unsupported((64, 48), 32, torch.float32, cpu, "dequant")
+    assert "multiple of 8" in unsupported((60, 64), 64, torch.float32, cpu, "dequant")
+    assert unsupported((64, 768), 128, torch.float32, cpu, "dequant") is None
+    assert "runs on CUDA" in unsupported((64, 768), 128, torch.bfloat16, cpu, "tinygemm")
+    assert "bfloat16" in unsupported((64, 768), 128, torch.float16, cuda, "tinygemm")
+    assert unsupported((64, 768), 128, torch.bfloat16, cuda, "tinygemm") is None
+
+
+def test_int4_kernel_choice_is_checked_and_named(tiny_trained_captured, calib):
+    q = samq_fx.quantize(
+        tiny_trained_captured, calib, QuantConfig.preset("W4A16-int4"), progress=False
+    )
+    with pytest.raises(LoweringError, match="unknown int4 kernel 'marlin'"):
+        lower(q, "int4-weight", int4_kernel="marlin", verbose=False)
+    # tinygemm is CUDA-only: on the CPU no layer has a kernel, and lower says so
+    with pytest.raises(LoweringError, match="int4 tinygemm runs on CUDA"):
+        lower(q, "int4-weight", int4_kernel="tinygemm", verbose=False)
+    with pytest.raises(LoweringError, match="runs on CUDA"):
+        Int4Linear(torch.zeros(8, 32, dtype=torch.int8), None, None, 32, torch.bfloat16, "tinygemm")
 
 
 def test_no_kernel_for_4_bit_activations(tiny_trained_captured, calib):
@@ -230,6 +247,18 @@ def test_save_and_load_relower(lowered_int8, tmp_path):
     x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(loaded.image_encoder(x), lowered_int8.image_encoder(x))
+
+
+def test_load_relowers_with_every_saved_option(tiny_trained_captured, calib, tmp_path):
+    """Every LowerConfig field survives save/load, not only the defaults'."""
+    q = samq_fx.quantize(
+        tiny_trained_captured, calib, QuantConfig.preset("W4A16-int4"), progress=False
+    )
+    options = dict(fuse_attention=False, fuse_epilogue=False, int4_kernel="dequant")
+    lowered = lower(q, "int4-weight", **options, verbose=False)
+    loaded = samq_fx.load(samq_fx.save(lowered, tmp_path / "int4.samq"))
+    assert loaded.samq_lowering == lowered.samq_lowering
+    assert loaded.samq_lowering_report.fused_attention == 0
 
 
 def test_lowered_encoder_compiles_fullgraph(lowered_int8):

@@ -58,7 +58,9 @@ def test_compiled_encoder_calls_the_kernel(tiny_cuda, backend):
         pytest.skip("float8 needs sm_89+")
     q = samq_fx.quantize(tiny_cuda, calibration_samples(2), samq_fx.QuantConfig.preset(preset),
                          progress=False)  # fmt: skip
-    lowered = samq_fx.lower(q, backend, verbose=False)
+    # int4: tinygemm everywhere here; the encoder's default (dequant + float GEMM) is below
+    options = {"int4_kernel": "tinygemm"} if backend == "int4-weight" else {}
+    lowered = samq_fx.lower(q, backend, **options, verbose=False)
     assert lowered.samq_lowering_report.fused_attention == 4
     out, eager, fake, source = _compile_and_run(lowered, q)
     calls = sorted(set(re.findall(r"extern_kernels\.\w+|torch\.ops\.\w+\.\w+", source)))
@@ -166,14 +168,33 @@ def test_compiled_encoder_runs_the_window_kernel(tiny_cuda):
     assert _sqnr(out, eager) > 25, f"compiled vs eager lowered: {_sqnr(out, eager):.1f} dB"
 
 
+def test_int4_auto_dequantizes_the_encoder_and_runs_tinygemm_in_the_decoder(tiny_cuda):
+    q = samq_fx.quantize(tiny_cuda, calibration_samples(2),
+                         samq_fx.QuantConfig.preset("W4A16-int4"), progress=False)  # fmt: skip
+    lowered = samq_fx.lower(q, "int4-weight", verbose=False)
+    kernels = lowered.samq_lowering_report.lowered
+    assert {k for s, k in kernels.items() if s.startswith("enc:")} == {
+        "int4 weights, dequantized per call x float GEMM"
+    }
+    assert {k for s, k in kernels.items() if s.startswith("dec:")} == {
+        "int4 tinygemm (aten._weight_int4pack_mm) x bf16"
+    }
+    out, eager, fake, source = _compile_and_run(lowered, q)
+    assert "int4pack" not in source, "the encoder should not run tinygemm under 'auto'"
+    assert _sqnr(out, eager) > 25, f"compiled vs eager lowered: {_sqnr(out, eager):.1f} dB"
+    assert _sqnr(out, fake) > 20, f"lowered vs fake-quant: {_sqnr(out, fake):.1f} dB"
+
+
+@pytest.mark.parametrize("kernel", ["tinygemm", "dequant"])
 @pytest.mark.parametrize(
     "shape,group_size",
     [((2304, 768), 64), ((768, 3072), 128), ((64, 64), 32), ((256, 96), 32)],
     ids=["sam-b-qkv", "sam-b-lin2", "tiny-decoder", "inner-k-tiles-2"],
 )
-def test_int4_tinygemm_matches_the_unpacked_weight(shape, group_size):
-    """The CUDA layout (tinygemm's packed tiles, no padding of K) computes the same product as
-    the CPU layout's unpacked weight, from the same codes and grid."""
+def test_int4_cuda_kernels_match_the_unpacked_weight(shape, group_size, kernel):
+    """Both CUDA kernels (tinygemm's packed tiles, no padding of K; the dequantized bf16
+    weight) compute the same product as the CPU layout's unpacked weight, from the same codes
+    and grid, in 4 bits a weight."""
     from samq_fx.lower import Int4Linear
     from samq_fx.quantizers import QParams
 
@@ -186,14 +207,14 @@ def test_int4_tinygemm_matches_the_unpacked_weight(shape, group_size):
     bias = torch.randn(out_f, generator=gen)
     cpu = Int4Linear(codes, qp, bias, group_size, torch.float32)
     cuda = Int4Linear(codes.cuda(), QParams(qp.scale.cuda(), qp.zero_point.cuda(), 0, 15),
-                      bias.cuda(), group_size, torch.bfloat16)  # fmt: skip
-    assert cuda.packed.numel() * 4 == out_f * in_f // 2  # int32 words: no padding
+                      bias.cuda(), group_size, torch.bfloat16, kernel)  # fmt: skip
+    assert cuda.packed.nbytes == out_f * in_f // 2  # no padding
     x = torch.randn(3, 37, in_f, generator=gen)
     with torch.no_grad():
         ref = torch.nn.functional.linear(x.bfloat16().float(), cpu.dequantized_weight(), bias)
         out = cuda(x.cuda().bfloat16()).float().cpu()
     assert out.shape == ref.shape
-    assert _sqnr(out, ref) > 40, f"tinygemm vs unpacked reference: {_sqnr(out, ref):.1f} dB"
+    assert _sqnr(out, ref) > 40, f"{kernel} vs unpacked reference: {_sqnr(out, ref):.1f} dB"
 
 
 @pytest.mark.parametrize("kernel", ["pointer", "tma"])
