@@ -152,18 +152,20 @@ if triton is not None:
                 kt = tl.load(k_ptrs, mask=key_ok[None, :] & d_ok[:, None], other=0.0)
             s = tl.dot(q, kt).to(tl.float32) * qk_scale + rw
             if ROWS == 1:
-                rh = tl.load(rh_base + row0, mask=m_ok, other=0.0).to(tl.float32)
-                s += rh[:, None] * LOG2E
+                # one key-grid row per tile: rel_h is one number per query, so it goes into the
+                # row max and the exponent's offset instead of onto every logit of the tile
+                rh = tl.load(rh_base + row0, mask=m_ok, other=0.0).to(tl.float32) * LOG2E
             else:
+                rh = tl.zeros([BLOCK_M], tl.float32)
                 for r in tl.static_range(ROWS):
-                    rh = tl.load(rh_base + row0 + r, mask=m_ok & (row0 + r < KH), other=0.0)
-                    rh = rh.to(tl.float32) * LOG2E
-                    s += tl.where(row_in_tile[None, :] == r, rh[:, None], 0.0)
+                    rh_r = tl.load(rh_base + row0 + r, mask=m_ok & (row0 + r < KH), other=0.0)
+                    rh_r = rh_r.to(tl.float32) * LOG2E
+                    s += tl.where(row_in_tile[None, :] == r, rh_r[:, None], 0.0)
             if not EVEN:
                 s = tl.where(key_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_new = tl.maximum(m_i, tl.max(s, 1) + rh)
             alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - (m_new[:, None] - p_shift))
+            p = tl.exp2(s - (m_new - rh - p_shift)[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
             if EVEN:
@@ -318,13 +320,15 @@ def op_inputs(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, mod
     if mode == "bf16":
         one = torch.ones((), dtype=torch.float32, device=q.device)
         return q, k, v.transpose(1, 2).contiguous(), one, one, rel_h, rel_w
+    # q, k and v are read in the same (BH, L, D) order, v transposed only where its codes are
+    # written: inductor can then take all the amax reductions in one pass over the qkv output
     if mode == "float8":
         (q8, sq), (k8, sk) = quantize_float8(q), quantize_float8(k)
     else:
         k = k - k.mean(dim=1, keepdim=True)
         (q8, sq), (k8, sk) = quantize_int8(q), quantize_int8(k)
-    vt8, sv = quantize_float8(v.transpose(1, 2))
-    return q8, k8, vt8.contiguous(), sq * sk, sv, rel_h, rel_w
+    v8, sv = quantize_float8(v)
+    return q8, k8, v8.transpose(1, 2).contiguous(), sq * sk, sv, rel_h, rel_w
 
 
 def rel_pos_attention_float8(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor):

@@ -32,6 +32,21 @@ def tiny_cuda():
     return samq_fx.capture(samq_fx.build_sam("tiny").cuda().eval())
 
 
+@pytest.fixture(scope="module")
+def calibrated(tiny_cuda):
+    """preset -> the tiny SAM quantized with it on two generated images, once per module
+    (`lower` deep-copies its argument, so the tests share these safely)."""
+    cache = {}
+
+    def get(preset: str):
+        if preset not in cache:
+            cfg = samq_fx.QuantConfig.preset(preset)
+            cache[preset] = samq_fx.quantize(tiny_cuda, calibration_samples(2), cfg, progress=False)
+        return cache[preset]
+
+    return get
+
+
 def _sqnr(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.float(), ref.float()
     return float(10 * torch.log10(ref.pow(2).mean() / (out - ref).pow(2).mean().clamp_min(1e-30)))
@@ -52,12 +67,11 @@ def _compile_and_run(lowered, q):
 
 
 @pytest.mark.parametrize("backend", list(KERNELS))
-def test_compiled_encoder_calls_the_kernel(tiny_cuda, backend):
+def test_compiled_encoder_calls_the_kernel(calibrated, backend):
     preset, kernel = KERNELS[backend]
     if backend.startswith("float8") and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("float8 needs sm_89+")
-    q = samq_fx.quantize(tiny_cuda, calibration_samples(2), samq_fx.QuantConfig.preset(preset),
-                         progress=False)  # fmt: skip
+    q = calibrated(preset)
     # int4: tinygemm everywhere here; the encoder's default (dequant + float GEMM) is below
     options = {"int4_kernel": "tinygemm"} if backend == "int4-weight" else {}
     lowered = samq_fx.lower(q, backend, **options, verbose=False)
@@ -105,12 +119,11 @@ def test_triton_attention_kernel(mode, shape):
 
 
 @pytest.mark.parametrize("attention", ["triton", "float8", "int8-qk"])
-def test_compiled_encoder_runs_the_triton_attention(tiny_cuda, attention):
+def test_compiled_encoder_runs_the_triton_attention(calibrated, attention):
     """Global attentions on the Triton kernel, windows on flex: both in the compiled code."""
     if attention != "triton" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("float8 needs sm_89+")
-    q = samq_fx.quantize(tiny_cuda, calibration_samples(2), samq_fx.QuantConfig.preset("W8A8-int8"),
-                         progress=False)  # fmt: skip
+    q = calibrated("W8A8-int8")
     lowered = samq_fx.lower(q, "int8-static", attention=attention, verbose=False)
     report = lowered.samq_lowering_report
     assert report.fused_attention == 4 and report.attention == f"global {attention}, window flex"
@@ -149,13 +162,12 @@ def test_window_attention_kernel(shape):
     assert err < 1e-2, f"kernel vs reference: {err:.2e}"
 
 
-def test_compiled_encoder_runs_the_window_kernel(tiny_cuda):
+def test_compiled_encoder_runs_the_window_kernel(calibrated):
     """float8-static with the windows on the Triton window kernel: the compiled encoder calls
     it, and computes what the flex-window lowering computes."""
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("float8 needs sm_89+")
-    q = samq_fx.quantize(tiny_cuda, calibration_samples(2), samq_fx.QuantConfig.preset("W8A8-int8"),
-                         progress=False)  # fmt: skip
+    q = calibrated("W8A8-int8")
     flex = samq_fx.lower(q, "float8-static", verbose=False)
     lowered = samq_fx.lower(q, "float8-static", window_attention="triton", verbose=False)
     assert lowered.samq_lowering_report.fused_attention == 4
@@ -168,9 +180,8 @@ def test_compiled_encoder_runs_the_window_kernel(tiny_cuda):
     assert _sqnr(out, eager) > 25, f"compiled vs eager lowered: {_sqnr(out, eager):.1f} dB"
 
 
-def test_int4_auto_dequantizes_the_encoder_and_runs_tinygemm_in_the_decoder(tiny_cuda):
-    q = samq_fx.quantize(tiny_cuda, calibration_samples(2),
-                         samq_fx.QuantConfig.preset("W4A16-int4"), progress=False)  # fmt: skip
+def test_int4_auto_dequantizes_the_encoder_and_runs_tinygemm_in_the_decoder(calibrated):
+    q = calibrated("W4A16-int4")
     lowered = samq_fx.lower(q, "int4-weight", verbose=False)
     kernels = lowered.samq_lowering_report.lowered
     assert {k for s, k in kernels.items() if s.startswith("enc:")} == {
@@ -262,13 +273,12 @@ def test_float8_epilogue_kernel_matches_its_reference(shape, bias, activation, k
     assert float(ref.abs().amax()) > 10, "the test's scales leave the e4m3 range unused"
 
 
-def test_compiled_encoder_fuses_the_mlp_epilogue(tiny_cuda):
+def test_compiled_encoder_fuses_the_mlp_epilogue(calibrated):
     """float8-static runs every MLP's lin1 + GELU + lin2's quantizer as the one Triton GEMM, in
     the compiled encoder too, and computes what the unfused lowering computes."""
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("float8 needs sm_89+")
-    q = samq_fx.quantize(tiny_cuda, calibration_samples(2), samq_fx.QuantConfig.preset("W8A8-int8"),
-                         progress=False)  # fmt: skip
+    q = calibrated("W8A8-int8")
     plain = samq_fx.lower(q, "float8-static", fuse_epilogue=False, verbose=False)
     lowered = samq_fx.lower(q, "float8-static", verbose=False)
     report = lowered.samq_lowering_report
