@@ -24,9 +24,9 @@ Backends (what runs where; `BACKENDS` holds the same as data):
   int8-dynamic   the same weights; activations quantized per token at run time (symmetric).
   int4-weight    W4A16 (`Int4Linear`): the calibrated codes, 4 bits a weight in memory, with a
                  (scale, zero) pair per group of 32..256. Two kernels (`INT4_KERNELS`): the
-                 codes dequantized at each call for the compute dtype's GEMM (the image
-                 encoder, CPU and CUDA), or packed for PyTorch's int4 tinygemm
-                 (aten._weight_int4pack_mm; the mask decoder on CUDA).
+                 codes dequantized at each call for the compute dtype's GEMM (the default,
+                 CPU and CUDA), or packed for PyTorch's int4 tinygemm (aten._weight_int4pack_mm,
+                 CUDA).
   float8-static  H100 / Ada: float8 e4m3 weights and activations, the activation scale from the
                  calibrated range: torchao float8 -> torch._scaled_mm.
 
@@ -80,14 +80,14 @@ ATTENTION_KERNELS = {
 }
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 INT4_KERNELS = {
-    "auto": "dequant for the image encoder, tinygemm for the mask decoder on CUDA",
     "dequant": "codes dequantized per call (one fused elementwise kernel) x the float GEMM",
     "tinygemm": "PyTorch's int4 tinygemm (aten._weight_int4pack_mm), CUDA, bf16 activations",
 }
-"""How int4-weight multiplies. tinygemm is built for few rows (LLM decoding): on SAM-B's encoder
-GEMMs (thousands of rows) it ran at 25% of bf16 + compile. Dequantizing a layer's codes costs
-one pass over 0.5 bytes a weight, then the GEMM runs at the float GEMM's speed; the decoder's
-GEMMs have a few rows a prompt, where tinygemm's 4-bit reads win (bench/RESULTS.md)."""
+"""How int4-weight multiplies. tinygemm is built for few rows (LLM decoding), and SAM's GEMMs
+have thousands: the encoder's 4,096 tokens an image, the mask decoder's image-side projections
+4,096 a prompt. On the H100 tinygemm ran SAM-B's encoder at 0.11x bf16's speed and its decoder
+(64 prompts) at 0.37x; dequantizing a layer's codes (one pass over 0.5 bytes a weight) and
+running the bf16 GEMM matched bf16 in both (bench/RESULTS.md, session 8)."""
 
 
 class LoweringError(ValueError):
@@ -118,8 +118,8 @@ class LowerConfig(DictConfig):
         fuse_epilogue: float8-static: run each image-encoder MLP (lin1 -> GELU -> lin2) as a
             float8 GEMM whose epilogue applies the GELU and writes lin2's float8 input (one
             Triton kernel; CUDA only, as float8 is), instead of a bf16 round trip between them.
-        int4_kernel: int4-weight: one of `INT4_KERNELS`; "auto" dequantizes for the image
-            encoder and runs tinygemm for the mask decoder on CUDA. The CPU always dequantizes.
+        int4_kernel: int4-weight: one of `INT4_KERNELS`, "dequant" (CPU and CUDA) or
+            "tinygemm" (CUDA and bf16 only; refused with the reason elsewhere).
     """
 
     backend: str = "int8-static"
@@ -129,7 +129,7 @@ class LowerConfig(DictConfig):
     window_attention: str = "flex"
     strict: bool = False
     fuse_epilogue: bool = True
-    int4_kernel: str = "auto"
+    int4_kernel: str = "dequant"
 
     def __post_init__(self) -> None:
         if self.int4_kernel not in INT4_KERNELS:
@@ -599,7 +599,7 @@ def lower(
     window_attention: str = "flex",
     strict: bool = False,
     fuse_epilogue: bool = True,
-    int4_kernel: str = "auto",
+    int4_kernel: str = "dequant",
     compile: bool = False,
     cudagraphs: bool = False,
     verbose: bool = True,
@@ -619,7 +619,7 @@ def lower(
             fake-quantized, with a warning that names it).
         fuse_epilogue: float8-static: fuse each encoder MLP's GELU and the next linear's
             input quantizer into the first GEMM (see `LowerConfig`).
-        int4_kernel: int4-weight: "auto", "dequant" or "tinygemm" (`INT4_KERNELS`).
+        int4_kernel: int4-weight: "dequant" or "tinygemm" (`INT4_KERNELS`).
         compile: wrap the image encoder and mask decoder in `torch.compile(fullgraph=True)`.
         cudagraphs: with `compile`, replay each call as a CUDA graph (see `compile_parts`):
             the float8 pipeline launches more kernels from Python than the bf16 one and is
@@ -678,8 +678,7 @@ def lower(
     for part in PARTS:
         gm = getattr(model, part)
         state = _pass_state(torch_dtype, cfg.attention, cfg.window_attention)
-        int4 = _int4_kernel(cfg.int4_kernel, part, device)
-        kernels = TorchaoBackend(cfg.backend, torch_dtype, device, int4_kernel=int4)
+        kernels = TorchaoBackend(cfg.backend, torch_dtype, device, int4_kernel=cfg.int4_kernel)
         ctx = PassContext(part, model.samq_arch, config=kernels, state=state)
         # the encoder's MLPs see B x 4096 tokens; the decoder's a few per prompt, where an
         # autotuned kernel per prompt count would cost more than the round trip it saves
@@ -731,14 +730,6 @@ def lower(
     if compile:
         compile_parts(model, cudagraphs=cudagraphs)
     return model.eval()
-
-
-def _int4_kernel(choice: str, part: str, device: torch.device) -> str:
-    """The int4 kernel for `part`: "auto" dequantizes for the image encoder (B x 4096 rows a
-    GEMM) and on the CPU, and runs tinygemm for the mask decoder's few rows on CUDA."""
-    if choice != "auto":
-        return choice
-    return "tinygemm" if device.type == "cuda" and part == "mask_decoder" else "dequant"
 
 
 CUDA_FUSION_OPTIONS = {"realize_opcount_threshold": 100, "realize_acc_reads_threshold": 16}

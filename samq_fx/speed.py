@@ -23,7 +23,7 @@ Settings:
                      for the global attentions, windows keep flex (+f8attn-all: windows too;
                      +wtri: windows on the Triton window kernel, in the compute dtype);
                      float8-static fuses each MLP's GELU into lin1's GEMM (+noepi: it does not);
-                     int4-weight dequantizes each encoder weight for the bf16 GEMM
+                     int4-weight dequantizes each weight for the bf16 GEMM
                      (+tinygemm: int4 tinygemm instead)
 
     samq-fx bench --model vit_b --device cuda --batch 1 8 --json speed.json
@@ -67,7 +67,7 @@ attention kernel (without -all the windowed attentions keep flex and the global 
 named kernel); +wtri puts the windows on the Triton window kernel (the fastest there: it reads
 q, k, v from the qkv output and writes the projection's input layout); +noepi keeps float8 MLPs
 as two linears around a separate activation pass instead of the fused GEMM epilogue;
-+tinygemm runs int4-weight's encoder on tinygemm instead of dequantizing for the float GEMM."""
++tinygemm runs int4-weight's linears on tinygemm instead of dequantizing for the float GEMM."""
 LOWERED_SETTINGS = ("int8-static", "int8-dynamic", "float8-static", "int4-weight")
 DEFAULT_GPU = ("fp32", "bf16", "bf16-compile", "bf16-fused", *LOWERED_SETTINGS)
 

@@ -320,8 +320,8 @@ def op_inputs(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, mod
     if mode == "bf16":
         one = torch.ones((), dtype=torch.float32, device=q.device)
         return q, k, v.transpose(1, 2).contiguous(), one, one, rel_h, rel_w
-    # q, k and v are read in the same (BH, L, D) order, v transposed only where its codes are
-    # written: inductor can then take all the amax reductions in one pass over the qkv output
+    # v's amax is read in the (BH, L, D) order of q's and k's; only its codes are written
+    # transposed (inductor still runs three reductions: bench/RESULTS.md, session 8)
     if mode == "float8":
         (q8, sq), (k8, sk) = quantize_float8(q), quantize_float8(k)
     else:

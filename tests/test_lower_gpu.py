@@ -72,7 +72,7 @@ def test_compiled_encoder_calls_the_kernel(calibrated, backend):
     if backend.startswith("float8") and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("float8 needs sm_89+")
     q = calibrated(preset)
-    # int4: tinygemm everywhere here; the encoder's default (dequant + float GEMM) is below
+    # int4: tinygemm here; the default (dequant + float GEMM) is tested below
     options = {"int4_kernel": "tinygemm"} if backend == "int4-weight" else {}
     lowered = samq_fx.lower(q, backend, **options, verbose=False)
     assert lowered.samq_lowering_report.fused_attention == 4
@@ -180,18 +180,16 @@ def test_compiled_encoder_runs_the_window_kernel(calibrated):
     assert _sqnr(out, eager) > 25, f"compiled vs eager lowered: {_sqnr(out, eager):.1f} dB"
 
 
-def test_int4_auto_dequantizes_the_encoder_and_runs_tinygemm_in_the_decoder(calibrated):
+def test_int4_default_dequantizes_every_linear(calibrated):
+    """int4-weight's default kernel on CUDA: codes dequantized for the bf16 GEMM, in the encoder
+    and the decoder alike (tinygemm only when asked: it is slow at SAM's row counts)."""
     q = calibrated("W4A16-int4")
     lowered = samq_fx.lower(q, "int4-weight", verbose=False)
     kernels = lowered.samq_lowering_report.lowered
-    assert {k for s, k in kernels.items() if s.startswith("enc:")} == {
-        "int4 weights, dequantized per call x float GEMM"
-    }
-    assert {k for s, k in kernels.items() if s.startswith("dec:")} == {
-        "int4 tinygemm (aten._weight_int4pack_mm) x bf16"
-    }
+    assert any(s.startswith("dec:") for s in kernels) and any(s.startswith("enc:") for s in kernels)
+    assert set(kernels.values()) == {"int4 weights, dequantized per call x float GEMM"}
     out, eager, fake, source = _compile_and_run(lowered, q)
-    assert "int4pack" not in source, "the encoder should not run tinygemm under 'auto'"
+    assert "int4pack" not in source, "the encoder runs tinygemm by default"
     assert _sqnr(out, eager) > 25, f"compiled vs eager lowered: {_sqnr(out, eager):.1f} dB"
     assert _sqnr(out, fake) > 20, f"lowered vs fake-quant: {_sqnr(out, fake):.1f} dB"
 
