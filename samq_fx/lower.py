@@ -50,7 +50,7 @@ import torch.fx
 from torch import nn
 
 from samq_fx.api import PARTS, QuantizedSam
-from samq_fx.capture import CapturedSam
+from samq_fx.capture import CapturedSam, select_mask_outputs
 from samq_fx.meta import get_info
 from samq_fx.passes.fuse_attention import fuse_attention as fuse_attention_pass
 from samq_fx.passes.fuse_linear_epilogue import fuse_linear_epilogue
@@ -231,6 +231,30 @@ def _activation_spec_problem(in_q, bits: int) -> str | None:
     return None
 
 
+class Int8Linear(nn.Linear):
+    """An nn.Linear whose weight is torchao's `Int8Tensor` (int8 x int8 -> torch._int_mm), plus
+    the one shape rule the CUDA kernel adds: more than 16 rows (`_int_mm` refuses fewer). The
+    mask decoder's token-side linears see 7 rows a prompt, so one box through `SamPredictor`
+    would fail; such calls get zero rows appended and dropped again, which leaves the real
+    rows' results unchanged (each row is quantized and multiplied on its own)."""
+
+    MIN_CUDA_ROWS = 17
+
+    def pads(self, x: torch.Tensor, rows: int) -> bool:
+        return x.is_cuda and rows < self.MIN_CUDA_ROWS
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if not self.pads(x, rows):
+            return nn.functional.linear(x, self.weight, self.bias)
+        x2 = x.reshape(rows, x.shape[-1])
+        padded = torch.cat([x2, x2.new_zeros(self.MIN_CUDA_ROWS - rows, x2.shape[1])])
+        # keep x's rank: the calibrated activation scale is shaped for it
+        padded = padded.reshape(*(1,) * (x.ndim - 2), *padded.shape)
+        y = nn.functional.linear(padded, self.weight, self.bias).reshape(-1, self.out_features)
+        return y[:rows].reshape(*x.shape[:-1], self.out_features)
+
+
 class Int4Linear(nn.Module):
     """A W4A16 linear from the calibrated codes and grid, 4 bits a weight in memory, run by one
     of two kernels (`INT4_KERNELS`):
@@ -347,9 +371,9 @@ class TorchaoBackend:
         build = getattr(self, "_" + self.name.replace("-", "_"))
         return build(w_q, weight, in_q, bias, x_val)
 
-    def _linear(self, weight: torch.Tensor, bias) -> nn.Linear:
+    def _linear(self, weight: torch.Tensor, bias, cls: type[nn.Linear] = nn.Linear) -> nn.Linear:
         out_f, in_f = weight.shape
-        lin = nn.Linear(in_f, out_f, bias=bias is not None, device=self.device, dtype=self.dtype)
+        lin = cls(in_f, out_f, bias=bias is not None, device=self.device, dtype=self.dtype)
         with torch.no_grad():
             lin.weight.copy_(weight)
             if bias is not None:
@@ -372,7 +396,7 @@ class TorchaoBackend:
         if packed is None:
             return None, why
         codes, w_scale = packed
-        lin = self._linear(weight, bias)
+        lin = self._linear(weight, bias, Int8Linear)
         if dynamic:
             act = QuantizeTensorToInt8Kwargs(
                 granularity=PerRow(), mapping_type=MappingType.SYMMETRIC
@@ -496,15 +520,25 @@ def cast_boundaries(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         counts["inputs"] += 1
     out = next(n for n in gm.graph.nodes if n.op == "output")
 
-    def to_float(arg):
+    def to_float(arg, before):
         val = arg.meta.get("val")
         if isinstance(val, torch.Tensor) and val.is_floating_point():
             counts["outputs"] += 1
-            with gm.graph.inserting_before(out):
+            with gm.graph.inserting_before(before):
                 return gm.graph.call_method("float", (arg,))
+        if arg.op == "call_function" and arg.target is select_mask_outputs:
+            # the decoder ends in this python-level choice (no example value): cast what it picks
+            # from, so that SamPredictor gets float32 masks and scores as from Sam
+            arg.args = torch.fx.map_arg(arg.args, lambda a: to_float(a, arg))
+            return arg
+        if val is None and arg.op != "placeholder":  # a placeholder: the multimask flag
+            raise LoweringError(
+                f"cast_boundaries: output {arg.name} has no example value, so its dtype is "
+                "unknown and it would leave the model in the compute dtype"
+            )
         return arg
 
-    out.args = torch.fx.map_arg(out.args, to_float)
+    out.args = torch.fx.map_arg(out.args, lambda a: to_float(a, out))
     return PassResult(counts=counts)
 
 
@@ -621,11 +655,12 @@ def lower(
             input quantizer into the first GEMM (see `LowerConfig`).
         int4_kernel: int4-weight: "dequant" or "tinygemm" (`INT4_KERNELS`).
         compile: wrap the image encoder and mask decoder in `torch.compile(fullgraph=True)`.
-        cudagraphs: with `compile`, replay each call as a CUDA graph (see `compile_parts`):
-            the float8 pipeline launches more kernels from Python than the bf16 one and is
-            CPU-bound on SAM-B without it. A replay's outputs live in the graph's memory and
-            the next replay of the same part overwrites them (PyTorch raises if an old one is
-            read): clone what you keep, as `SamPredictor.predict` does by copying to numpy.
+        cudagraphs: with `compile`, replay each image-encoder call as a CUDA graph (see
+            `compile_parts`): the float8 pipeline launches more kernels from Python than the
+            bf16 one and is CPU-bound at batch 1 without it. A replay's output lives in the
+            graph's memory and the next replay overwrites it (PyTorch raises if an old one is
+            read): `SamPredictor` keeps only the latest image's embedding, so it works as is;
+            clone an embedding you keep across `set_image` calls.
         verbose: print the lowering table.
 
     Returns:
@@ -748,17 +783,23 @@ def compile_parts(
 
     `fuse_int_mm_with_mul` lets inductor fuse torch._int_mm with the rescale that follows it
     (one of torchao's recommended settings; the others, coordinate-descent tuning above all,
-    cost minutes of compile time for little here). `cudagraphs` replays each call as one CUDA
-    graph (inductor's "reduce-overhead"): no per-kernel launch gaps, at the price of one
-    recorded graph per input shape. On CUDA, `CUDA_FUSION_OPTIONS` lets one kernel do a
-    window's LayerNorm, padding, partition and float8 quantization.
+    cost minutes of compile time for little here). `cudagraphs` replays each image-encoder
+    call as one CUDA graph (inductor's "reduce-overhead"): no per-kernel launch gaps, at the
+    price of one recorded graph per batch size. The mask decoder is compiled without graphs:
+    its prompt count changes from call to call (a graph each), and with both parts graphed the
+    decoder's first call after an encoder call failed inside inductor on the H100 (torch 2.11,
+    `tests/test_lower_gpu.py`). On CUDA, `CUDA_FUSION_OPTIONS` lets one kernel do a window's
+    LayerNorm, padding, partition and float8 quantization.
     """
-    options = {"force_fuse_int_mm_with_mul": fuse_int_mm_with_mul, "triton.cudagraphs": cudagraphs}
+    options = {"force_fuse_int_mm_with_mul": fuse_int_mm_with_mul}
     if model.pixel_mean.device.type == "cuda":
         options |= CUDA_FUSION_OPTIONS
     for part in PARTS:
+        graphs = cudagraphs and part == "image_encoder"
         gm = getattr(model, part)
-        compiled = torch.compile(gm, fullgraph=True, options=options)
+        compiled = torch.compile(
+            gm, fullgraph=True, options=options | {"triton.cudagraphs": graphs}
+        )
         setattr(model, part, compiled)
     return model
 

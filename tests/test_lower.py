@@ -3,6 +3,7 @@ lowered model computes what its fake-quant model computes, and the fused attenti
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -247,6 +248,41 @@ def test_save_and_load_relower(lowered_int8, tmp_path):
     x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(loaded.image_encoder(x), lowered_int8.image_encoder(x))
+
+
+@settings(max_examples=10, deadline=None)
+@given(rows=st.integers(1, 16), tokens_first=st.booleans(), seed=st.integers(0, 2**16))
+def test_int8_linear_row_padding_leaves_results_unchanged(lowered_int8, rows, tokens_first, seed):
+    """CUDA's _int_mm needs more than 16 rows, so Int8Linear appends zero rows there: the real
+    rows' results must be what the unpadded call gives (checked on the CPU, padding forced)."""
+    from samq_fx.lower import Int8Linear
+
+    lin = next(m for m in lowered_int8.mask_decoder.modules() if isinstance(m, Int8Linear))
+    # the decoder's linears see (prompts, tokens, C): the activation scale is shaped for rank 3
+    shape = (1, rows, lin.in_features) if tokens_first else (rows, 1, lin.in_features)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        plain = lin(x)
+        forced = copy.copy(lin)
+        forced.pads = lambda x, rows: True
+        padded = forced(x)
+    assert padded.shape == plain.shape and torch.equal(padded, plain)
+
+
+def test_bf16_lowered_model_gives_the_predictor_float32(tiny_trained_captured, calib):
+    """A lowered model computing in bf16 (the CUDA default) still hands SamPredictor float32
+    masks and scores, the decoder's python-level mask choice included (numpy has no bf16)."""
+    q = samq_fx.quantize(
+        tiny_trained_captured, calib, QuantConfig.preset("W4A16-int4"), progress=False
+    )
+    lowered = lower(q, "int4-weight", dtype="bfloat16", verbose=False)
+    scene = generate_scene(7, 0)
+    predictor = SamPredictor(lowered)
+    predictor.set_image(scene.image)
+    box = np.array(mask_box(scene.masks[0]))
+    masks, scores, logits = predictor.predict(box=box, multimask_output=True)
+    assert masks.dtype == bool and scores.dtype == np.float32 and logits.dtype == np.float32
+    assert masks.shape[0] == scores.shape[0] == 3
 
 
 def test_load_relowers_with_every_saved_option(tiny_trained_captured, calib, tmp_path):
