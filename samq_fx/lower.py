@@ -233,14 +233,16 @@ def _activation_spec_problem(in_q, bits: int) -> str | None:
 
 class Int8Linear(nn.Linear):
     """An nn.Linear whose weight is torchao's `Int8Tensor` (int8 x int8 -> torch._int_mm), plus
-    the one shape rule the CUDA kernel adds: more than 16 rows (`_int_mm` refuses fewer). The
-    mask decoder's token-side linears see 7 rows a prompt, so one box through `SamPredictor`
-    would fail; such calls get zero rows appended and dropped again, which leaves the real
-    rows' results unchanged (each row is quantized and multiplied on its own)."""
+    the one shape rule the CUDA kernel adds: more than 16 rows (`_int_mm` refuses fewer).
+    torchao's eager path works around it, but under torch.compile inductor calls `_int_mm`
+    directly, and the mask decoder's token-side linears see 7 rows a prompt: one box through
+    `SamPredictor` failed. Such calls get zero rows appended and dropped again, which leaves
+    the real rows' results unchanged (each row is quantized and multiplied on its own)."""
 
     MIN_CUDA_ROWS = 17
 
     def pads(self, x: torch.Tensor, rows: int) -> bool:
+        """Whether this call needs the zero rows: CUDA and fewer than 17 rows."""
         return x.is_cuda and rows < self.MIN_CUDA_ROWS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
