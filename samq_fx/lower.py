@@ -286,8 +286,8 @@ class Int4Linear(nn.Module):
         self, codes, qparams, bias, group_size: int, dtype: torch.dtype, kernel: str = "dequant"
     ):
         super().__init__()
-        if kernel not in ("dequant", "tinygemm"):
-            raise LoweringError(f"unknown int4 kernel {kernel!r}: 'dequant' or 'tinygemm'")
+        if kernel not in INT4_KERNELS:
+            raise LoweringError(f"unknown int4 kernel {kernel!r}; kernels: {list(INT4_KERNELS)}")
         if kernel == "tinygemm" and codes.device.type != "cuda":
             raise LoweringError(f"int4 tinygemm runs on CUDA; these codes are on {codes.device}")
         out_f, in_f = codes.shape

@@ -40,6 +40,13 @@ def q_int8(tiny_trained_captured, calib):
 
 
 @pytest.fixture(scope="module")
+def q_int4(tiny_trained_captured, calib):
+    return samq_fx.quantize(
+        tiny_trained_captured, calib, QuantConfig.preset("W4A16-int4"), progress=False
+    )
+
+
+@pytest.fixture(scope="module")
 def lowered_int8(q_int8):
     return lower(q_int8, "int8-static", verbose=False)
 
@@ -117,15 +124,12 @@ def test_dynamic_int8_close_to_fake_quant(q_int8):
     assert snr > 25, f"int8-dynamic encoder vs fake quant: SQNR {snr:.1f} dB"
 
 
-def test_int4_weight_only(tiny_trained_captured, calib):
-    q = samq_fx.quantize(
-        tiny_trained_captured, calib, QuantConfig.preset("W4A16-int4"), progress=False
-    )
-    lowered = lower(q, "int4-weight", verbose=False)
+def test_int4_weight_only(q_int4):
+    lowered = lower(q_int4, "int4-weight", verbose=False)
     report = lowered.samq_lowering_report
     assert report.lowered and not report.kept
     assert set(report.lowered.values()) == {"int4 weights, dequantized per call x float GEMM"}
-    snr = _encoder_sqnr(lowered, q, seed=2)
+    snr = _encoder_sqnr(lowered, q_int4, seed=2)
     # the calibrated codes and float32 grid themselves: equal up to float summation order
     assert snr > 80, f"int4-weight vs its fake quant: SQNR {snr:.1f} dB"
     # 4 bits a weight plus float32 (scale, zero) a group of 64: 0.625 bytes a weight
@@ -174,15 +178,12 @@ def test_int4_linear_refuses_shapes_without_a_kernel():
     assert unsupported((64, 768), 128, torch.bfloat16, cuda, "tinygemm") is None
 
 
-def test_int4_kernel_choice_is_checked_and_named(tiny_trained_captured, calib):
-    q = samq_fx.quantize(
-        tiny_trained_captured, calib, QuantConfig.preset("W4A16-int4"), progress=False
-    )
+def test_int4_kernel_choice_is_checked_and_named(q_int4):
     with pytest.raises(LoweringError, match="unknown int4 kernel 'marlin'"):
-        lower(q, "int4-weight", int4_kernel="marlin", verbose=False)
+        lower(q_int4, "int4-weight", int4_kernel="marlin", verbose=False)
     # tinygemm is CUDA-only: on the CPU no layer has a kernel, and lower says so
     with pytest.raises(LoweringError, match="int4 tinygemm runs on CUDA"):
-        lower(q, "int4-weight", int4_kernel="tinygemm", verbose=False)
+        lower(q_int4, "int4-weight", int4_kernel="tinygemm", verbose=False)
     with pytest.raises(LoweringError, match="runs on CUDA"):
         Int4Linear(torch.zeros(8, 32, dtype=torch.int8), None, None, 32, torch.bfloat16, "tinygemm")
 
@@ -269,13 +270,10 @@ def test_int8_linear_row_padding_leaves_results_unchanged(lowered_int8, rows, to
     assert padded.shape == plain.shape and torch.equal(padded, plain)
 
 
-def test_bf16_lowered_model_gives_the_predictor_float32(tiny_trained_captured, calib):
+def test_bf16_lowered_model_gives_the_predictor_float32(q_int4):
     """A lowered model computing in bf16 (the CUDA default) still hands SamPredictor float32
     masks and scores, the decoder's python-level mask choice included (numpy has no bf16)."""
-    q = samq_fx.quantize(
-        tiny_trained_captured, calib, QuantConfig.preset("W4A16-int4"), progress=False
-    )
-    lowered = lower(q, "int4-weight", dtype="bfloat16", verbose=False)
+    lowered = lower(q_int4, "int4-weight", dtype="bfloat16", verbose=False)
     scene = generate_scene(7, 0)
     predictor = SamPredictor(lowered)
     predictor.set_image(scene.image)
@@ -285,13 +283,10 @@ def test_bf16_lowered_model_gives_the_predictor_float32(tiny_trained_captured, c
     assert masks.shape[0] == scores.shape[0] == 3
 
 
-def test_load_relowers_with_every_saved_option(tiny_trained_captured, calib, tmp_path):
+def test_load_relowers_with_every_saved_option(q_int4, tmp_path):
     """Every LowerConfig field survives save/load, not only the defaults'."""
-    q = samq_fx.quantize(
-        tiny_trained_captured, calib, QuantConfig.preset("W4A16-int4"), progress=False
-    )
     options = dict(fuse_attention=False, fuse_epilogue=False, int4_kernel="dequant")
-    lowered = lower(q, "int4-weight", **options, verbose=False)
+    lowered = lower(q_int4, "int4-weight", **options, verbose=False)
     loaded = samq_fx.load(samq_fx.save(lowered, tmp_path / "int4.samq"))
     assert loaded.samq_lowering == lowered.samq_lowering
     assert loaded.samq_lowering_report.fused_attention == 0
