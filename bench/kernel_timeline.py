@@ -24,8 +24,7 @@ import torch
 if __package__ is None and "samq_fx" not in sys.modules:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import samq_fx  # noqa: E402
-from samq_fx.demo import calibration_samples  # noqa: E402
-from samq_fx.speed import build  # noqa: E402
+from samq_fx.speed import build, calibrated  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -41,8 +40,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     device = torch.device("cuda")
     captured = samq_fx.capture(samq_fx.build_sam(args.model, pretrained=False).to(device).eval())
-    cfg = samq_fx.QuantConfig.preset("W8A8-int8", method="minmax")
-    quantized = {"int8": samq_fx.quantize(captured, calibration_samples(2), cfg, progress=False)}
+    quantized = calibrated(captured, args.model, args.settings)
     x = torch.randn(8, 3, 1024, 1024, device=device)
     for setting in args.settings:
         torch._dynamo.reset()

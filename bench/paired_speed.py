@@ -26,8 +26,7 @@ import torch
 if __package__ is None and "samq_fx" not in sys.modules:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import samq_fx  # noqa: E402
-from samq_fx.demo import calibration_samples  # noqa: E402
-from samq_fx.speed import build, git_sha  # noqa: E402
+from samq_fx.speed import _sync, build, calibrated, git_sha  # noqa: E402
 
 
 def ratio_interval(ratios: list[float], draws: int = 10_000, seed: int = 0) -> tuple[float, float]:
@@ -38,12 +37,10 @@ def ratio_interval(ratios: list[float], draws: int = 10_000, seed: int = 0) -> t
 
 
 def timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    _sync(device)
     start = time.perf_counter()
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    _sync(device)
     return time.perf_counter() - start
 
 
@@ -62,8 +59,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     sam = samq_fx.build_sam(args.model, pretrained=False).to(device).eval()
     captured = samq_fx.capture(sam)
-    cfg = samq_fx.QuantConfig.preset("W8A8-int8", method="minmax")
-    quantized = {"int8": samq_fx.quantize(captured, calibration_samples(2), cfg, progress=False)}
+    quantized = calibrated(captured, args.model, (args.a, args.b))
     size = captured.image_encoder.img_size
     x = torch.randn(args.batch, 3, size, size, generator=torch.Generator().manual_seed(1))
     x = x.to(device)

@@ -146,6 +146,23 @@ def lowering_options(setting: str) -> tuple[str, dict]:
     return backend, {k: v for variant in variants for k, v in VARIANTS[variant].items()}
 
 
+def calibrated(captured, name: str, settings, num_calib: int = 2) -> dict:
+    """The quantized models `build` takes for `settings`: "int8" (W8A8-int8, min-max) for the
+    8-bit backends, "int4" (W4A16-int4, groups of 64 on the tiny model, whose decoder has 64-wide
+    layers, else 128) for int4-weight; calibrated on `num_calib` generated images."""
+    backends = {s.partition("+")[0] for s in settings}
+    calib = calibration_samples(num_calib)
+    quantized = {}
+    if any(b in LOWERED_SETTINGS and b != "int4-weight" for b in backends):
+        cfg = samq_fx.QuantConfig.preset("W8A8-int8", method="minmax")
+        quantized["int8"] = samq_fx.quantize(captured, calib, cfg, progress=False)
+    if "int4-weight" in backends:
+        group = 64 if name == "tiny" else 128
+        cfg = samq_fx.QuantConfig.preset("W4A16-int4", method="minmax", w_group_size=group)
+        quantized["int4"] = samq_fx.quantize(captured, calib, cfg, progress=False)
+    return quantized
+
+
 def build(setting: str, captured, quantized: dict, cudagraphs: bool = False):
     """(model, compiled?) for a setting."""
     compile_parts = partial(_compile_parts, cudagraphs=cudagraphs)
@@ -189,17 +206,7 @@ def run_model(
     sam = samq_fx.build_sam(name, pretrained=False).to(device).eval()
     captured = samq_fx.capture(sam)
     size = captured.image_encoder.img_size
-    quantized = {}
-    backends = {s.partition("+")[0] for s in args.settings}
-    needs_int8 = any(b in LOWERED_SETTINGS and b != "int4-weight" for b in backends)
-    calib = calibration_samples(args.num_calib)
-    if needs_int8:
-        cfg = samq_fx.QuantConfig.preset("W8A8-int8", method="minmax")
-        quantized["int8"] = samq_fx.quantize(captured, calib, cfg, progress=False)
-    if "int4-weight" in backends:
-        group = 64 if name == "tiny" else 128  # the tiny decoder's 64-wide layers
-        cfg = samq_fx.QuantConfig.preset("W4A16-int4", method="minmax", w_group_size=group)
-        quantized["int4"] = samq_fx.quantize(captured, calib, cfg, progress=False)
+    quantized = calibrated(captured, name, args.settings, args.num_calib)
     gen = torch.Generator().manual_seed(1)
     inputs = {b: torch.randn(b, 3, size, size, generator=gen).to(device) for b in args.batch}
     with torch.no_grad():
