@@ -1,8 +1,9 @@
 """One compiled encoder call, kernel by kernel: where the GPU waits and what the CPU does.
 
-For each setting (as `samq-fx bench` names them): the median wall time of 10 calls at batch 8,
-the CUDA kernels' busy time and span in one profiled call, when the first kernel starts after
-the call begins, the CPU events that take longest, and a JSON of the kernel sequence (name,
+For each setting (as `samq-fx bench` names them): the median wall time of 10 calls at batch 8 (`--batch`),
+the CPU time until the call returns (enqueueing), the CUDA kernels' busy time and span in one
+profiled call, when the first
+kernel starts after the call begins, the CPU events that take longest, and a JSON of the kernel sequence (name,
 start, duration in µs) to read block by block. `--inductor key=value` sets inductor options
 for the run (how `CUDA_FUSION_OPTIONS` in `samq_fx.lower` was found).
 
@@ -31,6 +32,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="vit_b")
     p.add_argument("--settings", nargs="+", required=True)
+    p.add_argument("--batch", type=int, default=8)
     p.add_argument("--inductor", nargs="*", default=[], help="inductor options, key=int")
     p.add_argument("--out", default="timeline", help="prefix of the kernel-sequence JSONs")
     args = p.parse_args(argv)
@@ -41,7 +43,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     captured = samq_fx.capture(samq_fx.build_sam(args.model, pretrained=False).to(device).eval())
     quantized = calibrated(captured, args.model, args.settings)
-    x = torch.randn(8, 3, 1024, 1024, device=device)
+    x = torch.randn(args.batch, 3, 1024, 1024, device=device)
     for setting in args.settings:
         torch._dynamo.reset()
         model, _ = build(setting, captured, quantized)
@@ -49,10 +51,11 @@ def main(argv=None) -> int:
             for _ in range(4):
                 model.image_encoder(x)
             torch.cuda.synchronize()
-            walls = []
+            walls, enqueues = [], []
             for _ in range(10):
                 start = time.perf_counter()
                 model.image_encoder(x)
+                enqueues.append(time.perf_counter() - start)  # the CPU's share of the call
                 torch.cuda.synchronize()
                 walls.append(time.perf_counter() - start)
             activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
@@ -65,9 +68,18 @@ def main(argv=None) -> int:
         t0 = cpu[0].time_range.start
         busy = sum(e.time_range.end - e.time_range.start for e in cuda)
         span = cuda[-1].time_range.end - cuda[0].time_range.start
-        print(f"{args.model} {setting}: wall p50 {1e3 * statistics.median(walls):.2f} ms; kernels "
+        print(f"{args.model} {setting}: wall p50 {1e3 * statistics.median(walls):.2f} ms, "
+              f"of which enqueueing {1e3 * statistics.median(enqueues):.2f} ms; kernels "
               f"{busy / 1e3:.2f} ms busy over a {span / 1e3:.2f} ms span ({len(cuda)} kernels); "
               f"first kernel {(cuda[0].time_range.start - t0) / 1e3:.2f} ms into the call")  # fmt: skip
+        launches = [e for e in cpu if e.name.startswith(("cuLaunch", "cudaLaunch"))]
+        first_launch = launches[0].time_range.start if launches else t0
+        print("   before the first launch (CPU events over 20 us, by start):")
+        for e in cpu:
+            took = e.time_range.end - e.time_range.start
+            if e.time_range.start < first_launch and took > 20:
+                print(f"     +{(e.time_range.start - t0) / 1e3:6.2f} ms {took / 1e3:6.2f} ms "
+                      f"{e.name[:90]}")  # fmt: skip
         totals: dict[str, list] = {}
         for e in cpu:
             entry = totals.setdefault(e.name[:90], [0, 0.0])
@@ -77,7 +89,8 @@ def main(argv=None) -> int:
             print(f"   CPU {us / 1e3:7.2f} ms  x{count:<4d} {name}")
         sequence = [(e.name[:120], e.time_range.start - cuda[0].time_range.start,
                      e.time_range.end - e.time_range.start) for e in cuda]  # fmt: skip
-        path = Path(f"{args.out}_{args.model}_{setting.replace('+', '_')}.json")
+        suffix = "" if args.batch == 8 else f"_b{args.batch}"
+        path = Path(f"{args.out}_{args.model}{suffix}_{setting.replace('+', '_')}.json")
         path.write_text(json.dumps(sequence) + "\n")
     return 0
 

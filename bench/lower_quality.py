@@ -1,7 +1,7 @@
 """Masks of lowered models on the tiny SAM's validation scenes: against their fake-quant model and
 against full precision.
 
-For each deployment preset (W8A8-int8, W4A16-int4): quantize the shipped tiny SAM on generated
+For each deployment preset (W8A8-int8; W8A8-int8-attn for +f8sattn settings; W4A16-int4): quantize the shipped tiny SAM on generated
 calibration scenes, evaluate the fake-quant model, then each backend's lowered model
 (`samq_fx.lower`) on the same validation scenes with ground-truth boxes. Fidelity = mask IoU
 against the full-precision model on the same prompts; "vs fake" = mIoU of the lowered model
@@ -30,7 +30,7 @@ from samq_fx.data import CocoDataset, make_dataset  # noqa: E402
 from samq_fx.demo import VAL_SEED, calibration_samples  # noqa: E402
 from samq_fx.eval import evaluate  # noqa: E402
 from samq_fx.report import format_table  # noqa: E402
-from samq_fx.speed import lowering_options  # noqa: E402
+from samq_fx.speed import STATIC_ATTENTION, lowering_options  # noqa: E402
 
 PRESET_OF = {"int8-static": "W8A8-int8", "int8-dynamic": "W8A8-int8",
              "float8-static": "W8A8-int8", "int4-weight": "W4A16-int4"}  # fmt: skip
@@ -59,6 +59,8 @@ def main(argv=None) -> int:
         for setting in args.backends:
             backend, options = lowering_options(setting)
             preset = PRESET_OF[backend]
+            if STATIC_ATTENTION in setting.split("+"):
+                preset += "-attn"  # W8A8-int8-attn: the global attentions' ranges recorded
             if preset not in fakes:
                 q = samq_fx.quantize(captured, calib, samq_fx.QuantConfig.preset(preset),
                                      progress=False)  # fmt: skip

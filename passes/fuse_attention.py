@@ -20,13 +20,18 @@ A windowed attention with "triton" gets `samq_fx.window_attention` instead, wire
 head split and merge: it reads q, k, v as strided views of the qkv output, takes the rel-pos
 tables (it computes rel_h / rel_w itself) and its (B, L, C) output feeds the projection through a
 reshape; where that structure is not found it falls back to the general kernel with a note.
-Conservative: an attention whose q, k, probabilities or v still pass through an enabled fake
-quantizer (its integer grid is not what the kernels compute) is left unfused and listed in
-`rejected`, so the lowered model never drops a quantizer silently. The mask decoder's attentions
+Calibrated attention inputs: where q, k and v each pass through an 8-bit per-tensor quantizer
+(the "W8A8-int8-attn" preset puts them on the global attentions), the "float8" kernel takes
+their calibrated ranges as static float8 scales (`rel_pos_attention_float8_static`: no amax
+pass over q, k, v) and the quantizers leave the graph. Conservative otherwise: an attention
+whose probabilities pass through a quantizer, whose q, k, v carry another grid, or whose kernel
+is not "float8" is left unfused and listed in `rejected`, so the lowered model never drops a
+quantizer silently. The mask decoder's attentions
 (a few tokens against the image, well under 1% of SAM's time) are not touched.
 
 Reads: NodeInfo roles and attn_path. Writes: the fused node carries the av_matmul's record with
-role "fused_attention" and `findings["fuse_attention"]` = {"rel_pos": bool, "kernel": name}.
+role "fused_attention" and `findings["fuse_attention"]` = {"rel_pos": bool, "kernel": name,
+"scales": "static" | "dynamic" | None (8-bit q, k, v scales: calibrated, per call, none)}.
 Invariant: the function computed is unchanged up to the kernels' float rounding ("flex",
 "triton") or their 8-bit rounding of q, k, v and P ("float8", "int8-qk").
 """
@@ -39,10 +44,12 @@ import torch
 import torch.fx
 
 from samq_fx import triton_attention, window_attention
+from samq_fx.float8_epilogue import static_scale
 from samq_fx.kernels import plain_attention, rel_pos_attention
 from samq_fx.meta import add_finding, get_info, update_info
 from samq_fx.passes.insert_quantizers import fetch_attr
 from samq_fx.pipeline import PassContext, PassResult
+from samq_fx.quantizers import UniformQuantizer
 
 PASS_NAME = "fuse_attention"
 aten = torch.ops.aten
@@ -90,9 +97,27 @@ def _rel_pos_terms(logits: torch.fx.Node, qk: torch.fx.Node):
     return unsq_h.args[0], unsq_w.args[0]
 
 
-def _match(softmax: torch.fx.Node):
-    """(q, k, v, rel_h, rel_w, av) of the attention around `softmax`; LookupError if any part
-    is not the plain eager chain (a quantizer in between, an extra user, another dim)."""
+def _through_quantizer(gm: torch.fx.GraphModule, node, slot: str, quantizers: dict):
+    """The tensor a calibrated quantizer on `node` reads (the quantizer goes into
+    `quantizers[slot]`), or `node` itself when it is not a quantizer."""
+    if not (isinstance(node, torch.fx.Node) and node.op == "call_module"):
+        return node
+    module = gm.get_submodule(node.target)
+    if not (isinstance(module, UniformQuantizer) and module.enabled):
+        raise LookupError(f"{slot} passes through a {type(module).__name__} no kernel computes")
+    if module.spec.bits != 8 or module.spec.granularity != "tensor":
+        raise LookupError(
+            f"{slot}'s quantizer is {module.spec.bits}-bit per {module.spec.granularity}: the "
+            "float8 attention takes 8-bit per-tensor ranges"
+        )
+    quantizers[slot] = module
+    return node.args[0]
+
+
+def _match(gm: torch.fx.GraphModule, softmax: torch.fx.Node):
+    """(q, k, v, rel_h, rel_w, av, quantizers) of the attention around `softmax`, with
+    `quantizers` the calibrated 8-bit quantizers on q, k and v ({} if none); LookupError if any
+    part is not the eager chain (another quantizer, an extra user, another dim)."""
     if softmax.args[1:] not in ((-1,), (-1, False)) or not _single_user(softmax):
         raise LookupError("softmax is not over the last dim with one user")
     (av,) = softmax.users
@@ -108,13 +133,26 @@ def _match(softmax: torch.fx.Node):
     if not _single_user(qk):
         raise LookupError("q·kᵀ has more than one user")
     rel_h, rel_w = _rel_pos_terms(logits, qk)
-    q, k_t = qk.args
+    quantizers: dict = {}
+    q = _through_quantizer(gm, qk.args[0], "q", quantizers)
+    k_t = _through_quantizer(gm, qk.args[1], "k", quantizers)
+    v = _through_quantizer(gm, v, "v", quantizers)
     if not (_is(k_t, aten.transpose.int) and tuple(k_t.args[1:]) in ((-2, -1), (-1, -2))):
-        raise LookupError("k reaches q·kᵀ through a quantizer or not as transpose(k, -2, -1)")
-    for name, operand in (("q", q), ("v", v)):
-        if operand.op == "call_module":
-            raise LookupError(f"{name} reaches the attention through a fake quantizer")
-    return q, k_t.args[0], v, rel_h, rel_w, av
+        raise LookupError("k does not reach q·kᵀ as transpose(k, -2, -1)")
+    if quantizers and len(quantizers) != 3:
+        raise LookupError(f"only {sorted(quantizers)} of q, k, v are quantized: no kernel")
+    return q, k_t.args[0], v, rel_h, rel_w, av, quantizers
+
+
+def _static_scales(gm: torch.fx.GraphModule, path: str, quantizers: dict) -> torch.fx.Node:
+    """A get_attr node of the (3,) float32 float8 scales of q, k, v from their quantizers'
+    calibrated ranges (a buffer of `gm`)."""
+    scales = torch.stack([static_scale(quantizers[slot]).reshape(()) for slot in "qkv"])
+    name = "samq_attention_scales__" + path.replace(".", "_")
+    gm.register_buffer(name, scales)
+    node = gm.graph.get_attr(name)
+    node.meta["val"] = scales
+    return node
 
 
 def _is_view(node, rank: int | None = None) -> bool:
@@ -232,11 +270,17 @@ def fuse_attention(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         if info is None or info.role != "attn_softmax":
             continue
         try:
-            q, k, v, rel_h, rel_w, av = _match(softmax)
+            q, k, v, rel_h, rel_w, av, quantizers = _match(gm, softmax)
         except LookupError as err:
             result.rejected[info.attn_path] = str(err)
             continue
         kernel_name = chosen.get(info.attn_kind, "flex") if rel_h is not None else "sdpa"
+        if quantizers and kernel_name != "float8":
+            result.rejected[info.attn_path] = (
+                f"q, k, v carry calibrated 8-bit ranges, which only the 'float8' attention "
+                f"kernel takes (static scales); this attention's kernel is {kernel_name!r}"
+            )
+            continue
         fused = None
         if kernel_name == "triton" and info.attn_kind == "enc_window":
             try:
@@ -248,6 +292,12 @@ def fuse_attention(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             with gm.graph.inserting_before(av):
                 if rel_h is None:
                     fused = gm.graph.call_function(plain_attention, (q, k, v))
+                elif quantizers:
+                    scales = _static_scales(gm, info.attn_path, quantizers)
+                    fused = gm.graph.call_function(
+                        triton_attention.rel_pos_attention_float8_static,
+                        (q, k, v, rel_h, rel_w, scales),
+                    )
                 else:
                     kernel = REL_POS_KERNELS[kernel_name]
                     fused = gm.graph.call_function(kernel, (q, k, v, rel_h, rel_w))
@@ -255,7 +305,11 @@ def fuse_attention(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             av.replace_all_uses_with(fused)
             gm.graph.erase_node(av)
         update_info(fused, PASS_NAME, role="fused_attention")
-        add_finding(fused, PASS_NAME, {"rel_pos": rel_h is not None, "kernel": kernel_name})
+        scales = (
+            "static" if quantizers else "dynamic" if kernel_name in ("float8", "int8-qk") else None
+        )
+        finding = {"rel_pos": rel_h is not None, "kernel": kernel_name, "scales": scales}
+        add_finding(fused, PASS_NAME, finding)
         result.counts["fused"] += 1
         result.counts["with_rel_pos"] += rel_h is not None
     gm.graph.eliminate_dead_code()

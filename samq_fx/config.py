@@ -555,6 +555,13 @@ def _presets() -> dict[str, QuantConfig]:
         fp_roles=linears_only,
         overrides=FLOAT_ATTENTION,
     )
+    # The same linears, plus 8-bit per-tensor ranges for the global attentions' q, k and v,
+    # which `lower(..., attention="float8")` turns into static float8 scales (no amax pass at
+    # run time); the probabilities and every other attention stay in floating point.
+    out["W8A8-int8-attn"] = dataclasses.replace(
+        out["W8A8-int8"],
+        overrides=FLOAT_ATTENTION + GLOBAL_ATTENTION_INPUTS,
+    )
     # int4 tinygemm: asymmetric weights in groups of 64 along the input dim (every SAM linear
     # and the tiny model's 64-wide decoder projections divide by 64), float activations.
     out["W4A16-int4"] = QuantConfig(
@@ -572,6 +579,13 @@ def _presets() -> dict[str, QuantConfig]:
 FLOAT_ATTENTION = (
     Override(role="qk_matmul", quantize=False),
     Override(role="av_matmul", quantize=False),
+)
+
+
+# q, k (q·kᵀ) and v (P·v) of the encoder's global attentions quantized, the probabilities not.
+GLOBAL_ATTENTION_INPUTS = (
+    Override(role="qk_matmul", attn_kind="enc_global", quantize=True),
+    Override(role="av_matmul", attn_kind="enc_global", slot="v", quantize=True),
 )
 
 

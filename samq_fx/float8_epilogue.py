@@ -25,12 +25,15 @@ TMA loads and stores (sm_90); `launch` times both on a shape's first call and ke
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
 from torch import Tensor, nn
 
-from samq_fx.triton_attention import FLOAT8_MAX
+from samq_fx.quantizers import UniformQuantizer
+from samq_fx.triton_attention import FLOAT8_MAX, quantize_float8_static
+from samq_fx.tuned_launch import TunedLauncher
 
 try:
     import triton
@@ -247,6 +250,9 @@ if triton is not None:
         _TMA_CONFIGS, key=["M", "N", "K", "HAS_BIAS", "ACTIVATION"]
     )(_linear_act_kernel_tma)
 
+    _launch_pointer = TunedLauncher(_tuned_kernel)
+    _launch_tma = TunedLauncher(_tuned_kernel_tma)
+
 KERNELS = ("pointer", "tma")
 """`pointer`: one program a tile, loads through pointers (any sm_89+ GPU); `tma`: persistent,
 TMA loads and stores (Hopper, sm_90+). `launch` times both on a shape's first call and keeps
@@ -285,11 +291,11 @@ def _run(kernel: str, x, w, out, scales, bias, activation, block=None) -> None:
         grid = lambda meta: (  # noqa: E731
             triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),
         )
-        _tuned_kernel[grid](*args, **common)
+        _launch_pointer(_tuning_key(x, w, out, bias, activation), grid, *args, **common)
         return
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    sms = _multiprocessors(x.device)
     # block shapes are placeholders until the config's pre_hook sets them
     x_desc = TensorDescriptor.from_tensor(x, [1, 32])
     w_desc = TensorDescriptor.from_tensor(w, [1, 32])
@@ -297,8 +303,19 @@ def _run(kernel: str, x, w, out, scales, bias, activation, block=None) -> None:
     grid = lambda meta: (  # noqa: E731
         min(sms, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),
     )
-    _tuned_kernel_tma[grid](x_desc, w_desc, o_desc, bias_arg, scales, m, n, k, **common,
-                            NUM_SMS=sms)  # fmt: skip
+    _launch_tma(_tuning_key(x, w, out, bias, activation), grid,
+                x_desc, w_desc, o_desc, bias_arg, scales, m, n, k, **common, NUM_SMS=sms)  # fmt: skip
+
+
+def _tuning_key(x, w, out, bias, activation) -> tuple:
+    """What the autotuners' keys and pruning read: the shape, bias, activation and dtypes."""
+    bias_dtype = None if bias is None else bias.dtype
+    return (x.shape[0], w.shape[0], x.shape[1], activation, x.dtype, out.dtype, bias_dtype)
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def launch(
@@ -384,7 +401,16 @@ def _(x, w, scales, bias, activation):
 def quantize_static(x: Tensor, scale: Tensor) -> Tensor:
     """x / scale clamped to ±448 in float8 e4m3: torchao's static float8 activation quantizer,
     as plain ops so that inductor fuses it into the kernel that produces x."""
-    return (x.float() / scale).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(torch.float8_e4m3fn)
+    return quantize_float8_static(x, scale)
+
+
+def static_scale(quantizer: UniformQuantizer) -> Tensor:
+    """The float8 scale of a calibrated per-tensor range [lo, hi]: max(|lo|, |hi|) / 448, so
+    that the range's end maps to e4m3's largest value."""
+    qp = quantizer.qparams()
+    lo = (qp.qmin - qp.zero_point.float()) * qp.scale
+    hi = (qp.qmax - qp.zero_point.float()) * qp.scale
+    return torch.maximum(lo.abs(), hi.abs()).float() / FLOAT8_MAX
 
 
 class Float8LinearAct(nn.Module):
@@ -429,3 +455,13 @@ class Float8LinearOnCodes(nn.Module):
             use_fast_accum=True,
         )
         return y.reshape(*x8.shape[:-1], self.weight.shape[0])
+
+
+class Float8Linear(Float8LinearOnCodes):
+    """A float8-static linear on plain tensors: x quantized with its calibrated scale, then the
+    same `torch._scaled_mm` as torchao's float8 linear. torchao's module keeps its weight as a
+    tensor subclass, which the compiled model's runtime wrapper unwraps (and dynamo's guards
+    inspect) on every call; on plain buffers that per-call Python work is gone."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(quantize_static(x, self.x_scale))

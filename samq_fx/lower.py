@@ -51,6 +51,7 @@ from torch import nn
 
 from samq_fx.api import PARTS, QuantizedSam
 from samq_fx.capture import CapturedSam, select_mask_outputs
+from samq_fx.float8_epilogue import Float8Linear, static_scale
 from samq_fx.meta import get_info
 from samq_fx.passes.fuse_attention import fuse_attention as fuse_attention_pass
 from samq_fx.passes.fuse_linear_epilogue import fuse_linear_epilogue
@@ -60,7 +61,6 @@ from samq_fx.pipeline import PassContext, PassResult, run_passes
 from samq_fx.quantizers import UniformQuantizer, assert_deployable
 from samq_fx.report import format_table
 from samq_fx.serial import DictConfig
-from samq_fx.triton_attention import FLOAT8_MAX
 
 BACKENDS = {
     "int8-static": "W8A8, int8 x int8 with calibrated activation scales (torchao Int8Tensor)",
@@ -476,30 +476,24 @@ class TorchaoBackend:
                 "a 128x128 weight: torchao 0.18 reads its per-tensor float8 scale as 128x128 "
                 "block scaling and refuses it"
             )
-        qp = in_q.qparams()
-        lo = (qp.qmin - qp.zero_point.float()) * qp.scale
-        hi = (qp.qmax - qp.zero_point.float()) * qp.scale
-        amax = torch.maximum(lo.abs(), hi.abs())
-        act_scale = (amax / FLOAT8_MAX).reshape(_per_tensor_shape(x_val)).float()
+        act_scale = static_scale(in_q).reshape(_per_tensor_shape(x_val))
         lin = self._linear(weight, bias)
         cfg = Float8StaticActivationFloat8WeightConfig(
             act_quant_scale=act_scale.to(self.device),
             granularity=PerTensor(),
             set_inductor_config=False,
         )
-        quantize_(lin, cfg)
-        lin.samq_act_scale = act_scale.to(self.device)  # for `float8_parts`
-        return lin, "float8 e4m3 (_scaled_mm), calibrated activation scale"
+        quantize_(lin, cfg)  # torchao's weight quantization; its codes, on plain buffers:
+        codes, w_scale = lin.weight.qdata, lin.weight.scale
+        plain = Float8Linear(codes, w_scale, act_scale.to(self.device), lin.bias, self.dtype)
+        return plain, "float8 e4m3 (_scaled_mm), calibrated activation scale"
 
     def float8_parts(self, module: nn.Module):
         """(codes (N, K) e4m3, weight scale, input scale, bias) of a linear `_float8_static`
         built, or None for any other module: what `fuse_linear_epilogue` rebuilds it from."""
-        act_scale = getattr(module, "samq_act_scale", None)
-        weight = getattr(module, "weight", None)
-        codes = getattr(weight, "qdata", None)
-        if act_scale is None or codes is None or codes.dtype != torch.float8_e4m3fn:
+        if type(module) is not Float8Linear:
             return None
-        return codes, weight.scale, act_scale, module.bias
+        return module.weight, module.w_scale, module.x_scale, module.bias
 
 
 # -- graph edits -------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ Settings:
                      a suffix picks the attention: +unfused (eager chain), +triton (Triton bf16),
                      +f8attn (Triton, float8 q·kᵀ and P·v), +i8attn (int8 q·kᵀ, float8 P·v);
                      for the global attentions, windows keep flex (+f8attn-all: windows too;
-                     +wtri: windows on the Triton window kernel, in the compute dtype);
+                     +wtri: windows on the Triton window kernel, in the compute dtype;
+                     +f8sattn: +f8attn with static scales, from W8A8-int8-attn's ranges);
                      float8-static fuses each MLP's GELU into lin1's GEMM (+noepi: it does not);
                      int4-weight dequantizes each weight for the bf16 GEMM
                      (+tinygemm: int4 tinygemm instead)
@@ -57,6 +58,7 @@ FLOAT_SETTINGS = ("fp32", "fp32-compile", "fp32-fused", "bf16", "bf16-compile", 
                   "bf16-triton", "bf16-triton-all")  # fmt: skip
 VARIANTS = {"unfused": {"fuse_attention": False}, "triton": {"attention": "triton"},
             "f8attn": {"attention": "float8"}, "i8attn": {"attention": "int8-qk"},
+            "f8sattn": {"attention": "float8"},
             "f8attn-all": {"attention": "float8", "window_attention": "float8"},
             "i8attn-all": {"attention": "int8-qk", "window_attention": "int8-qk"},
             "wtri": {"window_attention": "triton"},
@@ -67,7 +69,10 @@ attention kernel (without -all the windowed attentions keep flex and the global 
 named kernel); +wtri puts the windows on the Triton window kernel (the fastest there: it reads
 q, k, v from the qkv output and writes the projection's input layout); +noepi keeps float8 MLPs
 as two linears around a separate activation pass instead of the fused GEMM epilogue;
-+tinygemm runs int4-weight's linears on tinygemm instead of dequantizing for the float GEMM."""
++tinygemm runs int4-weight's linears on tinygemm instead of dequantizing for the float GEMM;
++f8sattn is +f8attn on a model calibrated with the global attentions' q, k, v ranges
+(W8A8-int8-attn), which the kernel takes as static scales."""
+STATIC_ATTENTION = "f8sattn"
 LOWERED_SETTINGS = ("int8-static", "int8-dynamic", "float8-static", "int4-weight")
 DEFAULT_GPU = ("fp32", "bf16", "bf16-compile", "bf16-fused", *LOWERED_SETTINGS)
 
@@ -148,19 +153,28 @@ def lowering_options(setting: str) -> tuple[str, dict]:
 
 def calibrated(captured, name: str, settings, num_calib: int = 2) -> dict:
     """The quantized models `build` takes for `settings`: "int8" (W8A8-int8, min-max) for the
-    8-bit backends, "int4" (W4A16-int4, groups of 64 on the tiny model, whose decoder has 64-wide
-    layers, else 128) for int4-weight; calibrated on `num_calib` generated images."""
-    backends = {s.partition("+")[0] for s in settings}
+    8-bit backends, "int8-attn" (W8A8-int8-attn) for their +f8sattn settings, "int4"
+    (W4A16-int4, groups of 64 on the tiny model, whose decoder has 64-wide layers, else 128)
+    for int4-weight; calibrated on `num_calib` generated images."""
+    needed = {_preset_key(s) for s in settings if s.partition("+")[0] in LOWERED_SETTINGS}
+    group = 64 if name == "tiny" else 128
+    presets = {"int8": ("W8A8-int8", {}), "int8-attn": ("W8A8-int8-attn", {}),
+               "int4": ("W4A16-int4", {"w_group_size": group})}  # fmt: skip
     calib = calibration_samples(num_calib)
     quantized = {}
-    if any(b in LOWERED_SETTINGS and b != "int4-weight" for b in backends):
-        cfg = samq_fx.QuantConfig.preset("W8A8-int8", method="minmax")
-        quantized["int8"] = samq_fx.quantize(captured, calib, cfg, progress=False)
-    if "int4-weight" in backends:
-        group = 64 if name == "tiny" else 128
-        cfg = samq_fx.QuantConfig.preset("W4A16-int4", method="minmax", w_group_size=group)
-        quantized["int4"] = samq_fx.quantize(captured, calib, cfg, progress=False)
+    for key in sorted(needed):
+        preset, changes = presets[key]
+        cfg = samq_fx.QuantConfig.preset(preset, method="minmax", **changes)
+        quantized[key] = samq_fx.quantize(captured, calib, cfg, progress=False)
     return quantized
+
+
+def _preset_key(setting: str) -> str:
+    """Which of `calibrated`'s models a lowered setting lowers."""
+    backend, *variants = setting.split("+")
+    if backend == "int4-weight":
+        return "int4"
+    return "int8-attn" if STATIC_ATTENTION in variants else "int8"
 
 
 def build(setting: str, captured, quantized: dict, cudagraphs: bool = False):
@@ -184,7 +198,7 @@ def build(setting: str, captured, quantized: dict, cudagraphs: bool = False):
         model = optimize_float(captured, "bfloat16", attention="triton", window_attention="triton")
         return compile_parts(model), True
     backend, options = lowering_options(setting)
-    q = quantized["int4" if backend == "int4-weight" else "int8"]
+    q = quantized[_preset_key(setting)]
     lowered = lower(q, backend, **options, verbose=False)
     return compile_parts(lowered), True
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from samq_fx.tuned_launch import TunedLauncher
+
 P_SCALE = 256.0
 FLOAT8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
 
@@ -36,15 +38,25 @@ def key_grid_pad(width: int) -> int:
     return 1 << max(width - 1, 0).bit_length()
 
 
-def _quantize_per_tensor(x: Tensor, qmax: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(x / s) clamped to ±qmax in `dtype` (rounded first for an integer dtype) and the dynamic
-    per-tensor scale s = amax(|x|) / qmax (float32, 0-dim, on the device: no host sync). Plain
-    ops, so that inductor fuses them into the kernel that produces x."""
-    scale = (x.detach().abs().amax().float() / qmax).clamp(min=1e-12)
+def _codes(x: Tensor, scale: Tensor, qmax: float, dtype: torch.dtype) -> Tensor:
+    """(x / scale) clamped to ±qmax in `dtype` (rounded first for an integer dtype). Plain ops,
+    so that inductor fuses them into the kernel that produces x."""
     scaled = x.float() / scale
     if not dtype.is_floating_point:
         scaled = scaled.round()
-    return scaled.clamp(-qmax, qmax).to(dtype), scale
+    return scaled.clamp(-qmax, qmax).to(dtype)
+
+
+def _quantize_per_tensor(x: Tensor, qmax: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(`_codes`, s) with the dynamic per-tensor scale s = amax(|x|) / qmax (float32, 0-dim, on
+    the device: no host sync)."""
+    scale = (x.detach().abs().amax().float() / qmax).clamp(min=1e-12)
+    return _codes(x, scale, qmax, dtype), scale
+
+
+def quantize_float8_static(x: Tensor, scale: Tensor) -> Tensor:
+    """x / scale clamped to ±448 in float8 e4m3, `scale` known before the call (calibrated)."""
+    return _codes(x, scale, FLOAT8_MAX, torch.float8_e4m3fn)
 
 
 def quantize_float8(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -209,6 +221,7 @@ if triton is not None:
         key=["L", "KH", "KW", "D", "FLOAT8"],
         prune_configs_by={"early_config_prune": _prune},
     )(triton.heuristics({"EVEN": _even})(_rel_pos_attention_kernel))
+    _launch = TunedLauncher(_tuned_kernel)
 
 
 def launch(
@@ -247,7 +260,8 @@ def launch(
     common = {"D": d, "DP": dp, "KWP": kwp, "FLOAT8": float8, "EMULATE_ROUNDING": interpreted}
     if block_m is None:
         grid = lambda meta: (triton.cdiv(length, meta["BLOCK_M"]), bh)  # noqa: E731
-        _tuned_kernel[grid](*args, **common)
+        key = (length, kh, kw, d, float8, q.dtype, k.dtype, rel_h.dtype)
+        _launch(key, grid, *args, **common)
     else:
         block_n = block_n or max(64, kwp)
         meta = {"L": length, "KH": kh, "KW": kw, "KWP": kwp, "D": d, "DP": dp,
@@ -309,17 +323,33 @@ def rel_pos_attention_triton(
     return rel_pos_attention_op(*op_inputs(q, k, v, rel_h, rel_w, mode))
 
 
-def op_inputs(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, mode: str) -> tuple:
+def op_inputs(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rel_h: Tensor,
+    rel_w: Tensor,
+    mode: str,
+    static_scales: Tensor | None = None,
+) -> tuple:
     """The arguments of `rel_pos_attention_op` for `mode`: q, k, v quantized (or not), v
-    transposed, the scales, rel_h / rel_w as (BH, L, KH / KW)."""
+    transposed, the scales, rel_h / rel_w as (BH, L, KH / KW). `static_scales` (float8 only):
+    q's, k's and v's float8 scales, known before the call (calibrated), instead of dynamic ones:
+    no amax pass over q, k and v."""
     if mode not in ATTENTION_MODES:
         raise ValueError(f"attention mode {mode!r}; modes: {ATTENTION_MODES}")
+    if static_scales is not None and mode != "float8":
+        raise ValueError(f"static scales are float8 scales; mode {mode!r} takes none")
     bh, length, _ = q.shape
     rel_h = rel_h.reshape(bh, length, rel_h.shape[-1])
     rel_w = rel_w.reshape(bh, length, rel_w.shape[-1])
     if mode == "bf16":
         one = torch.ones((), dtype=torch.float32, device=q.device)
         return q, k, v.transpose(1, 2).contiguous(), one, one, rel_h, rel_w
+    if static_scales is not None:
+        sq, sk, sv = static_scales.float().unbind()
+        q8, k8, v8 = (quantize_float8_static(t, s) for t, s in ((q, sq), (k, sk), (v, sv)))
+        return q8, k8, v8.transpose(1, 2).contiguous(), sq * sk, sv, rel_h, rel_w
     # v's amax is read in the (BH, L, D) order of q's and k's; only its codes are written
     # transposed (inductor still runs three reductions: bench/RESULTS.md, session 8)
     if mode == "float8":
@@ -334,6 +364,14 @@ def op_inputs(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, mod
 def rel_pos_attention_float8(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor):
     """`rel_pos_attention_triton` with float8 q·kᵀ and P·v."""
     return rel_pos_attention_triton(q, k, v, rel_h, rel_w, "float8")
+
+
+def rel_pos_attention_float8_static(
+    q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, scales: Tensor
+) -> Tensor:
+    """`rel_pos_attention_float8` with q's, k's and v's float8 scales given: (3,) float32, from
+    the ranges calibration recorded for them (`fuse_attention` reads their quantizers)."""
+    return rel_pos_attention_op(*op_inputs(q, k, v, rel_h, rel_w, "float8", scales))
 
 
 def rel_pos_attention_int8_qk(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor):
@@ -359,10 +397,12 @@ __all__ = [
     "launch",
     "op_inputs",
     "quantize_float8",
+    "quantize_float8_static",
     "ATTENTION_MODES",
     "quantize_int8",
     "rel_pos_attention_bf16",
     "rel_pos_attention_float8",
+    "rel_pos_attention_float8_static",
     "rel_pos_attention_int8_qk",
     "rel_pos_attention_op",
     "rel_pos_attention_triton",

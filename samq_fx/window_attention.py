@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from samq_fx.triton_attention import key_grid_pad
+from samq_fx.tuned_launch import TunedLauncher
 
 try:
     import triton
@@ -173,6 +174,7 @@ if triton is not None:
     _tuned_kernel = triton.autotune(_CONFIGS, key=["L", "KH", "KW", "D", "HEADS"])(
         _window_attention_kernel
     )
+    _launch = TunedLauncher(_tuned_kernel)
 
 
 def launch(
@@ -223,7 +225,7 @@ def launch(
     }
     if block_m is None:
         grid = lambda meta: (triton.cdiv(length, meta["BLOCK_M"] * meta["M_STEPS"]), b * heads)  # noqa: E731
-        _tuned_kernel[grid](*args, **common)
+        _launch((length, kh, kw, d, heads, q.dtype), grid, *args, **common)
     else:
         grid = (triton.cdiv(length, block_m * m_steps), b * heads)
         _window_attention_kernel[grid](

@@ -210,3 +210,17 @@ def test_float8_is_still_refused_on_the_cpu(float8_on_cpu):
     q, _, _ = float8_on_cpu
     with pytest.raises(LoweringError, match="sm_89"):
         lower(q, "float8-static", verbose=False)
+
+
+def test_float8_linears_hold_plain_tensors(float8_on_cpu):
+    """No torchao tensor subclass is left in a float8-lowered model: the compiled model would
+    unwrap each one on every call (`Float8Linear`)."""
+    _, plain, fused = float8_on_cpu
+    for model in (plain, fused):
+        kinds = {type(m).__name__ for part in (model.image_encoder, model.mask_decoder)
+                 for m in part.samq_lowered.values()}  # fmt: skip
+        assert "Float8Linear" in kinds, kinds
+        tensors = list(model.parameters()) + list(model.buffers())
+        subclasses = {type(t).__name__ for t in tensors
+                      if type(t) not in (torch.Tensor, torch.nn.Parameter)}  # fmt: skip
+        assert not subclasses, f"tensor subclasses left: {subclasses}"

@@ -17,8 +17,10 @@ import samq_fx
 from samq_fx.config import Override, QuantConfig
 from samq_fx.data import generate_scene, mask_box
 from samq_fx.demo import calibration_samples
+from samq_fx.float8_epilogue import static_scale
 from samq_fx.kernels import rel_pos_attention, rel_pos_bias
 from samq_fx.lower import Int4Linear, LoweringError, compile_parts, lower, optimize_float
+from samq_fx.meta import get_info
 from samq_fx.quantizers import QuantSpec, UniformQuantizer
 
 
@@ -239,6 +241,42 @@ def test_quantized_attention_stays_unfused(tiny_trained_captured, calib):
     report = lowered.samq_lowering_report
     assert report.fused_attention == 0 and len(report.unfused_attention) == 4
     assert all("quantizer" in why for why in report.unfused_attention.values())
+
+
+def test_calibrated_global_attention_takes_static_float8_scales(
+    tiny_trained_captured, calib, monkeypatch
+):
+    """W8A8-int8-attn records q, k, v ranges of the global attentions; the float8 attention
+    kernel consumes those quantizers as static scales, and any other kernel refuses them."""
+    q = samq_fx.quantize(
+        tiny_trained_captured, calib, QuantConfig.preset("W8A8-int8-attn"), progress=False
+    )
+    sites = {n.target.split(".")[1] for n in q.image_encoder.graph.nodes
+             if n.op == "call_module" and "_matmul__" in n.target}  # fmt: skip
+    arch = q.samq_arch
+    assert len(sites) == 3 * len(arch.encoder_global_attn_indexes), sites
+    assert not any(site.endswith("__attn") for site in sites)
+    assert not any("_matmul__" in n.target for n in q.mask_decoder.graph.nodes
+                   if n.op == "call_module")  # fmt: skip
+    lower_module = __import__("sys").modules["samq_fx.lower"]
+    monkeypatch.setattr(lower_module, "_check_attention_kernel", lambda kernel, device: None)
+    lowered = lower(q, "int8-static", attention="float8", verbose=False)  # CPU: the reference
+    report = lowered.samq_lowering_report
+    assert report.unfused_attention == {}
+    graph = lowered.image_encoder.graph
+    assert not any(n.op == "call_module" and "_matmul__" in n.target for n in graph.nodes)
+    static = [n for n in graph.nodes if get_info(n) is not None
+              and get_info(n).findings.get("fuse_attention", {}).get("scales") == "static"]  # fmt: skip
+    assert len(static) == len(arch.encoder_global_attn_indexes)
+    block = arch.encoder_global_attn_indexes[0]
+    quantizer = q.image_encoder.samq_quantizers[f"blocks_{block}_attn__qk_matmul__q"]
+    scales = getattr(lowered.image_encoder, f"samq_attention_scales__blocks_{block}_attn")
+    assert torch.equal(scales[0], static_scale(quantizer).reshape(()))
+    assert _encoder_sqnr(lowered, q, seed=0) > 25
+    refused = lower(q, "int8-static", attention="triton", verbose=False)
+    why = refused.samq_lowering_report.unfused_attention
+    assert len(why) == len(arch.encoder_global_attn_indexes)
+    assert all("only the 'float8'" in reason for reason in why.values())
 
 
 def test_save_and_load_relower(lowered_int8, tmp_path):

@@ -23,6 +23,7 @@ from samq_fx.pipeline import PassContext
 from samq_fx.triton_attention import (
     attention_reference,
     key_grid_pad,
+    op_inputs,
     rel_pos_attention_triton,
 )
 
@@ -106,6 +107,31 @@ def test_key_smoothing_leaves_attention_unchanged(bh, kh, kw, shift):
     a = attention_reference(f64[0], f64[1], vt, one, one, rel_h.double(), rel_w.double())
     b = attention_reference(f64[0], smooth, vt, one, one, rel_h.double(), rel_w.double())
     assert torch.allclose(a, b, rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=25, deadline=None)
+@given(amax=st.floats(0.05, 50.0), seed=st.integers(0, 2**16))
+def test_static_scales_quantize_inside_the_range_and_clip_outside(amax, seed):
+    """Static float8 scales s = amax / 448: values within ±amax keep e4m3's relative precision
+    (2^-4, or one subnormal step), values beyond are clipped to ±amax; the kernel's scales are
+    the products it multiplies by."""
+    g = torch.Generator().manual_seed(seed)
+    bh, kh, kw, d = 2, 3, 4, 16
+    q, k, v = (torch.randn(bh, kh * kw, d, generator=g) * amax for _ in range(3))
+    rel_h, rel_w = torch.zeros(bh, kh * kw, kh), torch.zeros(bh, kh * kw, kw)
+    scales = torch.full((3,), amax / 448.0)
+    q8, k8, vt8, qk_scale, v_scale, _, _ = op_inputs(q, k, v, rel_h, rel_w, "float8", scales)
+    assert q8.dtype == k8.dtype == vt8.dtype == torch.float8_e4m3fn
+    assert torch.equal(qk_scale, scales[0] * scales[1]) and torch.equal(v_scale, scales[2])
+    back = q8.float() * scales[0]
+    inside = q.abs() <= amax
+    step = torch.maximum(q.abs() * 2.0**-4, torch.tensor(scales[0].item() * 2.0**-9))
+    assert ((back - q).abs()[inside] <= step[inside] * 1.0001).all()
+    assert torch.allclose(back[~inside].abs(), torch.tensor(amax), rtol=1e-6)
+    assert torch.equal(vt8.float() * scales[2], (v.transpose(1, 2).clamp(-amax, amax) / scales[2])
+                       .to(torch.float8_e4m3fn).float() * scales[2])  # fmt: skip
+    with pytest.raises(ValueError, match="static scales are float8"):
+        op_inputs(q, k, v, rel_h, rel_w, "int8-qk", scales)
 
 
 def test_key_grid_pad():

@@ -1,0 +1,39 @@
+"""Launch an autotuned Triton kernel at the config its autotuner chose, without the autotuner.
+
+`triton.autotune` runs on every call: it rebuilds its argument dict and key (a string per
+tensor dtype), merges the config's kwargs and runs the config's pre-hook before the JIT's own
+launch. On the H100 host that is about 40 µs of CPU a call for the float8 MLP kernel
+(`bench/launch_overhead.py`), and a lowered SAM-B encoder makes 24 such calls a forward: at
+batch 1 the encoder is bound by the CPU, and at batch 8 its first blocks leave the GPU waiting
+for launches (bench/RESULTS.md, session 9). The autotuner still picks the config, once per key;
+later calls with that key go straight to the kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+
+class TunedLauncher:
+    """`launcher(key, grid, *args, **kwargs)` = `tuned[grid](*args, **kwargs)`, where `key` holds
+    every value the autotuner's key and config pruning read (the caller's duty: a key that
+    misses one could reuse a config pruned for other shapes)."""
+
+    def __init__(self, tuned: Any) -> None:
+        self.tuned = tuned
+        self.chosen: dict[tuple, Any] = {}
+
+    def __call__(self, key: tuple, grid: Callable | tuple, *args: Any, **kwargs: Any) -> None:
+        config = self.chosen.get(key)
+        if config is None:  # the autotuner benchmarks (or finds) this key's config
+            self.tuned[grid](*args, **kwargs)
+            self.chosen[key] = self.tuned.best_config
+            return
+        meta = config.all_kwargs()
+        if config.pre_hook is not None:
+            config.pre_hook({**dict(zip(self.tuned.arg_names, args)), **kwargs, **meta})
+        self.tuned.fn[grid](*args, **kwargs, **meta)
+
+
+__all__ = ["TunedLauncher"]
