@@ -33,6 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="vit_b")
     p.add_argument("--settings", nargs="+", required=True)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--cudagraphs", action="store_true", help="replay the encoder as a CUDA graph")
     p.add_argument("--inductor", nargs="*", default=[], help="inductor options, key=int")
     p.add_argument("--out", default="timeline", help="prefix of the kernel-sequence JSONs")
     args = p.parse_args(argv)
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
     x = torch.randn(args.batch, 3, 1024, 1024, device=device)
     for setting in args.settings:
         torch._dynamo.reset()
-        model, _ = build(setting, captured, quantized)
+        model, _ = build(setting, captured, quantized, cudagraphs=args.cudagraphs)
         with torch.inference_mode():
             for _ in range(4):
                 model.image_encoder(x)
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
             print(f"   CPU {us / 1e3:7.2f} ms  x{count:<4d} {name}")
         sequence = [(e.name[:120], e.time_range.start - cuda[0].time_range.start,
                      e.time_range.end - e.time_range.start) for e in cuda]  # fmt: skip
-        suffix = "" if args.batch == 8 else f"_b{args.batch}"
+        suffix = ("" if args.batch == 8 else f"_b{args.batch}") + ("_cg" if args.cudagraphs else "")
         path = Path(f"{args.out}_{args.model}{suffix}_{setting.replace('+', '_')}.json")
         path.write_text(json.dumps(sequence) + "\n")
     return 0

@@ -446,7 +446,7 @@ class Float8LinearOnCodes(nn.Module):
 
     def forward(self, x8: Tensor) -> Tensor:
         y = torch._scaled_mm(
-            x8.reshape(-1, x8.shape[-1]),
+            x8.reshape(-1, x8.shape[-1]).contiguous(),  # cuBLASLt: row-major A (eager)
             self.weight.t(),
             scale_a=self.x_scale,
             scale_b=self.w_scale,
