@@ -135,6 +135,24 @@ def test_compiled_encoder_runs_the_triton_attention(calibrated, attention):
     assert _sqnr(out, fake) > 15, f"lowered vs fake-quant: {_sqnr(out, fake):.1f} dB"
 
 
+def test_compiled_encoder_takes_static_attention_scales(calibrated):
+    """W8A8-int8-attn's calibrated q, k, v ranges: the compiled float8 encoder runs the global
+    attentions with no amax reduction left, and agrees with its fake-quant model as the dynamic
+    scales do."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 needs sm_89+")
+    q = calibrated("W8A8-int8-attn")
+    lowered = samq_fx.lower(
+        q, "float8-static", attention="float8", window_attention="triton", verbose=False
+    )
+    assert lowered.samq_lowering_report.unfused_attention == {}
+    out, eager, fake, source = _compile_and_run(lowered, q)
+    assert "samq.rel_pos_attention" in source and "samq.window_attention" in source
+    assert "amax" not in source, "a dynamic-scale reduction is left in the compiled encoder"
+    assert _sqnr(out, eager) > 25, f"compiled vs eager lowered: {_sqnr(out, eager):.1f} dB"
+    assert _sqnr(out, fake) > 15, f"lowered vs fake-quant: {_sqnr(out, fake):.1f} dB"
+
+
 @pytest.mark.parametrize(
     "shape",
     [(2, 12, 14, 14, 64), (2, 16, 14, 14, 80), (3, 4, 8, 8, 32), (2, 3, 5, 7, 16)],
