@@ -7,7 +7,8 @@
 This is the only file that imports torchao (int4 runs PyTorch's own tinygemm op). The graph
 work is two passes, run per part:
 `passes/lower_linears.py` swaps each fake-quantized linear for a module whose weight is a
-torchao tensor subclass (int4: an `Int4Linear`) built from the calibrated quantizers
+torchao tensor subclass (int4: an `Int4Linear`; float8: a `Float8Linear` on plain buffers) built
+from the calibrated quantizers
 (`make_linear` below), and
 `passes/fuse_attention.py` swaps the encoder's attention chains for one fused kernel,
 `passes/patch_embed_as_matmul.py` turns the patch-embedding convolution into a matmul, and
@@ -27,8 +28,8 @@ Backends (what runs where; `BACKENDS` holds the same as data):
                  codes dequantized at each call for the compute dtype's GEMM (the default,
                  CPU and CUDA), or packed for PyTorch's int4 tinygemm (aten._weight_int4pack_mm,
                  CUDA).
-  float8-static  H100 / Ada: float8 e4m3 weights and activations, the activation scale from the
-                 calibrated range: torchao float8 -> torch._scaled_mm.
+  float8-static  H100 / Ada: float8 e4m3 weights (per tensor) and activations, the activation
+                 scale from the calibrated range -> torch._scaled_mm (`Float8Linear`).
 
 A layer a backend has no kernel for (W4A4, W6A6, attention matmul quantizers, asymmetric weights
 for the int8 kernel) stays fake-quantized and is named in the report and a warning; if no layer
@@ -61,6 +62,7 @@ from samq_fx.pipeline import PassContext, PassResult, run_passes
 from samq_fx.quantizers import UniformQuantizer, assert_deployable
 from samq_fx.report import format_table
 from samq_fx.serial import DictConfig
+from samq_fx.triton_attention import FLOAT8_MAX
 
 BACKENDS = {
     "int8-static": "W8A8, int8 x int8 with calibrated activation scales (torchao Int8Tensor)",
@@ -464,29 +466,18 @@ class TorchaoBackend:
         return None
 
     def _float8_static(self, w_q, weight, in_q, bias, x_val):
-        from torchao.quantization import quantize_
-        from torchao.quantization.granularity import PerTensor
-        from torchao.quantization.quant_api import Float8StaticActivationFloat8WeightConfig
-
         problem = self._float8_ok() or _activation_spec_problem(in_q, 8)
         if problem:
             return None, problem
-        if tuple(weight.shape) == (128, 128):
-            return None, (
-                "a 128x128 weight: torchao 0.18 reads its per-tensor float8 scale as 128x128 "
-                "block scaling and refuses it"
-            )
-        act_scale = static_scale(in_q).reshape(_per_tensor_shape(x_val))
-        lin = self._linear(weight, bias)
-        cfg = Float8StaticActivationFloat8WeightConfig(
-            act_quant_scale=act_scale.to(self.device),
-            granularity=PerTensor(),
-            set_inductor_config=False,
-        )
-        quantize_(lin, cfg)  # torchao's weight quantization; its codes, on plain buffers:
-        codes, w_scale = lin.weight.qdata, lin.weight.scale
-        plain = Float8Linear(codes, w_scale, act_scale.to(self.device), lin.bias, self.dtype)
-        return plain, "float8 e4m3 (_scaled_mm), calibrated activation scale"
+        act_scale = static_scale(in_q).to(self.device)
+        # the weight per tensor as torchao's float8 weight quantization does it (amax / 448,
+        # from the weight in the compute dtype), on plain buffers (`Float8Linear`)
+        w = weight.detach().to(self.device, self.dtype).float()
+        w_scale = (w.abs().amax() / FLOAT8_MAX).clamp(min=1e-12)
+        codes = (w / w_scale).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(torch.float8_e4m3fn)
+        b = None if bias is None else bias.detach().to(self.device, self.dtype)
+        module = Float8Linear(codes, w_scale, act_scale, b, self.dtype)
+        return module, "float8 e4m3 (_scaled_mm), calibrated activation scale"
 
     def float8_parts(self, module: nn.Module):
         """(codes (N, K) e4m3, weight scale, input scale, bias) of a linear `_float8_static`

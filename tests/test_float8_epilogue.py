@@ -220,6 +220,7 @@ def test_float8_linears_hold_plain_tensors(float8_on_cpu):
         kinds = {type(m).__name__ for part in (model.image_encoder, model.mask_decoder)
                  for m in part.samq_lowered.values()}  # fmt: skip
         assert "Float8Linear" in kinds, kinds
+        assert model.samq_lowering_report.kept == {}  # the tiny model's 128 x 128 linears too
         tensors = list(model.parameters()) + list(model.buffers())
         subclasses = {type(t).__name__ for t in tensors
                       if type(t) not in (torch.Tensor, torch.nn.Parameter)}  # fmt: skip
