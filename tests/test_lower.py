@@ -244,7 +244,7 @@ def test_quantized_attention_stays_unfused(tiny_trained_captured, calib):
 
 
 def test_calibrated_global_attention_takes_static_float8_scales(
-    tiny_trained_captured, calib, monkeypatch
+    tiny_trained_captured, calib, monkeypatch, tmp_path
 ):
     """W8A8-int8-attn records q, k, v ranges of the global attentions; the float8 attention
     kernel consumes those quantizers as static scales, and any other kernel refuses them."""
@@ -273,6 +273,10 @@ def test_calibrated_global_attention_takes_static_float8_scales(
     scales = getattr(lowered.image_encoder, f"samq_attention_scales__blocks_{block}_attn")
     assert torch.equal(scales[0], static_scale(quantizer).reshape(()))
     assert _encoder_sqnr(lowered, q, seed=0) > 25
+    loaded = samq_fx.load(samq_fx.save(lowered, tmp_path / "attn.samq"))  # lowers again
+    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(loaded.image_encoder(x), lowered.image_encoder(x))
     refused = lower(q, "int8-static", attention="triton", verbose=False)
     why = refused.samq_lowering_report.unfused_attention
     assert len(why) == len(arch.encoder_global_attn_indexes)
