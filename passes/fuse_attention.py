@@ -33,7 +33,8 @@ Reads: NodeInfo roles and attn_path. Writes: the fused node carries the av_matmu
 role "fused_attention" and `findings["fuse_attention"]` = {"rel_pos": bool, "kernel": name,
 "scales": "static" | "dynamic" | None (8-bit q, k, v scales: calibrated, per call, none)}.
 Invariant: the function computed is unchanged up to the kernels' float rounding ("flex",
-"triton") or their 8-bit rounding of q, k, v and P ("float8", "int8-qk").
+"triton") or their 8-bit rounding of q, k, v and P ("float8", "int8-qk"; with static scales
+also the clip of q, k, v to their calibrated ranges, as the fake-quant model clips them).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from samq_fx.kernels import plain_attention, rel_pos_attention
 from samq_fx.meta import add_finding, get_info, update_info
 from samq_fx.passes.insert_quantizers import fetch_attr
 from samq_fx.pipeline import PassContext, PassResult
-from samq_fx.quantizers import UniformQuantizer
+from samq_fx.quantizers import Quantizer, UniformQuantizer
 
 PASS_NAME = "fuse_attention"
 aten = torch.ops.aten
@@ -97,13 +98,20 @@ def _rel_pos_terms(logits: torch.fx.Node, qk: torch.fx.Node):
     return unsq_h.args[0], unsq_w.args[0]
 
 
-def _through_quantizer(gm: torch.fx.GraphModule, node, slot: str, quantizers: dict):
+def _through_quantizer(
+    gm: torch.fx.GraphModule, node, slot: str, quantizers: dict, fp_only: bool = False
+):
     """The tensor a calibrated quantizer on `node` reads (the quantizer goes into
-    `quantizers[slot]`), or `node` itself when it is not a quantizer."""
+    `quantizers[slot]`), or `node` itself when it is not a quantizer. `fp_only`: only a
+    disabled quantizer is looked through; None for any other module."""
     if not (isinstance(node, torch.fx.Node) and node.op == "call_module"):
         return node
     module = gm.get_submodule(node.target)
-    if not (isinstance(module, UniformQuantizer) and module.enabled):
+    if isinstance(module, Quantizer) and not module.enabled:
+        return node.args[0]  # a disabled quantizer is the identity
+    if fp_only:
+        return None
+    if not isinstance(module, UniformQuantizer):
         raise LookupError(f"{slot} passes through a {type(module).__name__} no kernel computes")
     if module.spec.bits != 8 or module.spec.granularity != "tensor":
         raise LookupError(
@@ -121,7 +129,10 @@ def _match(gm: torch.fx.GraphModule, softmax: torch.fx.Node):
     if softmax.args[1:] not in ((-1,), (-1, False)) or not _single_user(softmax):
         raise LookupError("softmax is not over the last dim with one user")
     (av,) = softmax.users
-    if not (_is(av, aten.matmul.default) and av.args[0] is softmax):
+    probs = softmax
+    if _through_quantizer(gm, av, "attn", {}, fp_only=True) is softmax and _single_user(av):
+        probs, (av,) = av, av.users  # a disabled (identity) quantizer on the probabilities
+    if not (_is(av, aten.matmul.default) and av.args[0] is probs):
         raise LookupError("softmax output goes through a quantizer or elsewhere before attn·v")
     v = av.args[1]
     logits = softmax.args[0]
@@ -305,10 +316,9 @@ def fuse_attention(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             av.replace_all_uses_with(fused)
             gm.graph.erase_node(av)
         update_info(fused, PASS_NAME, role="fused_attention")
-        scales = (
-            "static" if quantizers else "dynamic" if kernel_name in ("float8", "int8-qk") else None
-        )
-        finding = {"rel_pos": rel_h is not None, "kernel": kernel_name, "scales": scales}
+        eight_bit = "dynamic" if kernel_name in ("float8", "int8-qk") else None
+        scale_kind = "static" if quantizers else eight_bit
+        finding = {"rel_pos": rel_h is not None, "kernel": kernel_name, "scales": scale_kind}
         add_finding(fused, PASS_NAME, finding)
         result.counts["fused"] += 1
         result.counts["with_rel_pos"] += rel_h is not None

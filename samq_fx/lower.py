@@ -77,7 +77,8 @@ ATTENTION_KERNELS = {
     "flex": "flex attention, bias folded into q·k (CUDA + compile); SDPA otherwise",
     "triton": "Triton flash kernel, bias added in-kernel, compute dtype (CUDA); on windows the "
     "one-tile window kernel that reads the qkv output and computes the rel-pos terms itself",
-    "float8": "Triton flash kernel, float8 e4m3 q·kᵀ and P·v, dynamic scales (H100/Ada)",
+    "float8": "Triton flash kernel, float8 e4m3 q·kᵀ and P·v, dynamic scales or the calibrated "
+    "ones of q, k, v quantizers (H100/Ada)",
     "int8-qk": "Triton flash kernel, int8 q·kᵀ (k smoothed), float8 P·v (H100/Ada)",
 }
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -110,8 +111,10 @@ class LowerConfig(DictConfig):
             attention on CUDA under compile, SDPA otherwise, compute dtype), "triton" (this
             project's Triton kernel, compute dtype), "float8" (the Triton kernel with float8
             q·kᵀ and P·v) or "int8-qk" (int8 q·kᵀ, float8 P·v); the last three need CUDA and
-            quantize q, k, v with dynamic per-tensor scales. It applies to the global
-            attentions, which hold ~90% of the encoder's attention work.
+            quantize q, k, v with dynamic per-tensor scales, except where the model has
+            calibrated q, k, v quantizers (preset "W8A8-int8-attn"): "float8" takes their ranges
+            as static scales. It applies to the global attentions, which hold ~90% of the
+            encoder's attention work.
         window_attention: the same for the windowed attentions (14 x 14 tokens in SAM). "flex"
             is the default because it also runs on the CPU (SDPA); on CUDA "triton" is the
             fastest: `samq_fx.window_attention`'s kernel, wired to the qkv output and the

@@ -241,6 +241,9 @@ def test_quantized_attention_stays_unfused(tiny_trained_captured, calib):
     report = lowered.samq_lowering_report
     assert report.fused_attention == 0 and len(report.unfused_attention) == 4
     assert all("quantizer" in why for why in report.unfused_attention.values())
+    for name, quantizer in q.image_encoder.samq_quantizers.items():  # FP by choice: identity
+        quantizer.enabled = "_matmul__" not in name
+    assert lower(q, "int8-static", verbose=False).samq_lowering_report.fused_attention == 4
 
 
 def test_calibrated_global_attention_takes_static_float8_scales(
