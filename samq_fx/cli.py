@@ -300,6 +300,13 @@ objects (a point grid, the full-precision model's mask for each point, its box).
         metavar="A",
         help="activation bits, 2..8; 16 = weights only",
     )
+    p.add_argument(
+        "--preset",
+        metavar="NAME",
+        help="a named config instead of --method and the bit widths, e.g. the deployment "
+        "grids `samq_fx.lower` has kernels for: W8A8-int8, W8A8-int8-attn (plus the global "
+        "attentions' q, k, v ranges: static float8 attention scales), W4A16-int4",
+    )
     p.add_argument("--seed", type=int, default=0, help="seeds image choice and prompt sampling")
     p.add_argument("--output", required=True, metavar="FILE", help="where to write the model")
     p.add_argument("--force", action="store_true", help="overwrite an existing --output")
@@ -339,6 +346,18 @@ def quant_config_from_args(args: argparse.Namespace):
 
     from samq_fx.config import CalibConfig, QuantConfig
 
+    calib = CalibConfig(num_images=args.calib_size, seed=args.seed)
+    if args.preset:
+        defaults = {"method": "mse", "w_bits": 8, "a_bits": 8, "recon_iters": None}
+        changed = [k for k, v in defaults.items() if getattr(args, k) != v]
+        changed += [k for k, v in vars(args).items() if k.startswith("no_") and k != "no_progress"
+                    and v] + [k for k in ("pcc", "jcar") if getattr(args, k)]  # fmt: skip
+        if changed:
+            raise ValueError(
+                f"--preset {args.preset} sets the whole config; drop "
+                + ", ".join("--" + k.replace("_", "-") for k in changed)
+            )
+        return QuantConfig.preset(args.preset, calib=calib)
     cfg = QuantConfig.for_method(
         args.method,
         args.w_bits,
@@ -351,7 +370,7 @@ def quant_config_from_args(args: argparse.Namespace):
         par=False if args.no_par else None,
         mac=False if args.no_mac else None,
         jcar=False if args.no_jcar else (True if args.jcar else None),
-        calib=CalibConfig(num_images=args.calib_size, seed=args.seed),
+        calib=calib,
     )
     if args.no_layer_skip and cfg.par is not None:
         cfg = dataclasses.replace(cfg, par=dataclasses.replace(cfg.par, layer_skip=False))

@@ -94,6 +94,20 @@ def test_quantize_switches_give_the_methods_configs(switches, name, parts):
                                          jcar=True if "--jcar" in switches else None, calib=cfg.calib)  # fmt: skip
 
 
+def test_quantize_preset_gives_the_named_config_and_refuses_method_switches():
+    base = ["quantize", "--model", "tiny", "--calib-images", "calib", "--output", "q.samq"]
+    args = build_parser().parse_args([*base, "--preset", "W8A8-int8-attn", "--calib-size", "4"])
+    cfg = quant_config_from_args(args)
+    assert cfg == QuantConfig.preset("W8A8-int8-attn", calib=cfg.calib)
+    assert cfg.calib.num_images == 4
+    for extra in (["--w-bits", "4"], ["--method", "ptq4sam"], ["--no-recon"], ["--pcc"]):
+        args = build_parser().parse_args([*base, "--preset", "W8A8-int8", *extra])
+        with pytest.raises(ValueError, match="--preset W8A8-int8 sets the whole config"):
+            quant_config_from_args(args)
+    with pytest.raises(ValueError, match="unknown preset 'W9A9'"):
+        quant_config_from_args(build_parser().parse_args([*base, "--preset", "W9A9"]))
+
+
 @pytest.mark.slow
 def test_quantize_then_eval_quantized(tmp_path, calib_dir, tiny_ckpt, capsys):
     out = tmp_path / "q.samq"
