@@ -30,10 +30,7 @@ from samq_fx.data import CocoDataset, make_dataset  # noqa: E402
 from samq_fx.demo import VAL_SEED, calibration_samples  # noqa: E402
 from samq_fx.eval import evaluate  # noqa: E402
 from samq_fx.report import format_table  # noqa: E402
-from samq_fx.speed import STATIC_ATTENTION, lowering_options  # noqa: E402
-
-PRESET_OF = {"int8-static": "W8A8-int8", "int8-dynamic": "W8A8-int8",
-             "float8-static": "W8A8-int8", "int4-weight": "W4A16-int4"}  # fmt: skip
+from samq_fx.speed import lowering_options, preset_of  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -58,9 +55,7 @@ def main(argv=None) -> int:
         fakes = {}
         for setting in args.backends:
             backend, options = lowering_options(setting)
-            preset = PRESET_OF[backend]
-            if STATIC_ATTENTION in setting.split("+"):
-                preset += "-attn"  # W8A8-int8-attn: the global attentions' ranges recorded
+            preset = preset_of(setting)
             if preset not in fakes:
                 q = samq_fx.quantize(captured, calib, samq_fx.QuantConfig.preset(preset),
                                      progress=False)  # fmt: skip

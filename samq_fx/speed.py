@@ -152,29 +152,27 @@ def lowering_options(setting: str) -> tuple[str, dict]:
 
 
 def calibrated(captured, name: str, settings, num_calib: int = 2) -> dict:
-    """The quantized models `build` takes for `settings`: "int8" (W8A8-int8, min-max) for the
-    8-bit backends, "int8-attn" (W8A8-int8-attn) for their +f8sattn settings, "int4"
-    (W4A16-int4, groups of 64 on the tiny model, whose decoder has 64-wide layers, else 128)
-    for int4-weight; calibrated on `num_calib` generated images."""
-    needed = {_preset_key(s) for s in settings if s.partition("+")[0] in LOWERED_SETTINGS}
+    """The quantized models `build` takes for `settings`, keyed by `preset_of` (min-max ranges;
+    W4A16-int4 in groups of 64 on the tiny model, whose decoder has 64-wide layers, else 128),
+    calibrated on `num_calib` generated images."""
+    needed = {preset_of(s) for s in settings if s.partition("+")[0] in LOWERED_SETTINGS}
     group = 64 if name == "tiny" else 128
-    presets = {"int8": ("W8A8-int8", {}), "int8-attn": ("W8A8-int8-attn", {}),
-               "int4": ("W4A16-int4", {"w_group_size": group})}  # fmt: skip
     calib = calibration_samples(num_calib)
     quantized = {}
-    for key in sorted(needed):
-        preset, changes = presets[key]
+    for preset in sorted(needed):
+        changes = {"w_group_size": group} if preset == "W4A16-int4" else {}
         cfg = samq_fx.QuantConfig.preset(preset, method="minmax", **changes)
-        quantized[key] = samq_fx.quantize(captured, calib, cfg, progress=False)
+        quantized[preset] = samq_fx.quantize(captured, calib, cfg, progress=False)
     return quantized
 
 
-def _preset_key(setting: str) -> str:
-    """Which of `calibrated`'s models a lowered setting lowers."""
+def preset_of(setting: str) -> str:
+    """The deployment preset a lowered setting lowers: W4A16-int4 for int4-weight,
+    W8A8-int8-attn for a +f8sattn setting, W8A8-int8 for the other 8-bit ones."""
     backend, *variants = setting.split("+")
     if backend == "int4-weight":
-        return "int4"
-    return "int8-attn" if STATIC_ATTENTION in variants else "int8"
+        return "W4A16-int4"
+    return "W8A8-int8-attn" if STATIC_ATTENTION in variants else "W8A8-int8"
 
 
 def build(setting: str, captured, quantized: dict, cudagraphs: bool = False):
@@ -198,7 +196,7 @@ def build(setting: str, captured, quantized: dict, cudagraphs: bool = False):
         model = optimize_float(captured, "bfloat16", attention="triton", window_attention="triton")
         return compile_parts(model), True
     backend, options = lowering_options(setting)
-    q = quantized[_preset_key(setting)]
+    q = quantized[preset_of(setting)]
     lowered = lower(q, backend, **options, verbose=False)
     return compile_parts(lowered), True
 
