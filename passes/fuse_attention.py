@@ -98,19 +98,23 @@ def _rel_pos_terms(logits: torch.fx.Node, qk: torch.fx.Node):
     return unsq_h.args[0], unsq_w.args[0]
 
 
-def _through_quantizer(
-    gm: torch.fx.GraphModule, node, slot: str, quantizers: dict, fp_only: bool = False
-):
+def _is_disabled_quantizer(gm: torch.fx.GraphModule, node) -> bool:
+    """Whether `node` calls a disabled quantizer: the identity, an explicit FP choice."""
+    if not (isinstance(node, torch.fx.Node) and node.op == "call_module"):
+        return False
+    module = gm.get_submodule(node.target)
+    return isinstance(module, Quantizer) and not module.enabled
+
+
+def _through_quantizer(gm: torch.fx.GraphModule, node, slot: str, quantizers: dict):
     """The tensor a calibrated quantizer on `node` reads (the quantizer goes into
-    `quantizers[slot]`), or `node` itself when it is not a quantizer. `fp_only`: only a
-    disabled quantizer is looked through; None for any other module."""
+    `quantizers[slot]`), what a disabled one reads, or `node` itself when it is not a
+    quantizer."""
     if not (isinstance(node, torch.fx.Node) and node.op == "call_module"):
         return node
+    if _is_disabled_quantizer(gm, node):
+        return node.args[0]
     module = gm.get_submodule(node.target)
-    if isinstance(module, Quantizer) and not module.enabled:
-        return node.args[0]  # a disabled quantizer is the identity
-    if fp_only:
-        return None
     if not isinstance(module, UniformQuantizer):
         raise LookupError(f"{slot} passes through a {type(module).__name__} no kernel computes")
     if module.spec.bits != 8 or module.spec.granularity != "tensor":
@@ -130,8 +134,8 @@ def _match(gm: torch.fx.GraphModule, softmax: torch.fx.Node):
         raise LookupError("softmax is not over the last dim with one user")
     (av,) = softmax.users
     probs = softmax
-    if _through_quantizer(gm, av, "attn", {}, fp_only=True) is softmax and _single_user(av):
-        probs, (av,) = av, av.users  # a disabled (identity) quantizer on the probabilities
+    if _is_disabled_quantizer(gm, av) and _single_user(av):
+        probs, (av,) = av, av.users  # an identity quantizer on the probabilities
     if not (_is(av, aten.matmul.default) and av.args[0] is probs):
         raise LookupError("softmax output goes through a quantizer or elsewhere before attn·v")
     v = av.args[1]
