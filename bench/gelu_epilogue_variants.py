@@ -27,7 +27,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
-from samq_fx.float8_epilogue import _tile, linear_act_reference  # noqa: E402
+from samq_fx.gemm_epilogue import _tile, linear_act_reference  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mlp_epilogue import _median_ms  # noqa: E402  (bench/mlp_epilogue.py)

@@ -28,7 +28,7 @@ if __package__ is None and "samq_fx" not in sys.modules:
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from samq_fx import float8_epilogue, triton_attention, window_attention  # noqa: E402
+from samq_fx import gemm_epilogue, triton_attention, window_attention  # noqa: E402
 
 
 @triton.jit
@@ -80,19 +80,19 @@ def main(argv=None) -> int:
     bias = torch.randn(3072, device=dev, dtype=torch.bfloat16)
     op = torch.ops.samq.float8_linear_act
     record("samq.float8_linear_act (op)", lambda: op(x8, w8, scales, bias, "gelu"))
-    record("float8_epilogue.launch", lambda: float8_epilogue.launch(x8, w8, scales, bias, "gelu"))
+    record("gemm_epilogue.launch", lambda: gemm_epilogue.launch(x8, w8, scales, bias, "gelu"))
     out = torch.empty(32768, 3072, device=dev, dtype=torch.float8_e4m3fn)
-    for kernel in float8_epilogue.KERNELS:
+    for kernel in gemm_epilogue.KERNELS:
         record(
-            f"float8_epilogue._run({kernel!r}) (autotuner)",
-            lambda k=kernel: float8_epilogue._run(k, x8, w8, out, scales, bias, "gelu"),
+            f"gemm_epilogue._run({kernel!r}) (autotuner)",
+            lambda k=kernel: gemm_epilogue._run(k, x8, w8, out, scales, bias, "gelu"),
         )
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     record("3x TensorDescriptor.from_tensor", lambda: [
         TensorDescriptor.from_tensor(t, [1, 32]) for t in (x8, w8, out)])  # fmt: skip
     record("torch.cuda.get_device_properties", lambda: torch.cuda.get_device_properties(dev))
-    tuned = float8_epilogue._tuned_kernel_tma
+    tuned = gemm_epilogue._tuned_kernel_tma
     if tuned.cache:  # the bare JIT kernel at the autotuner's config, descriptors built once
         config = next(iter(tuned.cache.values()))
         descs = [TensorDescriptor.from_tensor(t, [1, 32]) for t in (x8, w8, out)]

@@ -1,6 +1,6 @@
 """SAM's MLP lin1 on the H100: float8 GEMM then a GELU + float8-quantize pass (what
 `float8-static` lowered to before `fuse_linear_epilogue`), against the one Triton GEMM whose
-epilogue does both (`samq_fx.float8_epilogue`).
+epilogue does both (`samq_fx.gemm_epilogue`).
 
 Shapes at batch 8: SAM-B lin1 32768 x 768 -> 3072, SAM-H 32768 x 1280 -> 5120 (tokens x K -> N).
 Each variant is timed compiled, as the lowered model runs it, from float8 x codes to float8
@@ -21,7 +21,7 @@ import torch
 
 if __package__ is None and "samq_fx" not in sys.modules:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from samq_fx.float8_epilogue import (  # noqa: E402
+from samq_fx.gemm_epilogue import (  # noqa: E402
     _tuned_kernel,
     _tuned_kernel_tma,
     chosen_kernels,

@@ -45,7 +45,7 @@ import torch
 import torch.fx
 
 from samq_fx import triton_attention, window_attention
-from samq_fx.float8_epilogue import static_scale
+from samq_fx.gemm_epilogue import static_scale
 from samq_fx.kernels import plain_attention, rel_pos_attention
 from samq_fx.meta import add_finding, get_info, update_info
 from samq_fx.passes.insert_quantizers import fetch_attr

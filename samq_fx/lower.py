@@ -1,27 +1,29 @@
-"""Lowering: from a calibrated fake-quant model to real kernels (torchao), per layer.
+"""Lowering: from a calibrated fake-quant model to real kernels, per layer.
 
     q = samq_fx.quantize(sam, loader, QuantConfig.preset("W8A8-int8"))
     fast = samq_fx.lower(q, backend="int8-static", compile=True)   # drop-in Sam
     SamPredictor(fast).set_image(image)
 
-This is the only file that imports torchao (int4 runs PyTorch's own tinygemm op). The graph
-work is two passes, run per part:
-`passes/lower_linears.py` swaps each fake-quantized linear for a module whose weight is a
-torchao tensor subclass (int4: an `Int4Linear`; float8: a `Float8Linear` on plain buffers) built
-from the calibrated quantizers
-(`make_linear` below), and
+This is the only file that imports torchao (`int8_kernel="torchao"`; int4 runs PyTorch's own
+tinygemm op). The graph work is passes, run per part:
+`passes/lower_linears.py` swaps each fake-quantized linear for a module on plain buffers built
+from the calibrated quantizers (`make_linear` below: `Int8Linear`, `Int4Linear`,
+`Float8Linear`), and
 `passes/fuse_attention.py` swaps the encoder's attention chains for one fused kernel,
 `passes/patch_embed_as_matmul.py` turns the patch-embedding convolution into a matmul, and
-`passes/fuse_linear_epilogue.py` (float8-static) runs each encoder MLP's lin1 + GELU + lin2's
-input quantizer as one GEMM (`samq_fx/float8_epilogue.py`). The last,
+`passes/fuse_linear_epilogue.py` (float8-static, int8-static) runs each encoder MLP's lin1 + GELU + lin2's
+input quantizer as one GEMM (`samq_fx/gemm_epilogue.py`). The last,
 `cast_boundaries` (here), casts graph inputs to the compute dtype and float outputs back to
 float32, so `SamPredictor` feeds the lowered model exactly what it feeds `Sam`.
 
 Backends (what runs where; `BACKENDS` holds the same as data):
 
   int8-static    int8 weights x int8 activations with the calibrated per-tensor scale and zero
-                 point: torchao `Int8Tensor` (codes copied from the quantizer, AdaRound's
-                 rounding included) -> torch._int_mm. Needs symmetric 8-bit weights.
+                 point (codes copied from the quantizer, AdaRound's rounding included), on
+                 plain buffers (`Int8Linear`): on CUDA this project's Triton GEMM with the
+                 zero point, scales and bias in its epilogue, on the CPU torch._int_mm
+                 (`INT8_KERNELS`; "torchao": torchao's `Int8Tensor`). Needs symmetric 8-bit
+                 weights.
   int8-dynamic   the same weights; activations quantized per token at run time (symmetric).
   int4-weight    W4A16 (`Int4Linear`): the calibrated codes, 4 bits a weight in memory, with a
                  (scale, zero) pair per group of 32..256. Two kernels (`INT4_KERNELS`): the
@@ -52,7 +54,13 @@ from torch import nn
 
 from samq_fx.api import PARTS, QuantizedSam
 from samq_fx.capture import CapturedSam, select_mask_outputs
-from samq_fx.float8_epilogue import Float8Linear, static_scale
+from samq_fx.gemm_epilogue import (
+    Float8Linear,
+    Int8Linear,
+    Int8LinearDynamic,
+    static_scale,
+    unsupported,
+)
 from samq_fx.meta import get_info
 from samq_fx.passes.fuse_attention import fuse_attention as fuse_attention_pass
 from samq_fx.passes.fuse_linear_epilogue import fuse_linear_epilogue
@@ -65,7 +73,7 @@ from samq_fx.serial import DictConfig
 from samq_fx.triton_attention import FLOAT8_MAX
 
 BACKENDS = {
-    "int8-static": "W8A8, int8 x int8 with calibrated activation scales (torchao Int8Tensor)",
+    "int8-static": "W8A8, int8 x int8 with calibrated activation scales and zero points",
     "int8-dynamic": "W8A8, int8 x int8 with per-token activation scales at run time",
     "int4-weight": "W4A16, int4 weights per group x bf16 activations (tinygemm on CUDA)",
     "float8-static": "float8 e4m3 x e4m3, calibrated activation scale (H100/Ada)",
@@ -81,6 +89,14 @@ ATTENTION_KERNELS = {
     "ones of q, k, v quantizers (H100/Ada)",
     "int8-qk": "Triton flash kernel, int8 q·kᵀ (k smoothed), float8 P·v (H100/Ada)",
 }
+INT8_KERNELS = {
+    "samq": "int8 codes on plain buffers: CUDA runs samq's Triton GEMM with the zero point, "
+    "scales and bias in its epilogue (`samq_fx.gemm_epilogue`); the CPU torch._int_mm",
+    "torchao": "torchao's Int8Tensor -> torch._int_mm (cuBLAS on CUDA, more than 16 rows)",
+}
+"""How int8-static / int8-dynamic multiply. On the H100, cuBLAS's int8 GEMM (torchao's path)
+runs sm80 kernels: SAM-B's encoder at batch 8 spent 9.6 ms in them against 5-6 ms in float8's
+sm90 GEMMs (bench/RESULTS.md, session 5)."""
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 INT4_KERNELS = {
     "dequant": "codes dequantized per call (one fused elementwise kernel) x the float GEMM",
@@ -120,11 +136,13 @@ class LowerConfig(DictConfig):
             fastest: `samq_fx.window_attention`'s kernel, wired to the qkv output and the
             projection's input with no copies, rel-pos terms computed inside (bench/RESULTS.md).
         strict: raise instead of keeping a layer fake-quantized.
-        fuse_epilogue: float8-static: run each image-encoder MLP (lin1 -> GELU -> lin2) as a
-            float8 GEMM whose epilogue applies the GELU and writes lin2's float8 input (one
-            Triton kernel; CUDA only, as float8 is), instead of a bf16 round trip between them.
+        fuse_epilogue: float8-static and int8-static: run each image-encoder MLP (lin1 ->
+            GELU -> lin2) as one 8-bit GEMM whose epilogue applies the GELU and writes lin2's
+            8-bit input (`samq_fx.gemm_epilogue`), instead of a bf16 round trip between them.
         int4_kernel: int4-weight: one of `INT4_KERNELS`, "dequant" (CPU and CUDA) or
             "tinygemm" (CUDA and bf16 only; refused with the reason elsewhere).
+        int8_kernel: int8-static / int8-dynamic: one of `INT8_KERNELS`, "samq" (this
+            project's kernel on CUDA; torch._int_mm on the CPU) or "torchao".
     """
 
     backend: str = "int8-static"
@@ -135,8 +153,13 @@ class LowerConfig(DictConfig):
     strict: bool = False
     fuse_epilogue: bool = True
     int4_kernel: str = "dequant"
+    int8_kernel: str = "samq"
 
     def __post_init__(self) -> None:
+        if self.int8_kernel not in INT8_KERNELS:
+            raise LoweringError(
+                f"unknown int8 kernel {self.int8_kernel!r}; kernels: {list(INT8_KERNELS)}"
+            )
         if self.int4_kernel not in INT4_KERNELS:
             raise LoweringError(
                 f"unknown int4 kernel {self.int4_kernel!r}; kernels: {list(INT4_KERNELS)}"
@@ -236,7 +259,7 @@ def _activation_spec_problem(in_q, bits: int) -> str | None:
     return None
 
 
-class Int8Linear(nn.Linear):
+class TorchaoInt8Linear(nn.Linear):
     """An nn.Linear whose weight is torchao's `Int8Tensor` (int8 x int8 -> torch._int_mm), plus
     the one shape rule the CUDA kernel adds: more than 16 rows (`_int_mm` refuses fewer).
     torchao's eager path works around it, but under torch.compile inductor calls `_int_mm`
@@ -366,10 +389,15 @@ class TorchaoBackend:
     """Builds one lowered linear per calibrated site (`make_linear`), for one backend."""
 
     def __init__(
-        self, name: str, dtype: torch.dtype, device: torch.device, int4_kernel: str = "dequant"
+        self,
+        name: str,
+        dtype: torch.dtype,
+        device: torch.device,
+        int4_kernel: str = "dequant",
+        int8_kernel: str = "samq",
     ) -> None:
         self.name, self.dtype, self.device = name, dtype, device
-        self.int4_kernel = int4_kernel
+        self.int4_kernel, self.int8_kernel = int4_kernel, int8_kernel
 
     def make_linear(self, site, w_q, weight, in_q, bias, x_val):
         """(module, kernel description) or (None, reason the site stays fake-quantized)."""
@@ -389,13 +417,6 @@ class TorchaoBackend:
         return lin
 
     def _int8(self, w_q, weight, in_q, bias, x_val, dynamic: bool):
-        from torchao.quantization.granularity import PerRow, PerTensor
-        from torchao.quantization.quant_primitives import MappingType
-        from torchao.quantization.quantize_.workflows.int8.int8_tensor import (
-            Int8Tensor,
-            QuantizeTensorToInt8Kwargs,
-        )
-
         problem = _activation_spec_problem(in_q, 8)
         if problem:
             return None, problem
@@ -403,24 +424,50 @@ class TorchaoBackend:
         if packed is None:
             return None, why
         codes, w_scale = packed
-        lin = self._linear(weight, bias, Int8Linear)
+        zero = 0
+        if not dynamic:
+            qp = in_q.qparams()
+            # our grids are [0, 255] (asymmetric) or [-128, 127]; int8 kernels want [-128, 127]
+            zero = int(qp.zero_point.reshape(-1)[0]) - (128 if qp.qmin == 0 else 0)
+        if self.int8_kernel == "torchao":
+            return self._torchao_int8(codes, w_scale, weight, in_q, bias, x_val, zero, dynamic)
+        if problem := unsupported(weight.shape[1], "relu"):  # the same layers on every device
+            return None, f"the int8 GEMM kernel: {problem}"
+        codes, w_scale = codes.to(self.device), w_scale.to(self.device)
+        b = None if bias is None else bias.detach().to(self.device, self.dtype)
+        gemm = "samq Triton GEMM" if self.device.type == "cuda" else "torch._int_mm"
+        if dynamic:
+            module = Int8LinearDynamic(codes, w_scale, b, self.dtype)
+            return module, f"int8 x int8 ({gemm}), activations per token at run time"
+        x_scale = in_q.qparams().scale.float().reshape(-1)[0].to(self.device)
+        module = Int8Linear(codes, w_scale, x_scale, zero, b, self.dtype)
+        return module, f"int8 x int8 ({gemm}), calibrated activation scale"
+
+    def _torchao_int8(self, codes, w_scale, weight, in_q, bias, x_val, zero: int, dynamic: bool):
+        from torchao.quantization.granularity import PerRow, PerTensor
+        from torchao.quantization.quant_primitives import MappingType
+        from torchao.quantization.quantize_.workflows.int8.int8_tensor import (
+            Int8Tensor,
+            QuantizeTensorToInt8Kwargs,
+        )
+
+        lin = self._linear(weight, bias, TorchaoInt8Linear)
         if dynamic:
             act = QuantizeTensorToInt8Kwargs(
                 granularity=PerRow(), mapping_type=MappingType.SYMMETRIC
             )
-            extra, kernel = {}, "int8 x int8 (_int_mm), activations per token at run time"
+            extra, kernel = {}, "int8 x int8 (torchao, _int_mm), activations per token at run time"
         else:
-            qp = in_q.qparams()
             shape = _per_tensor_shape(x_val)
-            # our grids are [0, 255] (asymmetric) or [-128, 127]; int8 kernels want [-128, 127]
-            zp = qp.zero_point - (128 if qp.qmin == 0 else 0)
-            mapping = MappingType.ASYMMETRIC if bool(zp.ne(0).any()) else MappingType.SYMMETRIC
+            mapping = MappingType.ASYMMETRIC if zero else MappingType.SYMMETRIC
             act = QuantizeTensorToInt8Kwargs(granularity=PerTensor(), mapping_type=mapping)
             extra = {
-                "act_quant_scale": qp.scale.float().reshape(shape).to(self.device),
-                "act_quant_zero_point": zp.to(torch.int8).reshape(shape).to(self.device),
+                "act_quant_scale": in_q.qparams().scale.float().reshape(shape).to(self.device),
+                "act_quant_zero_point": torch.full(
+                    shape, zero, dtype=torch.int8, device=self.device
+                ),  # fmt: skip
             }
-            kernel = "int8 x int8 (_int_mm), calibrated activation scale"
+            kernel = "int8 x int8 (torchao, _int_mm), calibrated activation scale"
         lin.weight = nn.Parameter(
             Int8Tensor(
                 codes.to(self.device),
@@ -482,13 +529,6 @@ class TorchaoBackend:
         module = Float8Linear(codes, w_scale, act_scale, b, self.dtype)
         return module, "float8 e4m3 (_scaled_mm), calibrated activation scale"
 
-    def float8_parts(self, module: nn.Module):
-        """(codes (N, K) e4m3, weight scale, input scale, bias) of a linear `_float8_static`
-        built, or None for any other module: what `fuse_linear_epilogue` rebuilds it from."""
-        if type(module) is not Float8Linear:
-            return None
-        return module.weight, module.w_scale, module.x_scale, module.bias
-
 
 # -- graph edits -------------------------------------------------------------------------------
 
@@ -530,6 +570,18 @@ def cast_boundaries(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
 
     out.args = torch.fx.map_arg(out.args, lambda a: to_float(a, out))
     return PassResult(counts=counts)
+
+
+MLP_EPILOGUE_KERNEL = "{codes} + {activation} + {codes} out (Triton, fused)"
+"""The report's kernel name of an MLP's lin1 with `fuse_linear_epilogue`'s epilogue."""
+
+
+def _has_mlp_epilogue(cfg: LowerConfig) -> bool:
+    """Whether `cfg` lowers MLPs to linears `fuse_linear_epilogue` can fuse: float8-static, or
+    int8-static on this project's int8 kernel (torchao's has no epilogue to extend)."""
+    return cfg.backend == "float8-static" or (
+        cfg.backend == "int8-static" and cfg.int8_kernel == "samq"
+    )
 
 
 def _check_attention_kernel(attention: str, device: torch.device) -> None:
@@ -624,6 +676,7 @@ def lower(
     strict: bool = False,
     fuse_epilogue: bool = True,
     int4_kernel: str = "dequant",
+    int8_kernel: str = "samq",
     compile: bool = False,
     cudagraphs: bool = False,
     verbose: bool = True,
@@ -641,9 +694,10 @@ def lower(
             "int8-qk" make the attention matmuls 8-bit.
         strict: raise `LoweringError` if any quantized layer has no kernel (else it stays
             fake-quantized, with a warning that names it).
-        fuse_epilogue: float8-static: fuse each encoder MLP's GELU and the next linear's
-            input quantizer into the first GEMM (see `LowerConfig`).
+        fuse_epilogue: float8-static and int8-static: fuse each encoder MLP's GELU and the
+            next linear's input quantizer into the first GEMM (see `LowerConfig`).
         int4_kernel: int4-weight: "dequant" or "tinygemm" (`INT4_KERNELS`).
+        int8_kernel: int8-static / int8-dynamic: "samq" or "torchao" (`INT8_KERNELS`).
         compile: wrap the image encoder and mask decoder in `torch.compile(fullgraph=True)`.
         cudagraphs: with `compile`, replay each image-encoder call as a CUDA graph (see
             `compile_parts`): the float8 pipeline launches more kernels from Python than the
@@ -668,6 +722,7 @@ def lower(
         strict=strict,
         fuse_epilogue=fuse_epilogue,
         int4_kernel=int4_kernel,
+        int8_kernel=int8_kernel,
     )
     if cudagraphs and not compile:
         raise LoweringError("cudagraphs=True replays the compiled model: pass compile=True too")
@@ -703,11 +758,11 @@ def lower(
     for part in PARTS:
         gm = getattr(model, part)
         state = _pass_state(torch_dtype, cfg.attention, cfg.window_attention)
-        kernels = TorchaoBackend(cfg.backend, torch_dtype, device, int4_kernel=cfg.int4_kernel)
+        kernels = TorchaoBackend(cfg.backend, torch_dtype, device, cfg.int4_kernel, cfg.int8_kernel)
         ctx = PassContext(part, model.samq_arch, config=kernels, state=state)
         # the encoder's MLPs see B x 4096 tokens; the decoder's a few per prompt, where an
         # autotuned kernel per prompt count would cost more than the round trip it saves
-        fuse_mlp = cfg.fuse_epilogue and cfg.backend == "float8-static" and part == "image_encoder"
+        fuse_mlp = cfg.fuse_epilogue and part == "image_encoder" and _has_mlp_epilogue(cfg)
         epilogue = [fuse_linear_epilogue] if fuse_mlp else []
         passes = [lower_linears, *epilogue, *_float_passes(part, cfg.fuse_attention)]
         records = run_passes(gm, ctx, passes)
@@ -722,7 +777,7 @@ def lower(
                 kernel = finding["kernel"]
                 fused = info.findings.get("fuse_linear_epilogue")
                 if fused:
-                    kernel = f"float8 e4m3 + {fused['activation']} + float8 out (Triton, fused)"
+                    kernel = MLP_EPILOGUE_KERNEL.format(**fused)
                 report.lowered[f"{prefix}:{node.target.split('.', 1)[1]}"] = kernel
         if "fuse_linear_epilogue" in results:
             report.fused_epilogues += results["fuse_linear_epilogue"].counts["fused"]

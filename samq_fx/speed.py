@@ -23,9 +23,11 @@ Settings:
                      for the global attentions, windows keep flex (+f8attn-all: windows too;
                      +wtri: windows on the Triton window kernel, in the compute dtype;
                      +f8sattn: +f8attn with static scales, from W8A8-int8-attn's ranges);
-                     float8-static fuses each MLP's GELU into lin1's GEMM (+noepi: it does not);
+                     float8-static and int8-static fuse each MLP's GELU into lin1's GEMM
+                     (+noepi: they do not);
                      int4-weight dequantizes each weight for the bf16 GEMM
-                     (+tinygemm: int4 tinygemm instead)
+                     (+tinygemm: int4 tinygemm instead); int8 runs this project's Triton
+                     GEMM on CUDA, its MLPs fused as float8's (+torchao: torchao's Int8Tensor)
 
     samq-fx bench --model vit_b --device cuda --batch 1 8 --json speed.json
     samq-fx bench --model tiny --device cpu --settings fp32 fp32-compile int8-static
@@ -63,13 +65,15 @@ VARIANTS = {"unfused": {"fuse_attention": False}, "triton": {"attention": "trito
             "i8attn-all": {"attention": "int8-qk", "window_attention": "int8-qk"},
             "wtri": {"window_attention": "triton"},
             "noepi": {"fuse_epilogue": False},
-            "tinygemm": {"int4_kernel": "tinygemm"}}  # fmt: skip
+            "tinygemm": {"int4_kernel": "tinygemm"},
+            "torchao": {"int8_kernel": "torchao"}}  # fmt: skip
 """Variants of a lowered setting, one or more `+` suffixes ("float8-static+i8attn+wtri"): the
 attention kernel (without -all the windowed attentions keep flex and the global ones take the
 named kernel); +wtri puts the windows on the Triton window kernel (the fastest there: it reads
 q, k, v from the qkv output and writes the projection's input layout); +noepi keeps float8 MLPs
 as two linears around a separate activation pass instead of the fused GEMM epilogue;
 +tinygemm runs int4-weight's linears on tinygemm instead of dequantizing for the float GEMM;
++torchao runs int8's linears on torchao's Int8Tensor (cuBLAS) instead of this project's kernel;
 +f8sattn is +f8attn on a model calibrated with the global attentions' q, k, v ranges
 (W8A8-int8-attn), which the kernel takes as static scales."""
 STATIC_ATTENTION = "f8sattn"
@@ -298,7 +302,7 @@ def profile(model, x: torch.Tensor, path: str | None) -> None:
         kind = (
             "int8 gemm" if any(s in key for s in ("_s8", "s8_", "i8", "int_mm", "i16832"))
             else "fp8 gemm" if any(s in key for s in ("qqtst", "f8f8", "fp8", "e4m3"))
-            or key.startswith("_linear_act_kernel")  # samq_fx.float8_epilogue's GEMM
+            or key.startswith("_linear_act_kernel")  # samq_fx.gemm_epilogue's GEMM
             else "attention" if any(s in key for s in ("flex", "attention", "fmha", "flash"))
             else "bf16 gemm / conv" if any(s in key for s in ("gemm", "nvjet", "cutlass", "conv", "xmma"))
             else "elementwise / norm / other"

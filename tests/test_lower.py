@@ -17,7 +17,7 @@ import samq_fx
 from samq_fx.config import Override, QuantConfig
 from samq_fx.data import generate_scene, mask_box
 from samq_fx.demo import calibration_samples
-from samq_fx.float8_epilogue import static_scale
+from samq_fx.gemm_epilogue import static_scale
 from samq_fx.kernels import rel_pos_attention, rel_pos_bias
 from samq_fx.lower import Int4Linear, LoweringError, compile_parts, lower, optimize_float
 from samq_fx.meta import get_info
@@ -86,9 +86,30 @@ def test_int8_static_lowers_every_quantized_linear(q_int8, lowered_int8):
     )
     enc = lowered_int8.image_encoder
     assert not any("samq_quantizers" in n for n, _ in enc.named_modules()), "quantizers left"
-    assert all(type(m.weight).__name__ == "Int8Tensor" for m in enc.samq_lowered.values()), (
-        "a lowered linear holds no torchao int8 weight"
-    )
+    # plain int8 codes, no tensor subclass; every MLP as the fused pair
+    assert all(m.weight.dtype == torch.int8 and type(m.weight) is torch.Tensor
+               for m in enc.samq_lowered.values())  # fmt: skip
+    kinds = [type(m).__name__ for m in enc.samq_lowered.values()]
+    depth = lowered_int8.samq_arch.encoder_depth
+    assert kinds.count("Int8LinearAct") == kinds.count("Int8LinearOnCodes") == depth
+    assert report.fused_epilogues == depth and report.unfused_epilogues == {}
+    targets = [n.target for n in enc.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.gelu.default not in targets, "a GELU was left between the linears"
+
+
+def test_torchao_int8_kernel_is_still_there(q_int8, lowered_int8):
+    """int8_kernel="torchao" lowers to torchao's Int8Tensor (no fused MLP: its GEMM has no
+    epilogue to extend) and computes what this project's int8 modules compute."""
+    torchao = lower(q_int8, "int8-static", int8_kernel="torchao", verbose=False)
+    enc = torchao.image_encoder
+    assert all(type(m.weight).__name__ == "Int8Tensor" for m in enc.samq_lowered.values())
+    assert torchao.samq_lowering_report.fused_epilogues == 0
+    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        snr = _sqnr(enc(x), lowered_int8.image_encoder(x))
+    assert snr > 35, f"torchao vs samq int8 kernels: {snr:.1f} dB"
+    with pytest.raises(LoweringError, match="unknown int8 kernel"):
+        lower(q_int8, "int8-static", int8_kernel="cublas", verbose=False)
 
 
 def test_lowering_leaves_the_quantized_model_alone(tiny_trained_captured, calib):
@@ -296,14 +317,26 @@ def test_save_and_load_relower(lowered_int8, tmp_path):
         assert torch.equal(loaded.image_encoder(x), lowered_int8.image_encoder(x))
 
 
+_TORCHAO: dict = {}
+
+
+def _torchao_int8(q):
+    """The tiny SAM lowered with torchao's int8 kernel, once (hypothesis reruns the test)."""
+    if id(q) not in _TORCHAO:
+        _TORCHAO[id(q)] = lower(q, "int8-static", int8_kernel="torchao", verbose=False)
+    return _TORCHAO[id(q)]
+
+
 @settings(max_examples=10, deadline=None)
 @given(rows=st.integers(1, 16), tokens_first=st.booleans(), seed=st.integers(0, 2**16))
-def test_int8_linear_row_padding_leaves_results_unchanged(lowered_int8, rows, tokens_first, seed):
-    """CUDA's _int_mm needs more than 16 rows, so Int8Linear appends zero rows there: the real
-    rows' results must be what the unpadded call gives (checked on the CPU, padding forced)."""
-    from samq_fx.lower import Int8Linear
+def test_torchao_int8_row_padding_leaves_results_unchanged(q_int8, rows, tokens_first, seed):
+    """CUDA's _int_mm needs more than 16 rows, so torchao's int8 linear appends zero rows there:
+    the real rows' results must be what the unpadded call gives (checked on the CPU, padding
+    forced)."""
+    from samq_fx.lower import TorchaoInt8Linear
 
-    lin = next(m for m in lowered_int8.mask_decoder.modules() if isinstance(m, Int8Linear))
+    lowered = _torchao_int8(q_int8)
+    lin = next(m for m in lowered.mask_decoder.modules() if isinstance(m, TorchaoInt8Linear))
     # the decoder's linears see (prompts, tokens, C): the activation scale is shaped for rank 3
     shape = (1, rows, lin.in_features) if tokens_first else (rows, 1, lin.in_features)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))

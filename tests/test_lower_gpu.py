@@ -19,8 +19,8 @@ pytestmark = [
 
 # backend -> (preset, a substring every generated encoder must contain)
 KERNELS = {
-    "int8-static": ("W8A8-int8", "int_mm"),
-    "int8-dynamic": ("W8A8-int8", "int_mm"),
+    "int8-static": ("W8A8-int8", "samq.int8_linear"),
+    "int8-dynamic": ("W8A8-int8", "samq.int8_linear"),
     "float8-static": ("W8A8-int8", "scaled_mm"),
     "int4-weight": ("W4A16-int4", "int4pack_mm"),
 }
@@ -130,7 +130,7 @@ def test_compiled_encoder_runs_the_triton_attention(calibrated, attention):
     out, eager, fake, source = _compile_and_run(lowered, q)
     assert "samq.rel_pos_attention" in source, "the compiled encoder does not call the kernel"
     assert "flex" in source.lower(), "the windows' flex attention is missing"
-    assert "int_mm" in source
+    assert "samq.int8_linear" in source
     assert _sqnr(out, eager) > 25, f"compiled vs eager lowered: {_sqnr(out, eager):.1f} dB"
     assert _sqnr(out, fake) > 15, f"lowered vs fake-quant: {_sqnr(out, fake):.1f} dB"
 
@@ -258,7 +258,7 @@ def test_float8_epilogue_kernel_matches_its_reference(shape, bias, activation, k
     lowering it replaces (cuBLAS fast-accumulation GEMM, bf16 output, activation, quantize).
     (The share of codes that differ is no measure: `gelu_fast`'s 0.16% moves values that sit
     near an e4m3 rounding boundary by one step, as bf16's rounding of y does in the other.)"""
-    from samq_fx.float8_epilogue import launch, linear_act_reference
+    from samq_fx.gemm_epilogue import launch, linear_act_reference
 
     if torch.cuda.get_device_capability() < ((9, 0) if kernel == "tma" else (8, 9)):
         pytest.skip(f"the {kernel} kernel needs a newer GPU")
@@ -289,14 +289,15 @@ def test_float8_epilogue_kernel_matches_its_reference(shape, bias, activation, k
     assert float(ref.abs().amax()) > 10, "the test's scales leave the e4m3 range unused"
 
 
-def test_compiled_encoder_fuses_the_mlp_epilogue(calibrated):
-    """float8-static runs every MLP's lin1 + GELU + lin2's quantizer as the one Triton GEMM, in
-    the compiled encoder too, and computes what the unfused lowering computes."""
-    if torch.cuda.get_device_capability() < (8, 9):
+@pytest.mark.parametrize("backend", ["float8-static", "int8-static"])
+def test_compiled_encoder_fuses_the_mlp_epilogue(calibrated, backend):
+    """float8-static and int8-static run every MLP's lin1 + GELU + lin2's quantizer as the one
+    Triton GEMM, in the compiled encoder too, and compute what the unfused lowering computes."""
+    if backend == "float8-static" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("float8 needs sm_89+")
     q = calibrated("W8A8-int8")
-    plain = samq_fx.lower(q, "float8-static", fuse_epilogue=False, verbose=False)
-    lowered = samq_fx.lower(q, "float8-static", verbose=False)
+    plain = samq_fx.lower(q, backend, fuse_epilogue=False, verbose=False)
+    lowered = samq_fx.lower(q, backend, verbose=False)
     report = lowered.samq_lowering_report
     assert report.fused_epilogues == 4 and report.unfused_epilogues == {}  # the encoder's MLPs
     x = torch.randn(2, 3, 256, 256, device="cuda")
@@ -304,7 +305,8 @@ def test_compiled_encoder_fuses_the_mlp_epilogue(calibrated):
         unfused, fused = plain.image_encoder(x), lowered.image_encoder(x)
     assert _sqnr(fused, unfused) > 25, f"fused vs unfused: {_sqnr(fused, unfused):.1f} dB"
     out, eager, fake, source = _compile_and_run(lowered, q)
-    assert "samq.float8_linear_act" in source, "the compiled encoder does not call the kernel"
+    op = "samq.float8_linear_act" if backend == "float8-static" else "samq.int8_linear"
+    assert op in source, "the compiled encoder does not call the kernel"
     assert _sqnr(out, eager) > 25, f"compiled vs eager lowered: {_sqnr(out, eager):.1f} dB"
     assert _sqnr(out, fake) > 20, f"lowered vs fake-quant: {_sqnr(out, fake):.1f} dB"
 
@@ -337,3 +339,64 @@ def test_cudagraphs_lowered_model_runs_the_predictor_and_the_mask_generator(cali
         assert (m0 != m1).mean() < 0.01 and np.allclose(s0, s1, atol=0.02)
     for a, b in zip(results["plain"][1], results["graphed"][1]):
         assert abs(len(a) - len(b)) <= max(1, len(a) // 10), (len(a), len(b))
+
+
+@pytest.mark.parametrize("kernel", ["pointer", "tma"])
+@pytest.mark.parametrize("codes", ["none", "int8"])
+@pytest.mark.parametrize(
+    "shape,activation,rows",
+    [((32768, 2304, 768), "none", False), ((2048, 3072, 768), "gelu", False),
+     ((7, 256, 256), "none", False), ((300, 96, 160), "relu", True), ((1000, 1280, 5120), "none", True)],
+    ids=["sam-b-qkv-b8", "sam-b-lin1", "decoder-7-rows", "ragged-dynamic", "sam-h-lin2-dynamic"],
+)  # fmt: skip
+def test_int8_kernel_matches_exact_sums(shape, activation, rows, codes, kernel):
+    """The int8 GEMM against float64 sums on the same codes (exact here): the linear's output
+    to float32 rounding, and the next linear's codes at most one step off where float32
+    rounding lands next to a rounding boundary (under 0.1% of them). Any row count runs: the
+    mask decoder's token-side linears see 7 rows a prompt, which cuBLAS's _int_mm refuses."""
+    from samq_fx.gemm_epilogue import Int8Operands, gelu_fast, launch
+
+    if kernel == "tma" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the TMA kernel needs sm_90+")
+    m, n, k = shape
+    g = torch.Generator(device="cuda").manual_seed(m + n)
+    x = torch.randint(-128, 128, (m, k), device="cuda", generator=g, dtype=torch.int8)
+    w = torch.randint(-127, 128, (n, k), device="cuda", generator=g, dtype=torch.int8)
+    zero = 0 if rows else 21
+    ops = Int8Operands(
+        zero * w.sum(1, dtype=torch.int32),
+        torch.rand(n, device="cuda", generator=g) * 1e-4 + 1e-5,
+        torch.rand(m, device="cuda", generator=g) + 0.5 if rows else None,
+    )
+    bias = torch.randn(n, device="cuda", generator=g).bfloat16()
+    s_out = 0.05
+    scales = torch.tensor([2.0 / k**0.5, s_out, 7.0], device="cuda")
+    out_dtype = torch.int8 if codes == "int8" else torch.bfloat16
+    out = launch(x, w, scales, bias, activation, codes=codes, int8=ops, out_dtype=out_dtype,
+                 kernel=kernel).double()  # fmt: skip
+    y = (x.double() @ w.double().t() - ops.col_zero.double()) * ops.col_scale.double()
+    y = y * float(scales[0])
+    if rows:
+        y = y * ops.row_scale.double()[:, None]
+    y = y + bias.double()
+    if activation == "gelu":
+        y = gelu_fast(y.float()).double()
+    elif activation == "relu":
+        y = torch.relu(y)
+    if codes == "none":
+        err = float((out - y).abs().max() / y.abs().max())
+        assert err < 2**-8, f"largest error {err:.2e} (bf16 output)"
+        return
+    ref = (torch.round(y / s_out) + 7).clamp(-128, 127)
+    off = (out - ref).abs()
+    assert float(off.max()) <= 1 and float(off.gt(0).float().mean()) < 1e-3
+    assert float(ref.eq(127).float().mean()) < 0.5, "the scales saturate the codes"
+
+
+def test_int8_torchao_kernel_still_compiles_to_int_mm(calibrated):
+    """int8_kernel="torchao": the compiled encoder calls cuBLAS's int8 GEMM through torchao."""
+    q = calibrated("W8A8-int8")
+    lowered = samq_fx.lower(q, "int8-static", int8_kernel="torchao", verbose=False)
+    out, eager, fake, source = _compile_and_run(lowered, q)
+    assert "int_mm" in source and "samq.int8_linear" not in source
+    assert _sqnr(out, fake) > 20, f"lowered vs fake-quant: {_sqnr(out, fake):.1f} dB"

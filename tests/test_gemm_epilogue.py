@@ -15,13 +15,19 @@ from hypothesis import strategies as st
 import samq_fx
 from samq_fx.config import QuantConfig
 from samq_fx.demo import calibration_samples
-from samq_fx.float8_epilogue import (
+from samq_fx.gemm_epilogue import (
     GELU_RELATIVE_ERROR,
     Float8LinearAct,
     Float8LinearOnCodes,
+    Int8Linear,
+    Int8LinearAct,
+    Int8LinearDynamic,
+    Int8LinearOnCodes,
     gelu_fast,
     linear_act_reference,
+    quantize_int8_static,
     quantize_static,
+    row_bucket,
     unsupported,
 )
 from samq_fx.lower import LoweringError, TorchaoBackend, lower
@@ -29,7 +35,7 @@ from samq_fx.lower import LoweringError, TorchaoBackend, lower
 _INTERPRETER_SCRIPT = textwrap.dedent(
     """
     import torch
-    from samq_fx import float8_epilogue as fe
+    from samq_fx import gemm_epilogue as fe
     torch.manual_seed(0)
     worst = 0.0
     # (M, N, K, activation, bias, operand dtype): ragged M and N against the 16-wide blocks,
@@ -55,9 +61,10 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     w = (torch.randn(n, k) * 20).to(torch.float8_e4m3fn)
     b, scales, out = torch.randn(n), torch.tensor([1e-3, 0.01]), torch.zeros(m, n)
     descs = [TensorDescriptor.from_tensor(t, blk) for t, blk in ((x, [16, 64]), (w, [16, 64]), (out, [16, 16]))]
-    fe._linear_act_kernel_tma[(3,)](*descs, b, scales, m, n, k, HAS_BIAS=True, ACTIVATION="gelu",
-                                    FAST_RCP=False, BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, GROUP_M=2,
-                                    NUM_SMS=3)
+    fe._linear_act_kernel_tma[(3,)](*descs, b, scales, scales, scales, scales, m, n, k,
+                                    HAS_BIAS=True, ACTIVATION="gelu", CODES="float8", INT8=False,
+                                    HAS_ROW_SCALE=False, FAST_RCP=False, BLOCK_M=16, BLOCK_N=16,
+                                    BLOCK_K=64, GROUP_M=2, NUM_SMS=3)
     y = (x.float() @ w.float().t()) * scales[0] + b
     ref = (fe.gelu_fast(y) / scales[1]).clamp(-448, 448)
     worst = max(worst, float((out - ref).abs().max() / ref.abs().max()))
@@ -85,6 +92,159 @@ def test_kernel_under_the_triton_interpreter(triton_interpreter):
     reference, to float32 rounding."""
     worst = float(triton_interpreter(_INTERPRETER_SCRIPT))
     assert worst < 1e-5, f"kernel vs reference, largest relative error {worst:.2e}"
+
+
+_INT8_INTERPRETER_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from samq_fx import gemm_epilogue as fe
+    torch.manual_seed(0)
+    worst, wrong_codes = 0.0, 0
+
+    def expected(x, w, ops, scales, b, act):
+        acc = (x.long() @ w.long().t() - ops.col_zero.long()).double()
+        y = acc * ops.col_scale.double() * float(scales[0])
+        if ops.row_scale is not None:
+            y = y * ops.row_scale.double()[:, None]
+        if b is not None:
+            y = y + b.double()
+        if act == "gelu":
+            return fe.gelu_fast(y.float()).double()
+        return torch.relu(y) if act == "relu" else y
+
+    # (M, N, K, activation, bias, codes, per-token row scales): ragged M and N, K of one to
+    # three 32-blocks; codes "none" = the linear's output, "int8" = the next linear's codes
+    for m, n, k, act, bias, codes, rows in ((50, 40, 64, "none", True, "none", False),
+                                            (16, 64, 96, "relu", False, "int8", False),
+                                            (33, 17, 32, "gelu", True, "int8", False),
+                                            (20, 24, 64, "none", True, "none", True),
+                                            (24, 32, 64, "none", True, "int8", False)):
+        x = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        b = torch.randn(n) if bias else None
+        zero = 0 if rows else 37
+        ops = fe.Int8Operands(zero * w.sum(1, dtype=torch.int32), torch.rand(n) * 1e-2 + 1e-3,
+                              torch.rand(m) + 0.5 if rows else None)
+        scales = torch.tensor([0.02, 0.05, -3.0])
+        out = fe.launch(x, w, scales, b, act, codes=codes, int8=ops, out_dtype=torch.float32,
+                        block=(16, 16, 32)).double()
+        y = expected(x, w, ops, scales, b, act)
+        if codes == "int8":
+            ref = (torch.round(y / 0.05) - 3).clamp(-128, 127)
+            assert float(ref.max()) == 127 and (act != "none" or float(ref.min()) == -128)
+            wrong_codes += int(out.ne(ref).sum())
+        else:
+            worst = max(worst, float((out - y).abs().max() / y.abs().max()))
+    # rounding ties: integer sums / 2 land on k + 0.5, which rounds to even as torch.round does
+    x = torch.randint(-3, 4, (32, 32), dtype=torch.int8)
+    w = torch.randint(-3, 4, (32, 32), dtype=torch.int8)
+    ops = fe.Int8Operands(torch.zeros(32, dtype=torch.int32), torch.ones(32))
+    out = fe.launch(x, w, torch.tensor([1.0, 2.0, 0.0]), None, "none", codes="int8", int8=ops,
+                    out_dtype=torch.float32, block=(16, 16, 32))
+    acc = (x.long() @ w.long().t()).double()
+    assert int((acc % 2 == 1).sum()) > 100
+    wrong_codes += int(out.double().ne(torch.round(acc / 2).clamp(-128, 127)).sum())
+    # the persistent TMA kernel: K not a multiple of BLOCK_K (TMA zero-fills), 3 programs
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    m, n, k = 50, 40, 96
+    x = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    b, scales, out = torch.randn(n), torch.tensor([0.02, 0.5, 0.0]), torch.zeros(m, n)
+    ops = fe.Int8Operands(5 * w.sum(1, dtype=torch.int32), torch.rand(n) * 1e-2)
+    descs = [TensorDescriptor.from_tensor(t, blk) for t, blk in ((x, [16, 64]), (w, [16, 64]), (out, [16, 16]))]
+    fe._linear_act_kernel_tma[(3,)](*descs, b, scales, ops.col_zero, ops.col_scale, scales,
+                                    m, n, k, HAS_BIAS=True, ACTIVATION="none", CODES="none",
+                                    INT8=True, HAS_ROW_SCALE=False, FAST_RCP=False, BLOCK_M=16,
+                                    BLOCK_N=16, BLOCK_K=64, GROUP_M=2, NUM_SMS=3)
+    y = expected(x, w, ops, scales, b, "none")
+    worst = max(worst, float((out.double() - y).abs().max() / y.abs().max()))
+    print(worst, wrong_codes)
+    """
+)
+
+
+def test_int8_kernel_under_the_triton_interpreter(triton_interpreter):
+    """The int8 kernel: exact int32 sums, the zero point removed through the weight's row sums,
+    per-channel and per-token scales, bias and activation to float32 rounding, and the next
+    linear's int8 codes exactly as torch.round gives them, ties to even included."""
+    worst, wrong_codes = triton_interpreter(_INT8_INTERPRETER_SCRIPT).split()
+    assert float(worst) < 1e-6, f"kernel vs reference, largest relative error {worst}"
+    assert int(wrong_codes) == 0, f"{wrong_codes} int8 codes differ from torch.round's"
+
+
+def _affine_case(seed: int, m: int, n: int, k: int):
+    """x, its calibrated [0, 255] grid (scale, zero point), weight codes with per-channel
+    scales, bias: a W8A8 layer as the quantizers leave it."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, m, k, generator=g) * 2 + 0.7
+    s_x = float(x.max() - x.min()) / 255 * 0.9  # a clip: some inputs fall outside the grid
+    z = int(round(-float(x.min()) / s_x)) - 5
+    codes = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    s_w = torch.rand(n, generator=g) * 1e-2 + 1e-3
+    return x, s_x, z, codes, s_w, torch.randn(n, generator=g)
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 40), n=st.integers(1, 24), k=st.sampled_from([32, 64, 96]),
+       seed=st.integers(0, 2**16))  # fmt: skip
+def test_int8_linear_equals_its_fake_quant_linear(m, n, k, seed):
+    """`Int8Linear` (codes shifted to int8, zero point removed through the weight's row sums)
+    computes the fake-quant linear: dequantized input on the calibrated grid times the
+    dequantized weight, plus bias."""
+    x, s_x, z, codes, s_w, b = _affine_case(seed, m, n, k)
+    lin = Int8Linear(codes, s_w, torch.tensor(s_x), z - 128, b, torch.float32)
+    x_hat = (torch.clamp(torch.round(x / s_x) + z, 0, 255) - z) * s_x
+    ref = x_hat @ (codes.float() * s_w[:, None]).t() + b
+    out = lin(x)
+    assert out.shape == (3, m, n)
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    codes_x = quantize_int8_static(x, torch.tensor(s_x), z - 128)
+    assert codes_x.dtype == torch.int8 and int(codes_x.min()) == -128  # clipped, shifted
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 40), n=st.sampled_from([32, 64]), k=st.sampled_from([32, 64, 96]),
+       activation=st.sampled_from(["gelu", "relu"]), seed=st.integers(0, 2**16))  # fmt: skip
+def test_fused_int8_pair_equals_the_unfused_pair(m, n, k, activation, seed):
+    """`Int8LinearAct` then `Int8LinearOnCodes` = lin2(quantize(act(lin1(x)))) with both
+    linears' calibrated scales and zero points."""
+    x, s_x, z, codes1, s_w1, b1 = _affine_case(seed, m, n, k)
+    g = torch.Generator().manual_seed(seed + 1)
+    codes2 = torch.randint(-127, 128, (8, n), generator=g, dtype=torch.int8)
+    s_w2, b2 = torch.rand(8, generator=g) * 1e-2, torch.randn(8, generator=g)
+    lin1 = Int8Linear(codes1, s_w1, torch.tensor(s_x), z - 128, b1, torch.float32)
+    h = lin1(x)
+    h = torch.nn.functional.gelu(h) if activation == "gelu" else torch.relu(h)
+    s_h, z_h = float(h.max() - h.min()) / 255, -100
+    lin2 = Int8Linear(codes2, s_w2, torch.tensor(s_h), z_h, b2, torch.float32)
+    first = Int8LinearAct(codes1, s_w1, torch.tensor(s_x), z - 128, b1, torch.tensor(s_h), z_h,
+                          activation)  # fmt: skip
+    second = Int8LinearOnCodes(codes2, s_w2, torch.tensor(s_h), z_h, b2, torch.float32)
+    h8 = first(x)
+    assert h8.dtype == torch.int8
+    assert torch.equal(h8, quantize_int8_static(h, torch.tensor(s_h), z_h))
+    assert torch.equal(second(h8), lin2(h))
+
+
+def test_dynamic_int8_survives_zero_rows():
+    """Per-token scales of an all-zero row (window padding) give the bias, not NaN."""
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(-127, 128, (16, 64), generator=g, dtype=torch.int8)
+    bias = torch.randn(16, generator=g)
+    lin = Int8LinearDynamic(codes, torch.rand(16, generator=g) * 1e-2, bias, torch.float32)
+    x = torch.randn(4, 64, generator=g)
+    x[1] = 0
+    out = lin(x)
+    assert torch.isfinite(out).all() and torch.equal(out[1], bias)
+    ref = x @ (codes.float() * lin.w_scale[:, None]).t() + bias
+    assert float((out - ref).abs().max()) < 0.02 * float(ref.abs().max())
+
+
+def test_row_buckets():
+    """Tuning decisions are shared by row counts up to the same power of two (from 16)."""
+    assert [row_bucket(m) for m in (1, 7, 16, 17, 448, 4096, 4097)] == [
+        16, 16, 16, 32, 512, 4096, 8192
+    ]  # fmt: skip
 
 
 @settings(max_examples=300, deadline=None)
@@ -187,7 +347,7 @@ def test_pass_fuses_every_mlp_and_keeps_the_outputs(float8_on_cpu):
     assert torch.ops.aten.gelu.default not in targets, "a GELU was left between the linears"
     kinds = {type(m).__name__ for m in enc.samq_lowered.values()}
     assert {"Float8LinearAct", "Float8LinearOnCodes"} <= kinds
-    assert sum(v.startswith("float8 e4m3 + gelu") for v in report.lowered.values()) == (
+    assert sum(v.startswith("float8 + gelu") for v in report.lowered.values()) == (
         arch.encoder_depth
     )
     x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
@@ -201,9 +361,17 @@ def test_pass_fuses_every_mlp_and_keeps_the_outputs(float8_on_cpu):
 def test_other_backends_and_the_switch_leave_the_mlps_alone(float8_on_cpu):
     q, plain, _ = float8_on_cpu
     assert not any(type(m).__name__ == "Float8LinearAct" for m in plain.modules())
-    int8 = lower(q, "int8-static", verbose=False)
-    assert int8.samq_lowering_report.fused_epilogues == 0
-    assert int8.samq_lowering.fuse_epilogue  # on, but only float8-static has the kernel
+    for backend in ("int8-dynamic", "int8-static"):
+        kernel = "torchao" if backend == "int8-static" else "samq"
+        other = lower(q, backend, int8_kernel=kernel, verbose=False)
+        assert other.samq_lowering_report.fused_epilogues == 0
+        assert other.samq_lowering.fuse_epilogue  # on, but these have no fused form
+    assert (
+        lower(
+            q, "int8-static", fuse_epilogue=False, verbose=False
+        ).samq_lowering_report.fused_epilogues
+        == 0
+    )
 
 
 def test_float8_is_still_refused_on_the_cpu(float8_on_cpu):

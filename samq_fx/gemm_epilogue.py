@@ -1,0 +1,760 @@
+"""Quantized GEMMs whose epilogue rescales, activates and quantizes for the next linear.
+
+SAM's MLP is `lin2(act(lin1(x)))`. Lowered as two 8-bit linears, lin1 writes its output in
+bf16 (4x the width of the block: SAM-H 32 layers x 32768 x 5120 at batch 8) and a separate
+pass reads it back, applies GELU and writes lin2's 8-bit input: on the H100 that pass was
+10.2 ms of SAM-H's 105 ms (`bench/profile_vit_h_h100_float8_i8attn.json`). Here the GEMM's
+accumulator goes straight through scale, bias, activation and lin2's calibrated quantizer, and
+only the codes reach memory:
+
+    float8: out = fp8( clamp( act(x8·w8ᵀ · s_x·s_w + b) / s_out, ±448 ) )
+    int8:   out = clamp( round( act((x8·w8ᵀ - z_x·Σ_k w8) · s_x·s_w[n] + b) / s_out ) + z_out )
+
+The same kernel is the int8 backend's every linear (`Int8Linear`, codes="none": the bf16
+output): cuBLAS's int8 GEMM, which torchao calls, runs sm80 kernels on the H100 and keeps only
+the sums, so the zero point, scales and bias were separate passes over the output.
+
+`linear_act_reference` / `int8_linear_reference` are the same functions in PyTorch with the
+exact (erf) GELU: the ops' CPU implementations and what the tests compare the kernel with. The
+unfused pair rounds lin1's output to bf16 before the activation (a relative error up to 2^-9 in
+y, which the GELU's tail multiplies); the kernel does not, and computes GELU to
+`GELU_RELATIVE_ERROR` of its value everywhere (`gelu_fast`, the same formula in PyTorch). The
+GPU test holds the kernel's error against the exact function to no more than the unfused pair's.
+The epilogue's instructions are GEMM time: on SAM-H's lin1 the same kernel takes 0.39-0.44 ms
+with ReLU, 0.54-0.59 with the first version's Abramowitz & Stegun erf and 0.50 with `gelu_fast`
+(bench/gelu_epilogue_variants.py, bench/mlp_epilogue.py; bench/RESULTS.md, session 7).
+
+Two kernels: one program a tile with pointer loads (any sm_89+ GPU; int8 from sm_80), and a
+persistent one with TMA loads and stores (sm_90); `launch` times both on a shape's first call
+and keeps the faster.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from samq_fx.quantizers import UniformQuantizer
+from samq_fx.triton_attention import FLOAT8_MAX, quantize_float8_static
+from samq_fx.tuned_launch import TunedLauncher
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships with PyTorch's Linux wheels
+    triton = None
+
+ACTIVATIONS = ("gelu", "relu")
+"""Epilogue activations: aten.gelu (erf form, computed by `gelu_fast`) and aten.relu."""
+
+GELU_RELATIVE_ERROR = 1.7e-3
+"""Largest |gelu_fast(y) - gelu(y)| / |gelu(y)| over all y (0.162% measured in float32 over
+y in [-12, 12]): below the 2^-9 of bf16 rounding that the unfused lowering applies to y, and
+1/37 of an e4m3 step."""
+
+_GELU_T = (-3.246238946914673, -0.3126406967639923, 0.008954372256994247,
+           -0.0002384943945799023, 2.989293534483295e-06)  # fmt: skip
+"""Coefficients of t(x) = x·(c0 + c1·x² + ... + c4·x⁸) in Φ(y) ≈ 1 / (1 + 2^t(x)), x = y/√2
+clamped to ±4: a logistic fit of the normal CDF (erf(x) ≈ tanh(x·P(x²)), times -2·log2 e) for
+the least worst relative error of Φ on the negative side, which by the logistic's symmetry
+bounds the positive side too."""
+
+K_MULTIPLE = 32
+"""The kernel walks K in blocks of 32..128 without masks; other K are refused."""
+
+
+def unsupported(in_features: int, activation: str) -> str | None:
+    """Why this layer cannot take the fused kernel, or None."""
+    if activation not in ACTIVATIONS:
+        return f"activation {activation!r} has no fused epilogue (only {ACTIVATIONS})"
+    if in_features % K_MULTIPLE:
+        return f"in_features {in_features} is not a multiple of {K_MULTIPLE}"
+    return None
+
+
+def gelu_fast(y: Tensor) -> Tensor:
+    """GELU as the kernel computes it, in PyTorch: y·Φ(y) with Φ(y) = 1 / (1 + 2^t(y/√2))
+    (`_GELU_T`): one exp2 and one reciprocal, no erf (see `GELU_RELATIVE_ERROR`)."""
+    x = (y * 0.7071067811865476).clamp(-4.0, 4.0)
+    x2 = x * x
+    c0, c1, c2, c3, c4 = _GELU_T
+    t = x * (c0 + x2 * (c1 + x2 * (c2 + x2 * (c3 + x2 * c4))))
+    return y / (1.0 + torch.exp2(t))
+
+
+def _activation(y: Tensor, activation: str) -> Tensor:
+    if activation == "gelu":
+        return torch.nn.functional.gelu(y)
+    return torch.relu(y)
+
+
+def linear_act_reference(
+    x: Tensor, w: Tensor, scales: Tensor, bias: Tensor | None, activation: str
+) -> Tensor:
+    """The kernel's function in float32 PyTorch: x (M, K) and w (N, K) float8 (or any float),
+    scales = [s_x·s_w, s_out] float32; returns (M, N) float8 e4m3."""
+    y = (x.float() @ w.float().t()) * scales[0]
+    if bias is not None:
+        y = y + bias.float()
+    y = _activation(y, activation) / scales[1]
+    return y.clamp(-FLOAT8_MAX, FLOAT8_MAX).to(torch.float8_e4m3fn)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gelu_times(y, scale, FAST_RCP: tl.constexpr):
+        """`gelu_fast`(y) · scale: a clamp, five FMAs, one exp2 and one reciprocal (the
+        hardware's approximate one on a GPU, an exact divide under the interpreter)."""
+        x = tl.minimum(tl.maximum(y * 0.7071067811865476, -4.0), 4.0)
+        x2 = x * x
+        p = -0.0002384943945799023 + x2 * 2.989293534483295e-06  # `_GELU_T`, Horner in x²
+        p = 0.008954372256994247 + x2 * p
+        p = -0.3126406967639923 + x2 * p
+        t = x * (-3.246238946914673 + x2 * p)
+        d = 1.0 + tl.exp2(t)
+        if FAST_RCP:
+            r = tl.inline_asm_elementwise(
+                "rcp.approx.ftz.f32 $0, $1;", "=r,r", [d], dtype=tl.float32, is_pure=True, pack=1
+            )
+        else:
+            r = 1.0 / d
+        return y * scale * r
+
+    @triton.jit
+    def _round_half_even(y, FAST_RCP: tl.constexpr):
+        """torch.round of y (|y| < 2^22): one cvt.rni on a GPU; under the interpreter (numpy,
+        float32) adding and subtracting 1.5·2^23 rounds the same way."""
+        if FAST_RCP:
+            return tl.inline_asm_elementwise(
+                "cvt.rni.f32.f32 $0, $1;", "=r,r", [y], dtype=tl.float32, is_pure=True, pack=1
+            )
+        return (y + 12582912.0) - 12582912.0
+
+    @triton.jit
+    def _epilogue(
+        acc, BIAS, SCALES, COL_ZERO, COL_SCALE, ROW_SCALE, offs_m, offs_n, M, N,
+        HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, CODES: tl.constexpr,
+        INT8: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, FAST_RCP: tl.constexpr,
+    ):  # fmt: skip
+        """Rescale, zero-point correction, bias, activation, and the next linear's quantizer.
+
+        float8: y = acc·scales[0]. int8: y = (acc - col_zero[n])·col_scale[n]·scales[0], the
+        int32 sum corrected for the input's zero point before any rounding. Then ·row_scale[m]
+        (per-token dynamic inputs), + bias, the activation, and for `CODES` "float8" / "int8"
+        the division by the output scale scales[1] (int8: rounded half to even, + the zero
+        point scales[2]) and the clamp to the code range.
+
+        The epilogue runs on the same warps as the tensor-core loop, so its instruction count
+        is GEMM time: the divide by the output scale is one multiply by its reciprocal, and
+        GELU is `_gelu_times` (no erf)."""
+        n_ok = offs_n < N
+        if INT8:
+            acc = acc - tl.load(COL_ZERO + offs_n, mask=n_ok, other=0)[None, :]
+            col = tl.load(COL_SCALE + offs_n, mask=n_ok, other=0.0) * tl.load(SCALES)
+            y = acc.to(tl.float32) * col[None, :]
+        else:
+            y = acc * tl.load(SCALES)
+        if HAS_ROW_SCALE:
+            y = y * tl.load(ROW_SCALE + offs_m, mask=offs_m < M, other=0.0)[:, None]
+        if HAS_BIAS:
+            y += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if CODES == "none":
+            inv_out = 1.0
+        else:
+            inv_out = 1.0 / tl.load(SCALES + 1)
+        if ACTIVATION == "gelu":
+            y = _gelu_times(y, inv_out, FAST_RCP)
+        elif ACTIVATION == "relu":
+            y = tl.maximum(y, 0.0) * inv_out
+        elif CODES != "none":
+            y = y * inv_out
+        if CODES == "int8":
+            y = _round_half_even(tl.minimum(tl.maximum(y, -4e6), 4e6), FAST_RCP)
+            return tl.minimum(tl.maximum(y + tl.load(SCALES + 2), -128.0), 127.0)
+        if CODES == "float8":
+            return tl.minimum(tl.maximum(y, -448.0), 448.0)
+        return y
+
+    @triton.jit
+    def _tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
+        """(row block, column block) of a tile, in groups of GROUP_M row blocks so that
+        consecutive tiles reuse the same weight columns from L2."""
+        per_group = GROUP_M * num_n
+        first_m = (tile // per_group) * GROUP_M
+        group_rows = tl.minimum(num_m - first_m, GROUP_M)
+        return first_m + (tile % per_group) % group_rows, (tile % per_group) // group_rows
+
+    @triton.jit
+    def _linear_act_kernel_tma(
+        x_desc, w_desc, o_desc, BIAS, SCALES, COL_ZERO, COL_SCALE, ROW_SCALE,
+        M, N, K,
+        HAS_BIAS: tl.constexpr,
+        ACTIVATION: tl.constexpr,
+        CODES: tl.constexpr,
+        INT8: tl.constexpr,
+        HAS_ROW_SCALE: tl.constexpr,
+        FAST_RCP: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+        NUM_SMS: tl.constexpr,
+    ):  # fmt: skip
+        """Persistent Hopper variant: one program per SM walks the tiles; TMA moves the tiles
+        (zero-filled past the edges, stores clipped) and the tile loop is flattened with the K
+        loop, so the next tile's loads overlap this tile's epilogue."""
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        k_tiles = tl.cdiv(K, BLOCK_K)
+        for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True):
+            pid_m, pid_n = _tile(tile, num_m, num_n, GROUP_M)
+            off_m, off_n = pid_m * BLOCK_M, pid_n * BLOCK_N
+            if INT8:
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            else:
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for ki in range(k_tiles):
+                a = x_desc.load([off_m, ki * BLOCK_K])
+                b = w_desc.load([off_n, ki * BLOCK_K])
+                acc = tl.dot(a, b.T, acc, out_dtype=acc.dtype)
+            offs_m = off_m + tl.arange(0, BLOCK_M)
+            offs_n = off_n + tl.arange(0, BLOCK_N)
+            y = _epilogue(acc, BIAS, SCALES, COL_ZERO, COL_SCALE, ROW_SCALE, offs_m, offs_n, M, N,
+                          HAS_BIAS, ACTIVATION, CODES, INT8, HAS_ROW_SCALE, FAST_RCP)  # fmt: skip
+            o_desc.store([off_m, off_n], y.to(o_desc.dtype))
+
+    @triton.jit
+    def _linear_act_kernel(
+        X, W, BIAS, OUT, SCALES, COL_ZERO, COL_SCALE, ROW_SCALE,
+        M, N, K,
+        stride_xm, stride_wn, stride_om,
+        HAS_BIAS: tl.constexpr,
+        ACTIVATION: tl.constexpr,
+        CODES: tl.constexpr,
+        INT8: tl.constexpr,
+        HAS_ROW_SCALE: tl.constexpr,
+        FAST_RCP: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):  # fmt: skip
+        pid_m, pid_n = _tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        # rows / columns past the edge read row 0 (always valid) and are masked at the store,
+        # so the K loop runs without masks
+        rows = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
+        cols = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
+        x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :]
+        w_ptrs = W + cols[None, :] * stride_wn + offs_k[:, None]  # wᵀ tile, K-contiguous
+        if INT8:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for _ in range(0, K, BLOCK_K):
+            acc = tl.dot(tl.load(x_ptrs), tl.load(w_ptrs), acc, out_dtype=acc.dtype)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        y = _epilogue(acc, BIAS, SCALES, COL_ZERO, COL_SCALE, ROW_SCALE, offs_m, offs_n, M, N,
+                      HAS_BIAS, ACTIVATION, CODES, INT8, HAS_ROW_SCALE, FAST_RCP)  # fmt: skip
+        o_ptrs = OUT + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+        tl.store(
+            o_ptrs, y.to(OUT.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :]
+        )
+
+    def _prune(configs, named_args, **kwargs):
+        k = named_args["K"]
+        kept = [c for c in configs if k % c.kwargs["BLOCK_K"] == 0]
+        return kept or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8})]
+
+    _KEY = ["M", "N", "K", "HAS_BIAS", "ACTIVATION", "CODES", "INT8", "HAS_ROW_SCALE"]
+    _CONFIGS = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                      num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in (
+            (128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 128, 128, 8, 4),
+            (128, 128, 128, 4, 4), (128, 256, 64, 8, 4), (64, 128, 128, 4, 4),
+            (128, 128, 128, 8, 3), (128, 128, 128, 4, 3), (128, 128, 64, 4, 4),
+            (64, 64, 128, 4, 4),
+        )
+    ]  # fmt: skip
+    _tuned_kernel = triton.autotune(
+        _CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune}
+    )(_linear_act_kernel)
+
+    def _set_descriptor_blocks(nargs) -> None:
+        bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+        nargs["x_desc"].block_shape = [bm, bk]
+        nargs["w_desc"].block_shape = [bn, bk]
+        nargs["o_desc"].block_shape = [bm, bn]
+
+    _TMA_CONFIGS = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                      num_warps=w, num_stages=s, pre_hook=_set_descriptor_blocks)
+        for bm, bn, bk, w, s in (
+            (128, 256, 128, 8, 3), (128, 256, 64, 8, 4), (128, 128, 128, 8, 4),
+            (128, 128, 128, 4, 4), (256, 128, 128, 8, 3), (128, 128, 64, 4, 5),
+            (64, 128, 128, 4, 4),
+        )
+    ]  # fmt: skip
+    _tuned_kernel_tma = triton.autotune(  # TMA zero-fills past K: any K % 32 == 0 runs
+        _TMA_CONFIGS, key=_KEY
+    )(_linear_act_kernel_tma)
+
+    _launch_pointer = TunedLauncher(_tuned_kernel)
+    _launch_tma = TunedLauncher(_tuned_kernel_tma)
+
+KERNELS = ("pointer", "tma")
+"""`pointer`: one program a tile, loads through pointers (any sm_89+ GPU); `tma`: persistent,
+TMA loads and stores (Hopper, sm_90+). `launch` times both on a shape's first call and keeps
+the faster (`chosen_kernels`)."""
+CODES = {
+    "float8": torch.float8_e4m3fn,
+    "int8": torch.int8,
+    "none": None,
+}
+"""What the epilogue writes: the next linear's float8 or int8 codes, or ("none") the linear's
+output itself, in the dtype the caller asks for."""
+_CHOSEN: dict[tuple, str] = {}
+
+
+@dataclass(frozen=True)
+class Int8Operands:
+    """What an int8 GEMM's epilogue reads besides the scales: col_zero (N,) int32, the input's
+    zero point times each weight row's code sum (so (acc - col_zero) is the product of the
+    centred input); col_scale (N,) float32, the weight's per-channel scale; row_scale (M,)
+    float32 or None, per-token input scales of a dynamic quantizer."""
+
+    col_zero: Tensor
+    col_scale: Tensor
+    row_scale: Tensor | None = None
+
+
+def chosen_kernels() -> dict[tuple, str]:
+    """The tuning key (`_tuning_key`) -> the kernel `launch` picked for that shape."""
+    return dict(_CHOSEN)
+
+
+def _tma_ok(x: Tensor) -> bool:
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0)
+
+
+def row_bucket(m: int) -> int:
+    """The row count a tuning decision is made for: the next power of two from 16. The mask
+    decoder's linears see 7 or 4,096 rows a prompt and any number of prompts; tuning each count
+    afresh (seconds of benchmarking each) would stall `SamAutomaticMaskGenerator`'s last, smaller
+    batch and every new prompt count in `SamPredictor`. Every config is correct for any M."""
+    return max(16, 1 << (max(m, 1) - 1).bit_length())
+
+
+def _run(
+    kernel: str, x, w, out, scales, bias, activation, block=None,
+    *, codes: str = "float8", int8: Int8Operands | None = None,
+) -> None:  # fmt: skip
+    """Launch `kernel` autotuned, or the pointer kernel at a fixed `block` (see `launch`)."""
+    m, k = x.shape
+    n = w.shape[0]
+    unused = scales  # a pointer the kernel never reads when its flag is off
+    bias_arg = bias if bias is not None else unused
+    extra = (unused, unused, unused)
+    if int8 is not None:
+        row = int8.row_scale if int8.row_scale is not None else unused
+        extra = (int8.col_zero, int8.col_scale, row)
+    # the interpreter (CPU tensors) has no PTX: it divides where a GPU takes rcp.approx
+    common = {
+        "HAS_BIAS": bias is not None, "ACTIVATION": activation, "CODES": codes,
+        "INT8": int8 is not None,
+        "HAS_ROW_SCALE": int8 is not None and int8.row_scale is not None,
+        "FAST_RCP": x.is_cuda,
+    }  # fmt: skip
+    key = _tuning_key(x, w, out, bias, activation, codes, int8)
+    if kernel == "pointer":
+        args = (x, w, bias_arg, out, scales, *extra, m, n, k,
+                x.stride(0), w.stride(0), out.stride(0))  # fmt: skip
+        if block is not None:
+            bm, bn, bk = block
+            grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+            _linear_act_kernel[grid](*args, **common, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                     GROUP_M=4, num_warps=4)  # fmt: skip
+            return
+        grid = lambda meta: (  # noqa: E731
+            triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),
+        )
+        _launch_pointer(key, grid, *args, **common)
+        return
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    sms = _multiprocessors(x.device)
+    # block shapes are placeholders until the config's pre_hook sets them
+    x_desc = TensorDescriptor.from_tensor(x, [1, 32])
+    w_desc = TensorDescriptor.from_tensor(w, [1, 32])
+    o_desc = TensorDescriptor.from_tensor(out, [1, 16])
+    grid = lambda meta: (  # noqa: E731
+        min(sms, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),
+    )
+    _launch_tma(key, grid, x_desc, w_desc, o_desc, bias_arg, scales, *extra, m, n, k,
+                **common, NUM_SMS=sms)  # fmt: skip
+
+
+def _tuning_key(x, w, out, bias, activation, codes="float8", int8=None) -> tuple:
+    """What the autotuners' keys and pruning read, with the row count bucketed (`row_bucket`):
+    the shape, bias, activation, output codes, int8 operands and the dtypes."""
+    bias_dtype = None if bias is None else bias.dtype
+    row_scaled = int8 is not None and int8.row_scale is not None
+    return (row_bucket(x.shape[0]), w.shape[0], x.shape[1], activation, codes, row_scaled,
+            x.dtype, out.dtype, bias_dtype)  # fmt: skip
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def launch(
+    x: Tensor,
+    w: Tensor,
+    scales: Tensor,
+    bias: Tensor | None,
+    activation: str,
+    *,
+    codes: str = "float8",
+    int8: Int8Operands | None = None,
+    out_dtype: torch.dtype | None = None,
+    block: tuple[int, int, int] | None = None,
+    kernel: str | None = None,
+) -> Tensor:
+    """Run a Triton kernel: `kernel` from `KERNELS`, or None for the faster on this shape
+    (timed once per `_tuning_key`). x (M, K) and w (N, K) are float8 codes, or int8 codes with
+    `int8` set; `codes` picks the output (`CODES`), stored as `out_dtype` (default: the codes'
+    dtype; required for "none"). `block` = (BLOCK_M, BLOCK_N, BLOCK_K) runs the pointer kernel
+    untuned, as the interpreter tests do; they also store float32 to see the values before the
+    float8 rounding."""
+    if triton is None:
+        raise RuntimeError("the fused quantized linear needs Triton, which is not installed")
+    m, k = x.shape
+    n = w.shape[0]
+    problem = unsupported(k, activation if activation != "none" else "relu")
+    if problem:
+        raise ValueError(problem)
+    if codes not in CODES:
+        raise ValueError(f"codes {codes!r}; the epilogue writes one of {list(CODES)}")
+    if (int8 is not None) != (x.dtype == torch.int8):
+        raise ValueError("int8 codes need their Int8Operands (and only int8 codes take them)")
+    out_dtype = out_dtype or CODES[codes]
+    if out_dtype is None:
+        raise ValueError("codes='none' writes the linear's output: name its out_dtype")
+    x, w = x.contiguous(), w.contiguous()
+    out = torch.empty(m, n, dtype=out_dtype, device=x.device)
+    spec = {"codes": codes, "int8": int8}
+    if block is not None:
+        _run("pointer", x, w, out, scales, bias, activation, block=block, **spec)
+        return out
+    if kernel is None:
+        key = _tuning_key(x, w, out, bias, activation, codes, int8)
+        kernel = _CHOSEN.get(key)
+        if kernel is None:
+            kernel = _pick(x, w, out, scales, bias, activation, **spec) if _tma_ok(x) else "pointer"
+            _CHOSEN[key] = kernel
+    elif kernel not in KERNELS or (kernel == "tma" and not _tma_ok(x)):
+        raise ValueError(f"kernel {kernel!r} cannot run here; kernels: {KERNELS} (tma: sm_90+)")
+    _run(kernel, x, w, out, scales, bias, activation, **spec)
+    return out
+
+
+def _pick(x, w, out, scales, bias, activation, **spec) -> str:
+    """The faster kernel on this shape, each at its autotuned config."""
+    from triton.testing import do_bench
+
+    times = {}
+    for kernel in KERNELS:
+        try:
+            _run(kernel, x, w, out, scales, bias, activation, **spec)  # autotunes
+        except Exception as err:  # a Triton without this kernel's features: use the other one
+            warnings.warn(
+                f"quantized GEMM kernel {kernel!r} failed to build ({err!r:.300})", stacklevel=3
+            )
+            continue
+        times[kernel] = do_bench(
+            lambda k=kernel: _run(k, x, w, out, scales, bias, activation, **spec)
+        )
+    if not times:
+        raise RuntimeError(f"no quantized GEMM kernel builds here ({KERNELS}): see the warnings")
+    return min(times, key=times.get)
+
+
+@torch.library.custom_op("samq::float8_linear_act", mutates_args=())
+def float8_linear_act_op(
+    x: Tensor, w: Tensor, scales: Tensor, bias: Tensor | None, activation: str
+) -> Tensor:
+    """act(x·wᵀ·scales[0] + bias) quantized to float8 e4m3 with scale scales[1].
+
+    Args:
+        x: (M, K) float8 e4m3, the input's codes (scale s_x).
+        w: (N, K) float8 e4m3, the weight's codes (scale s_w).
+        scales: (2,) float32 [s_x·s_w, s_out], s_out the next linear's input scale.
+        bias: (N,) or None.
+        activation: "gelu" (`gelu_fast` on CUDA, exact erf on the CPU) or "relu".
+
+    Returns:
+        (M, N) float8 e4m3. CUDA runs the Triton kernel, the CPU `linear_act_reference`.
+    """
+    if x.device.type == "cuda":
+        return launch(x, w, scales, bias, activation)
+    return linear_act_reference(x, w, scales, bias, activation)
+
+
+@float8_linear_act_op.register_fake
+def _(x, w, scales, bias, activation):
+    return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float8_e4m3fn)
+
+
+def quantize_static(x: Tensor, scale: Tensor) -> Tensor:
+    """x / scale clamped to ±448 in float8 e4m3: torchao's static float8 activation quantizer,
+    as plain ops so that inductor fuses it into the kernel that produces x."""
+    return quantize_float8_static(x, scale)
+
+
+def static_scale(quantizer: UniformQuantizer) -> Tensor:
+    """The float8 scale of a calibrated per-tensor range [lo, hi]: max(|lo|, |hi|) / 448, so
+    that the range's end maps to e4m3's largest value."""
+    qp = quantizer.qparams()
+    lo = (qp.qmin - qp.zero_point.float()) * qp.scale
+    hi = (qp.qmax - qp.zero_point.float()) * qp.scale
+    return torch.maximum(lo.abs(), hi.abs()).float() / FLOAT8_MAX
+
+
+class Float8LinearAct(nn.Module):
+    """lin1 + activation + lin2's input quantizer: float8 in, float8 codes for lin2 out."""
+
+    def __init__(self, weight, w_scale, x_scale, bias, out_scale, activation: str) -> None:
+        super().__init__()
+        self.activation = activation
+        self.register_buffer("weight", weight.contiguous())  # (N, K) e4m3 codes
+        self.register_buffer("x_scale", x_scale.float().reshape(()))
+        scales = torch.stack([x_scale.float().reshape(()) * w_scale.float().reshape(()),
+                              out_scale.float().reshape(())])  # fmt: skip
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x8 = quantize_static(x, self.x_scale).reshape(-1, x.shape[-1])
+        y = float8_linear_act_op(x8, self.weight, self.scales, self.bias, self.activation)
+        return y.reshape(*x.shape[:-1], self.weight.shape[0])
+
+
+class Float8LinearOnCodes(nn.Module):
+    """lin2 of a fused pair: takes the float8 codes `Float8LinearAct` wrote (scale `x_scale`)
+    and runs the same `torch._scaled_mm` as torchao's float8 linear."""
+
+    def __init__(self, weight, w_scale, x_scale, bias, out_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.out_dtype = out_dtype
+        self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("w_scale", w_scale.float().reshape(1, 1))
+        self.register_buffer("x_scale", x_scale.float().reshape(1, 1))
+        self.register_buffer("bias", bias)
+
+    def forward(self, x8: Tensor) -> Tensor:
+        y = torch._scaled_mm(
+            x8.reshape(-1, x8.shape[-1]).contiguous(),  # cuBLASLt: row-major A (eager)
+            self.weight.t(),
+            scale_a=self.x_scale,
+            scale_b=self.w_scale,
+            bias=self.bias,
+            out_dtype=self.out_dtype,
+            use_fast_accum=True,
+        )
+        return y.reshape(*x8.shape[:-1], self.weight.shape[0])
+
+
+class Float8Linear(Float8LinearOnCodes):
+    """A float8-static linear on plain tensors: x quantized with its calibrated scale, then the
+    same `torch._scaled_mm` as torchao's float8 linear. torchao's module keeps its weight as a
+    tensor subclass, which the compiled model's runtime wrapper unwraps (and dynamo's guards
+    inspect) on every call; on plain buffers that per-call Python work is gone."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(quantize_static(x, self.x_scale))
+
+
+# -- int8 -------------------------------------------------------------------------------------
+
+
+def quantize_int8_static(x: Tensor, scale: Tensor, zero_point: int) -> Tensor:
+    """round(x / scale) + zero_point clamped to [-128, 127], in int8: the calibrated quantizer's
+    codes (its [0, 255] grid shifted by -128), as plain ops so that inductor fuses them into the
+    kernel that produces x. Rounds half to even, as the fake quantizer does."""
+    q = torch.round(x.float() / scale) + zero_point
+    return q.clamp(-128, 127).to(torch.int8)
+
+
+def quantize_int8_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(codes (M, K) int8, scales (M,) float32) of x's rows, symmetric: s = amax|row| / 127. An
+    all-zero row (window padding) gets a tiny scale and zero codes, not a division by zero."""
+    rows = x.reshape(-1, x.shape[-1]).float()
+    scale = (rows.abs().amax(dim=-1) / 127.0).clamp_min(1e-12)
+    codes = torch.round(rows / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return codes, scale
+
+
+def int8_linear_reference(
+    x: Tensor, w: Tensor, scales: Tensor, bias: Tensor | None, activation: str, codes: str,
+    int8: Int8Operands, out_dtype: torch.dtype,
+) -> Tensor:  # fmt: skip
+    """The int8 kernel's function in PyTorch (`_epilogue`): torch._int_mm's exact int32 sums,
+    then float32 elementwise with the exact (erf) GELU. The CPU runs this (inductor fuses the
+    elementwise part into the GEMM's consumer). K must be a multiple of 32 here too
+    (`unsupported`): torch._int_mm's CPU kernel returns wrong sums for K = 1 (torch 2.14)."""
+    acc = torch._int_mm(x, w.t()) - int8.col_zero
+    y = acc.float() * (int8.col_scale * scales[0])
+    if int8.row_scale is not None:
+        y = y * int8.row_scale[:, None]
+    if bias is not None:
+        y = y + bias.float()
+    if activation != "none":
+        y = _activation(y, activation)
+    if codes == "int8":
+        return (torch.round(y / scales[1]) + scales[2]).clamp(-128, 127).to(torch.int8)
+    if codes == "float8":
+        return (y / scales[1]).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(torch.float8_e4m3fn)
+    return y.to(out_dtype)
+
+
+@torch.library.custom_op("samq::int8_linear", mutates_args=())
+def int8_linear_op(
+    x: Tensor, w: Tensor, col_zero: Tensor, col_scale: Tensor, scales: Tensor,
+    row_scale: Tensor | None, bias: Tensor | None, activation: str, codes: str,
+    out_dtype: torch.dtype,
+) -> Tensor:  # fmt: skip
+    """An int8 x int8 linear with everything after the int32 sums in the GEMM's epilogue.
+
+    Args:
+        x: (M, K) int8, the input's codes; w: (N, K) int8, the weight's codes.
+        col_zero, col_scale, row_scale: see `Int8Operands`.
+        scales: (3,) float32 [s_x, s_out, z_out]: the input's scale (1 with row scales), and
+            for codes="int8" the next linear's input scale and zero point.
+        bias: (N,) or None. activation: "none", "gelu" or "relu".
+        codes: "none" (the output in `out_dtype`) or "int8" (the next linear's codes).
+
+    Returns:
+        (M, N). CUDA runs the Triton kernel, the CPU `int8_linear_reference`.
+    """
+    operands = Int8Operands(col_zero, col_scale, row_scale)
+    if x.device.type == "cuda":
+        return launch(x, w, scales, bias, activation, codes=codes, int8=operands,
+                      out_dtype=out_dtype)  # fmt: skip
+    return int8_linear_reference(x, w, scales, bias, activation, codes, operands, out_dtype)
+
+
+@int8_linear_op.register_fake
+def _(x, w, col_zero, col_scale, scales, row_scale, bias, activation, codes, out_dtype):
+    return x.new_empty((x.shape[0], w.shape[0]), dtype=out_dtype)
+
+
+class Int8LinearOnCodes(nn.Module):
+    """A W8A8 int8 linear on plain buffers that takes its input's int8 codes: the weight's codes
+    (N, K) with a scale per output channel, the input's calibrated scale and zero point, and
+    col_zero = zero point x each weight row's code sum, precomputed, so that the epilogue
+    removes the zero point's share of the int32 sums exactly (`_epilogue`).
+
+    CUDA runs `int8_linear_op` (the Triton GEMM at int8 tensor-core rate, any row count);
+    the CPU runs `int8_linear_reference` as plain ops, which inductor compiles around
+    torch._int_mm. torchao's `Int8Tensor` path (`INT8_KERNELS["torchao"]` in samq_fx.lower)
+    runs cuBLAS's sm80 kernels on the H100, recomputes the weight's row sums on every call for
+    an asymmetric input, needs more than 16 rows, and is a tensor subclass that the compiled
+    model unwraps on every call."""
+
+    def __init__(self, codes, w_scale, x_scale, x_zero: int, bias, out_dtype: torch.dtype):
+        super().__init__()
+        out_f = codes.shape[0]
+        self.out_dtype = out_dtype
+        self.x_zero = int(x_zero)
+        self.register_buffer("weight", codes.to(torch.int8).contiguous())
+        self.register_buffer("w_scale", w_scale.float().reshape(-1).expand(out_f).contiguous())
+        self.register_buffer("col_zero", self.x_zero * codes.sum(dim=1, dtype=torch.int32))
+        x_scale = torch.as_tensor(x_scale, device=codes.device).float().reshape(())
+        self.register_buffer("x_scale", x_scale.clone())
+        self.register_buffer("scales", torch.stack([self.x_scale, self.x_scale.new_ones(()),
+                                                    self.x_scale.new_zeros(())]))  # fmt: skip
+        self.register_buffer("bias", bias)
+
+    def _matmul(self, x8: Tensor, row_scale=None, activation="none", codes="none") -> Tensor:
+        x2 = x8.reshape(-1, x8.shape[-1])
+        out_dtype = torch.int8 if codes == "int8" else self.out_dtype
+        args = (x2, self.weight, self.col_zero, self.w_scale, self.scales, row_scale, self.bias,
+                activation, codes, out_dtype)  # fmt: skip
+        if x2.is_cuda:
+            y = int8_linear_op(*args)
+        else:
+            operands = Int8Operands(self.col_zero, self.w_scale, row_scale)
+            y = int8_linear_reference(x2, self.weight, self.scales, self.bias, activation, codes,
+                                      operands, out_dtype)  # fmt: skip
+        return y.reshape(*x8.shape[:-1], self.weight.shape[0])
+
+    def forward(self, x8: Tensor) -> Tensor:
+        return self._matmul(x8)
+
+
+class Int8Linear(Int8LinearOnCodes):
+    """int8-static: x quantized with its calibrated scale and zero point (fused by inductor
+    into x's producer), then the int8 GEMM."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._matmul(quantize_int8_static(x, self.x_scale, self.x_zero))
+
+
+class Int8LinearDynamic(Int8LinearOnCodes):
+    """int8-dynamic: x quantized per token at run time (symmetric); the epilogue multiplies by
+    the row scales."""
+
+    def __init__(self, codes, w_scale, bias, out_dtype: torch.dtype) -> None:
+        super().__init__(codes, w_scale, 1.0, 0, bias, out_dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x8, row_scale = quantize_int8_per_token(x)
+        return self._matmul(x8.reshape(x.shape), row_scale)
+
+
+class Int8LinearAct(Int8LinearOnCodes):
+    """lin1 + activation + lin2's input quantizer: int8 in, int8 codes for lin2 out (the int8
+    twin of `Float8LinearAct`)."""
+
+    def __init__(self, codes, w_scale, x_scale, x_zero, bias, out_scale, out_zero, activation):
+        super().__init__(codes, w_scale, x_scale, x_zero, bias, torch.int8)
+        self.activation = activation
+        self.scales[1] = torch.as_tensor(out_scale).float().reshape(())
+        self.scales[2] = float(out_zero)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x8 = quantize_int8_static(x, self.x_scale, self.x_zero)
+        return self._matmul(x8, activation=self.activation, codes="int8")
+
+
+def fuse_pair(lin1: nn.Module, lin2: nn.Module, activation: str, out_dtype: torch.dtype):
+    """(lin1 with the activation and lin2's input quantizer in its epilogue, lin2 taking the
+    codes it writes) for two float8-static or two int8-static linears, or the reason not."""
+    if type(lin1) is Float8Linear and type(lin2) is Float8Linear:
+        first = Float8LinearAct(lin1.weight, lin1.w_scale, lin1.x_scale, lin1.bias,
+                                lin2.x_scale, activation)  # fmt: skip
+        second = Float8LinearOnCodes(lin2.weight, lin2.w_scale, lin2.x_scale, lin2.bias,
+                                     out_dtype)  # fmt: skip
+        return first, second
+    if type(lin1) is Int8Linear and type(lin2) is Int8Linear:
+        first = Int8LinearAct(lin1.weight, lin1.w_scale, lin1.x_scale, lin1.x_zero, lin1.bias,
+                              lin2.x_scale, lin2.x_zero, activation)  # fmt: skip
+        second = Int8LinearOnCodes(lin2.weight, lin2.w_scale, lin2.x_scale, lin2.x_zero,
+                                   lin2.bias, out_dtype)  # fmt: skip
+        return first, second
+    names = f"{type(lin1).__name__} and {type(lin2).__name__}"
+    return f"not two float8-static or two int8-static linears ({names})"
