@@ -11,8 +11,8 @@ from the calibrated quantizers (`make_linear` below: `Int8Linear`, `Int4Linear`,
 `Float8Linear`), and
 `passes/fuse_attention.py` swaps the encoder's attention chains for one fused kernel,
 `passes/patch_embed_as_matmul.py` turns the patch-embedding convolution into a matmul, and
-`passes/fuse_linear_epilogue.py` (float8-static, int8-static) runs each encoder MLP's lin1 + GELU + lin2's
-input quantizer as one GEMM (`samq_fx/gemm_epilogue.py`). The last,
+`passes/fuse_linear_epilogue.py` (float8-static, int8-static) runs each encoder MLP's lin1 +
+GELU + lin2's input quantizer as one GEMM (`samq_fx/gemm_epilogue.py`). The last,
 `cast_boundaries` (here), casts graph inputs to the compute dtype and float outputs back to
 float32, so `SamPredictor` feeds the lowered model exactly what it feeds `Sam`.
 
@@ -229,7 +229,7 @@ def _int8_weight_codes(w_q: UniformQuantizer, weight: torch.Tensor):
         return None, f"{spec.bits}-bit weights (int8 kernels take 8-bit)"
     if not spec.symmetric:
         return None, (
-            "asymmetric weights; torchao's int8 kernels take symmetric per-channel weights: "
+            "asymmetric weights; the int8 kernels take symmetric per-channel weights: "
             "quantize with w_symmetric=True (preset 'W8A8-int8')"
         )
     if spec.granularity not in ("channel", "tensor") or (
@@ -385,7 +385,7 @@ def _inner_k_tiles(in_features: int) -> int:
     return next(t for t in (8, 4, 2) if in_features % (16 * t) == 0)
 
 
-class TorchaoBackend:
+class KernelBackend:
     """Builds one lowered linear per calibrated site (`make_linear`), for one backend."""
 
     def __init__(
@@ -758,7 +758,7 @@ def lower(
     for part in PARTS:
         gm = getattr(model, part)
         state = _pass_state(torch_dtype, cfg.attention, cfg.window_attention)
-        kernels = TorchaoBackend(cfg.backend, torch_dtype, device, cfg.int4_kernel, cfg.int8_kernel)
+        kernels = KernelBackend(cfg.backend, torch_dtype, device, cfg.int4_kernel, cfg.int8_kernel)
         ctx = PassContext(part, model.samq_arch, config=kernels, state=state)
         # the encoder's MLPs see B x 4096 tokens; the decoder's a few per prompt, where an
         # autotuned kernel per prompt count would cost more than the round trip it saves

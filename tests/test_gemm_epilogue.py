@@ -30,7 +30,7 @@ from samq_fx.gemm_epilogue import (
     row_bucket,
     unsupported,
 )
-from samq_fx.lower import LoweringError, TorchaoBackend, lower
+from samq_fx.lower import KernelBackend, LoweringError, lower
 
 _INTERPRETER_SCRIPT = textwrap.dedent(
     """
@@ -325,7 +325,7 @@ def float8_on_cpu(tiny_trained_captured):
         progress=False,
     )  # fmt: skip
     mp = pytest.MonkeyPatch()
-    mp.setattr(TorchaoBackend, "_float8_ok", lambda self: None)
+    mp.setattr(KernelBackend, "_float8_ok", lambda self: None)
     try:
         plain = lower(q, "float8-static", fuse_epilogue=False, verbose=False)
         fused = lower(q, "float8-static", verbose=False)
