@@ -67,9 +67,10 @@ K_MULTIPLE = 32
 """The kernel walks K in blocks of 32..128 without masks; other K are refused."""
 
 
-def unsupported(in_features: int, activation: str) -> str | None:
-    """Why this layer cannot take the fused kernel, or None."""
-    if activation not in ACTIVATIONS:
+def unsupported(in_features: int, activation: str = "none") -> str | None:
+    """Why this layer cannot take the kernel (with `activation` in its epilogue; "none": no
+    activation), or None."""
+    if activation != "none" and activation not in ACTIVATIONS:
         return f"activation {activation!r} has no fused epilogue (only {ACTIVATIONS})"
     if in_features % K_MULTIPLE:
         return f"in_features {in_features} is not a multiple of {K_MULTIPLE}"
@@ -444,7 +445,7 @@ def launch(
         raise RuntimeError("the fused quantized linear needs Triton, which is not installed")
     m, k = x.shape
     n = w.shape[0]
-    problem = unsupported(k, activation if activation != "none" else "relu")
+    problem = unsupported(k, activation)
     if problem:
         raise ValueError(problem)
     if codes not in CODES:

@@ -431,7 +431,7 @@ class KernelBackend:
             zero = int(qp.zero_point.reshape(-1)[0]) - (128 if qp.qmin == 0 else 0)
         if self.int8_kernel == "torchao":
             return self._torchao_int8(codes, w_scale, weight, in_q, bias, x_val, zero, dynamic)
-        if problem := unsupported(weight.shape[1], "relu"):  # the same layers on every device
+        if problem := unsupported(weight.shape[1]):  # the same layers on every device
             return None, f"the int8 GEMM kernel: {problem}"
         codes, w_scale = codes.to(self.device), w_scale.to(self.device)
         b = None if bias is None else bias.detach().to(self.device, self.dtype)

@@ -312,7 +312,8 @@ def test_reference_quantizes_with_the_next_scale():
 def test_unsupported_says_why():
     assert "multiple of 32" in unsupported(100, "gelu")
     assert "silu" in unsupported(64, "silu")
-    assert unsupported(64, "relu") is None
+    assert unsupported(64, "relu") is None and unsupported(64) is None
+    assert "multiple of 32" in unsupported(48)
 
 
 @pytest.fixture(scope="module")
