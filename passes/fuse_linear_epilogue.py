@@ -69,14 +69,14 @@ def fuse_linear_epilogue(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResu
         site1, site2 = _lowered_site(lin1), _lowered_site(lin2)
         module1 = gm.get_submodule(lin1.target)
         fused = fuse_pair(module1, gm.get_submodule(lin2.target), activation, backend.dtype)
-        problem = fused if isinstance(fused, str) else None
-        if problem is None:
-            if len(lin1.users) != 1:
-                problem = f"{site1}'s output has other users than the activation"
-            elif act.kwargs.get("approximate", "none") != "none":
-                problem = "tanh-approximate GELU (the epilogue computes the exact one)"
-            else:
-                problem = unsupported(module1.weight.shape[1], activation)
+        if isinstance(fused, str):
+            problem = fused
+        elif len(lin1.users) != 1:
+            problem = f"{site1}'s output has other users than the activation"
+        elif act.kwargs.get("approximate", "none") != "none":
+            problem = "tanh-approximate GELU (the epilogue computes the exact one)"
+        else:
+            problem = unsupported(module1.weight.shape[1], activation)
         if problem:
             result.rejected[f"{site1} -> {site2}"] = problem
             continue

@@ -361,9 +361,10 @@ def row_bucket(m: int) -> int:
 
 def _run(
     kernel: str, x, w, out, scales, bias, activation, block=None,
-    *, codes: str = "float8", int8: Int8Operands | None = None,
+    *, codes: str = "float8", int8: Int8Operands | None = None, key: tuple | None = None,
 ) -> None:  # fmt: skip
-    """Launch `kernel` autotuned, or the pointer kernel at a fixed `block` (see `launch`)."""
+    """Launch `kernel` autotuned, or the pointer kernel at a fixed `block` (see `launch`).
+    `key`: this call's `_tuning_key`, if the caller has it already."""
     m, k = x.shape
     n = w.shape[0]
     unused = scales  # a pointer the kernel never reads when its flag is off
@@ -379,7 +380,8 @@ def _run(
         "HAS_ROW_SCALE": int8 is not None and int8.row_scale is not None,
         "FAST_RCP": x.is_cuda,
     }  # fmt: skip
-    key = _tuning_key(x, w, out, bias, activation, codes, int8)
+    if block is None and key is None:
+        key = _tuning_key(x, w, out, bias, activation, codes, int8)
     if kernel == "pointer":
         args = (x, w, bias_arg, out, scales, *extra, m, n, k,
                 x.stride(0), w.stride(0), out.stride(0))  # fmt: skip
@@ -461,8 +463,8 @@ def launch(
     if block is not None:
         _run("pointer", x, w, out, scales, bias, activation, block=block, **spec)
         return out
+    key = spec["key"] = _tuning_key(x, w, out, bias, activation, codes, int8)
     if kernel is None:
-        key = _tuning_key(x, w, out, bias, activation, codes, int8)
         kernel = _CHOSEN.get(key)
         if kernel is None:
             kernel = _pick(x, w, out, scales, bias, activation, **spec) if _tma_ok(x) else "pointer"

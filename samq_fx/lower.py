@@ -416,6 +416,10 @@ class KernelBackend:
         lin.requires_grad_(False)
         return lin
 
+    def _bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """The bias as a plain-buffer module holds it: on the device, in the compute dtype."""
+        return None if bias is None else bias.detach().to(self.device, self.dtype)
+
     def _int8(self, w_q, weight, in_q, bias, x_val, dynamic: bool):
         problem = _activation_spec_problem(in_q, 8)
         if problem:
@@ -424,7 +428,7 @@ class KernelBackend:
         if packed is None:
             return None, why
         codes, w_scale = packed
-        zero = 0
+        qp, zero = None, 0
         if not dynamic:
             qp = in_q.qparams()
             # our grids are [0, 255] (asymmetric) or [-128, 127]; int8 kernels want [-128, 127]
@@ -434,12 +438,12 @@ class KernelBackend:
         if problem := unsupported(weight.shape[1]):  # the same layers on every device
             return None, f"the int8 GEMM kernel: {problem}"
         codes, w_scale = codes.to(self.device), w_scale.to(self.device)
-        b = None if bias is None else bias.detach().to(self.device, self.dtype)
+        b = self._bias(bias)
         gemm = "samq Triton GEMM" if self.device.type == "cuda" else "torch._int_mm"
         if dynamic:
             module = Int8LinearDynamic(codes, w_scale, b, self.dtype)
             return module, f"int8 x int8 ({gemm}), activations per token at run time"
-        x_scale = in_q.qparams().scale.float().reshape(-1)[0].to(self.device)
+        x_scale = qp.scale.float().reshape(-1)[0].to(self.device)
         module = Int8Linear(codes, w_scale, x_scale, zero, b, self.dtype)
         return module, f"int8 x int8 ({gemm}), calibrated activation scale"
 
@@ -525,7 +529,7 @@ class KernelBackend:
         w = weight.detach().to(self.device, self.dtype).float()
         w_scale = (w.abs().amax() / FLOAT8_MAX).clamp(min=1e-12)
         codes = (w / w_scale).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(torch.float8_e4m3fn)
-        b = None if bias is None else bias.detach().to(self.device, self.dtype)
+        b = self._bias(bias)
         module = Float8Linear(codes, w_scale, act_scale, b, self.dtype)
         return module, "float8 e4m3 (_scaled_mm), calibrated activation scale"
 
