@@ -53,6 +53,11 @@ def lowered_int8(q_int8):
     return lower(q_int8, "int8-static", verbose=False)
 
 
+@pytest.fixture(scope="module")
+def lowered_torchao_int8(q_int8):
+    return lower(q_int8, "int8-static", int8_kernel="torchao", verbose=False)
+
+
 def _masks(model, scenes) -> list[np.ndarray]:
     out = []
     for scene in scenes:
@@ -97,13 +102,12 @@ def test_int8_static_lowers_every_quantized_linear(q_int8, lowered_int8):
     assert torch.ops.aten.gelu.default not in targets, "a GELU was left between the linears"
 
 
-def test_torchao_int8_kernel_is_still_there(q_int8, lowered_int8):
+def test_torchao_int8_kernel_is_still_there(q_int8, lowered_int8, lowered_torchao_int8):
     """int8_kernel="torchao" lowers to torchao's Int8Tensor (no fused MLP: its GEMM has no
     epilogue to extend) and computes what this project's int8 modules compute."""
-    torchao = lower(q_int8, "int8-static", int8_kernel="torchao", verbose=False)
-    enc = torchao.image_encoder
+    enc = lowered_torchao_int8.image_encoder
     assert all(type(m.weight).__name__ == "Int8Tensor" for m in enc.samq_lowered.values())
-    assert torchao.samq_lowering_report.fused_epilogues == 0
+    assert lowered_torchao_int8.samq_lowering_report.fused_epilogues == 0
     x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         snr = _sqnr(enc(x), lowered_int8.image_encoder(x))
@@ -317,26 +321,18 @@ def test_save_and_load_relower(lowered_int8, tmp_path):
         assert torch.equal(loaded.image_encoder(x), lowered_int8.image_encoder(x))
 
 
-_TORCHAO: dict = {}
-
-
-def _torchao_int8(q):
-    """The tiny SAM lowered with torchao's int8 kernel, once (hypothesis reruns the test)."""
-    if id(q) not in _TORCHAO:
-        _TORCHAO[id(q)] = lower(q, "int8-static", int8_kernel="torchao", verbose=False)
-    return _TORCHAO[id(q)]
-
-
 @settings(max_examples=10, deadline=None)
 @given(rows=st.integers(1, 16), tokens_first=st.booleans(), seed=st.integers(0, 2**16))
-def test_torchao_int8_row_padding_leaves_results_unchanged(q_int8, rows, tokens_first, seed):
+def test_torchao_int8_row_padding_leaves_results_unchanged(
+    lowered_torchao_int8, rows, tokens_first, seed
+):
     """CUDA's _int_mm needs more than 16 rows, so torchao's int8 linear appends zero rows there:
     the real rows' results must be what the unpadded call gives (checked on the CPU, padding
     forced)."""
     from samq_fx.lower import TorchaoInt8Linear
 
-    lowered = _torchao_int8(q_int8)
-    lin = next(m for m in lowered.mask_decoder.modules() if isinstance(m, TorchaoInt8Linear))
+    decoder = lowered_torchao_int8.mask_decoder
+    lin = next(m for m in decoder.modules() if isinstance(m, TorchaoInt8Linear))
     # the decoder's linears see (prompts, tokens, C): the activation scale is shaped for rank 3
     shape = (1, rows, lin.in_features) if tokens_first else (rows, 1, lin.in_features)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
