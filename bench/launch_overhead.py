@@ -108,7 +108,8 @@ def main(argv=None) -> int:
             "num_warps": config.num_warps,
             "num_stages": config.num_stages,
         }
-        record("bare TMA kernel, cached descriptors", lambda: tuned.fn[(sms,)](
+        programs = (sms * config.kwargs["PER_SM"],)
+        record("bare TMA kernel, cached descriptors", lambda: tuned.fn[programs](
             *descs, bias, scales, 32768, 3072, 768, **meta))  # fmt: skip
 
     # proj / qkv GEMMs: cuBLAS float8 as inductor calls it

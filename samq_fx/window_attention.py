@@ -7,10 +7,12 @@ the kernel needs no online softmax. One program takes a (window, head) and a blo
 
 The key grid is laid out as KH rows of KWP (the row width padded to a power of two) slots, so a
 key's grid row and column are shifts of its slot. SAM's rel-pos terms are computed in the kernel
-from the attention's two tables: q·tableᵀ for every relative offset (a tensor-core dot), then
-each query's KH (KW) offsets picked with `tl.gather`. The bias is then two small tensor-core
-dots, rel_h·E_row + rel_w·E_col, with one-hot E built from the slot indices: exact (one nonzero
-term per sum), and on units the softmax leaves idle. The flex path instead runs two einsums for
+from the attention's two tables, side by side: q·tableᵀ for every relative offset (one
+tensor-core dot), then each query's KH + KW offsets picked with one `tl.gather`. The bias is
+then one small tensor-core dot, [rel_h, rel_w]·[E_row; E_col], with one-hot E built from the
+slot indices: exact (one nonzero term per sum), and on units the softmax leaves idle. That dot
+starts the q·kᵀ accumulator (the bias divided by the softmax scale), so the kernel holds one
+(queries x keys) float32 tile, not two: SAM-B's 14 x 14 windows spilled registers with two. The flex path instead runs two einsums for
 rel_h / rel_w and concatenates [q, rel_h, rel_w] and [k, one-hots] in memory before every call
 (`kernels.augment_rel_pos`).
 
@@ -122,23 +124,31 @@ if triton is not None:
             mask=key_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
-        # the rel-pos tables, transposed: row t is the embedding of relative offset t - (K - 1)
-        t = tl.arange(0, TP)
+        # both rel-pos tables as one transposed table: column t < TP is table_h's relative offset
+        # t - (KH - 1), column TP + t table_w's offset t - (KW - 1)
+        t = tl.arange(0, 2 * TP)
+        t_is_w = t >= TP
+        t_row = tl.where(t_is_w, t - TP, t)
         tab_h = tl.load(
-            TH + t[None, :] * stride_th + offs_d[:, None],
-            mask=(t[None, :] < 2 * KH - 1) & d_ok[:, None],
+            TH + t_row[None, :] * stride_th + offs_d[:, None],
+            mask=(~t_is_w & (t_row < 2 * KH - 1))[None, :] & d_ok[:, None],
             other=0.0,
         )
         tab_w = tl.load(
-            TW + t[None, :] * stride_tw + offs_d[:, None],
-            mask=(t[None, :] < 2 * KW - 1) & d_ok[:, None],
+            TW + t_row[None, :] * stride_tw + offs_d[:, None],
+            mask=(t_is_w & (t_row < 2 * KW - 1))[None, :] & d_ok[:, None],
             other=0.0,
         )
-        r = tl.arange(0, RP)
-        # one-hot expanders: (rel_h · e_row)[m, slot] = rel_h[m, row(slot)], the same for columns
-        e_row = (key_row[None, :] == r[:, None]).to(kt.dtype)
-        e_col = (key_col[None, :] == r[:, None]).to(kt.dtype)
+        tab = tl.where(t_is_w[None, :], tab_w, tab_h)
+        # the one-hot expander: (rel · e)[m, slot] = rel_h[m, row(slot)] + rel_w[m, col(slot)]
+        r = tl.arange(0, 2 * RP)
+        r_is_w = r >= RP
+        r_off = tl.where(r_is_w, r - RP, r)
+        e = tl.where(
+            r_is_w[:, None], key_col[None, :] == r_off[:, None], key_row[None, :] == r_off[:, None]
+        ).to(kt.dtype)
         scale_log2 = scale * LOG2E
+        inv_scale = 1.0 / scale
         for step in tl.static_range(M_STEPS):
             offs_m = (tl.program_id(0) * M_STEPS + step) * BLOCK_M + tl.arange(0, BLOCK_M)
             m_ok = offs_m < L
@@ -147,17 +157,18 @@ if triton is not None:
                 mask=m_ok[:, None] & d_ok[None, :],
                 other=0.0,
             )
-            # SAM's decomposed rel-pos terms: rel_h[m, r] = q[m] · table_h[row(m) - r + KH - 1]
-            # (q·table for every offset on the tensor cores, then each query's KH of them)
+            # SAM's decomposed rel-pos terms: rel_h[m, r] = q[m] · table_h[row(m) - r + KH - 1],
+            # rel_w likewise: q·table for every offset on the tensor cores, then each query's
+            # KH + KW of them in one gather
             q_row = tl.minimum(offs_m // KW, KH - 1)
             q_col = offs_m % KW
-            idx_h = tl.where(r[None, :] < KH, q_row[:, None] - r[None, :] + KH - 1, 0)
-            idx_w = tl.where(r[None, :] < KW, q_col[:, None] - r[None, :] + KW - 1, 0)
-            rh = tl.gather(tl.dot(q, tab_h), idx_h, axis=1)
-            rw = tl.gather(tl.dot(q, tab_w), idx_w, axis=1)
-            bias = tl.dot(rh.to(kt.dtype), e_row)
-            bias = tl.dot(rw.to(kt.dtype), e_col, bias)
-            s = tl.dot(q, kt) * scale_log2 + bias * LOG2E
+            idx_h = tl.where(r_off[None, :] < KH, q_row[:, None] - r_off[None, :] + KH - 1, 0)
+            idx_w = tl.where(r_off[None, :] < KW, q_col[:, None] - r_off[None, :] + KW - 1, 0)
+            idx = tl.where(r_is_w[None, :], idx_w + TP, idx_h)
+            rel = tl.gather(tl.dot(q, tab), idx, axis=1)
+            # one accumulator: the bias (divided by the softmax scale) is the start of q·kᵀ's sum
+            s = tl.dot((rel * inv_scale).to(kt.dtype), e)
+            s = tl.dot(q, kt, s) * scale_log2
             s = tl.where(key_ok[None, :], s, float("-inf"))
             p = tl.exp2(s - tl.max(s, 1)[:, None])
             denom = tl.sum(p, 1)

@@ -61,10 +61,10 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     w = (torch.randn(n, k) * 20).to(torch.float8_e4m3fn)
     b, scales, out = torch.randn(n), torch.tensor([1e-3, 0.01]), torch.zeros(m, n)
     descs = [TensorDescriptor.from_tensor(t, blk) for t, blk in ((x, [16, 64]), (w, [16, 64]), (out, [16, 16]))]
-    fe._linear_act_kernel_tma[(3,)](*descs, b, scales, scales, scales, scales, m, n, k,
+    fe._linear_act_kernel_tma[(6,)](*descs, b, scales, scales, scales, scales, m, n, k,
                                     HAS_BIAS=True, ACTIVATION="gelu", CODES="float8", INT8=False,
                                     HAS_ROW_SCALE=False, FAST_RCP=False, BLOCK_M=16, BLOCK_N=16,
-                                    BLOCK_K=64, GROUP_M=2, NUM_SMS=3)
+                                    BLOCK_K=64, GROUP_M=2, NUM_SMS=3, PER_SM=2)
     y = (x.float() @ w.float().t()) * scales[0] + b
     ref = (fe.gelu_fast(y) / scales[1]).clamp(-448, 448)
     worst = max(worst, float((out - ref).abs().max() / ref.abs().max()))
@@ -155,7 +155,7 @@ _INT8_INTERPRETER_SCRIPT = textwrap.dedent(
     fe._linear_act_kernel_tma[(3,)](*descs, b, scales, ops.col_zero, ops.col_scale, scales,
                                     m, n, k, HAS_BIAS=True, ACTIVATION="none", CODES="none",
                                     INT8=True, HAS_ROW_SCALE=False, FAST_RCP=False, BLOCK_M=16,
-                                    BLOCK_N=16, BLOCK_K=64, GROUP_M=2, NUM_SMS=3)
+                                    BLOCK_N=16, BLOCK_K=64, GROUP_M=2, NUM_SMS=3, PER_SM=1)
     y = expected(x, w, ops, scales, b, "none")
     worst = max(worst, float((out.double() - y).abs().max() / y.abs().max()))
     print(worst, wrong_codes)

@@ -1,0 +1,221 @@
+"""Time this project's Triton kernels at each tile config, outside the autotuner, with what the
+compiler made of each: registers, spills, shared memory and the matrix instructions in the PTX
+(wgmma is Hopper's warpgroup MMA; mma.sync the older per-warp one). For reading why a kernel
+runs where it does, not for picking configs at run time (the autotuners do that).
+
+    PYTHONPATH=. python3 bench/kernel_configs.py --json bench/kernel_configs_h100.json
+
+GEMMs: SAM-B's encoder linears at batch 8 in float8 and int8, both kernels (`pointer`: a program
+a tile; `tma`: persistent, at 1 and 2 programs an SM). Window attention: SAM-B's 14 x 14
+windows (batch 8: 200 windows, 12 heads, head dim 64).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+
+if __package__ is None and "samq_fx" not in sys.modules:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from samq_fx import gemm_epilogue as ge  # noqa: E402
+from samq_fx import window_attention as wa  # noqa: E402
+from samq_fx.report import format_table  # noqa: E402
+
+GEMM_SHAPES = (  # (name, M, N, K, activation, codes out)
+    ("qkv", 32768, 2304, 768, "none", False),
+    ("lin1 plain", 32768, 3072, 768, "none", False),
+    ("lin1+gelu+codes", 32768, 3072, 768, "gelu", True),
+    ("lin2", 32768, 768, 3072, "none", False),
+)
+GEMM_CONFIGS = (  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
+    (128, 256, 128, 8, 3), (128, 256, 64, 8, 4), (128, 128, 128, 8, 4), (128, 128, 128, 4, 3),
+    (128, 128, 128, 4, 2), (128, 128, 64, 4, 3), (128, 256, 128, 8, 2),
+)  # fmt: skip
+WINDOW_CONFIGS = (  # (BLOCK_M, M_STEPS, warps, stages)
+    (64, 1, 4, 1), (64, 1, 8, 1), (64, 2, 4, 1), (64, 4, 4, 1), (64, 4, 8, 1),
+    (128, 1, 4, 1), (128, 1, 8, 1), (128, 2, 8, 1), (32, 1, 4, 1), (32, 2, 4, 1),
+    (64, 2, 4, 2), (64, 4, 4, 2),
+)  # fmt: skip
+
+
+def compiled_facts(kernel) -> dict:
+    """Registers, spills, shared memory and the matrix instructions of a compiled kernel."""
+    ptx = kernel.asm.get("ptx", "")
+    mma = sorted(set(re.findall(r"(wgmma\.mma_async[\w.]*|mma\.sync[\w.]*)", ptx)))
+    return {"regs": kernel.n_regs, "spills": kernel.n_spills,
+            "smem": kernel.metadata.shared, "mma": mma}  # fmt: skip
+
+
+def _bench(fn) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
+def gemm_rows(dtype: str, only: tuple | None = None) -> list[dict]:
+    import triton
+
+    dev = "cuda"
+    rows = []
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for name, m, n, k, act, codes_out in GEMM_SHAPES:
+        if only and name != only[0]:
+            continue
+        g = torch.Generator(device=dev).manual_seed(0)
+        if dtype == "int8":
+            x = torch.randint(-128, 128, (m, k), device=dev, dtype=torch.int8, generator=g)
+            w = torch.randint(-127, 128, (n, k), device=dev, dtype=torch.int8, generator=g)
+            extra = (3 * w.sum(1, dtype=torch.int32), torch.rand(n, device=dev) * 1e-4)
+            codes = "int8" if codes_out else "none"
+        else:
+            x = (torch.randn(m, k, device=dev, generator=g) * 30).to(torch.float8_e4m3fn)
+            w = (torch.randn(n, k, device=dev, generator=g) * 9).to(torch.float8_e4m3fn)
+            extra = None
+            codes = "float8" if codes_out else "none"
+        out_dtype = ge.CODES[codes] or torch.bfloat16
+        out = torch.empty(m, n, dtype=out_dtype, device=dev)
+        bias = torch.randn(n, device=dev, generator=g).bfloat16()
+        scales = torch.tensor([1e-3, 0.05, -3.0], device=dev)
+        unused = scales
+        cz, cs = extra if extra else (unused, unused)
+        flags = {"HAS_BIAS": True, "ACTIVATION": act, "CODES": codes, "INT8": extra is not None,
+                 "HAS_ROW_SCALE": False, "FAST_RCP": True}  # fmt: skip
+        flops = 2 * m * n * k
+        for bm, bn, bk, warps, stages in [only[1]] if only else GEMM_CONFIGS:
+            meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
+                    "num_warps": warps, "num_stages": stages}  # fmt: skip
+            tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+            variants = {
+                "pointer": partial(ge._linear_act_kernel[(tiles,)],
+                    x, w, bias, out, scales, cz, cs, unused, m, n, k,
+                    x.stride(0), w.stride(0), out.stride(0), **flags, **meta),
+            }  # fmt: skip
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            xd = TensorDescriptor.from_tensor(x, [bm, bk])
+            wd = TensorDescriptor.from_tensor(w, [bn, bk])
+            od = TensorDescriptor.from_tensor(out, [bm, bn])
+            for per_sm in (1, 2):
+                programs = min(per_sm * sms, tiles)
+                variants[f"tma x{per_sm}"] = partial(ge._linear_act_kernel_tma[(programs,)],
+                    xd, wd, od, bias, scales, cz, cs, unused, m, n, k, **flags, **meta,
+                    NUM_SMS=programs, PER_SM=1)  # fmt: skip
+            for kernel_name, fn in variants.items():
+                if only and kernel_name != only[2]:
+                    continue
+                row = {"kernel": kernel_name, "dtype": dtype, "shape": name, "M": m, "N": n,
+                       "K": k, "config": [bm, bn, bk, warps, stages]}  # fmt: skip
+                try:
+                    row.update(compiled_facts(fn()))
+                    row["ms"] = _bench(fn)
+                    row["tops"] = flops / row["ms"] / 1e9
+                except Exception as err:  # out of shared memory / registers: say so, go on
+                    row["error"] = f"{type(err).__name__}: {str(err)[:120]}"
+                rows.append(row)
+                _print_row(row)
+        if only:
+            continue
+        auto = partial(
+            ge.launch,
+            x,
+            w,
+            scales,
+            bias,
+            act,
+            codes=codes,
+            int8=ge.Int8Operands(*extra) if extra else None,
+            out_dtype=out_dtype,
+        )
+        auto()
+        row = {"kernel": "launch (autotuned)", "dtype": dtype, "shape": name, "M": m, "N": n,
+               "K": k, "ms": _bench(auto)}  # fmt: skip
+        row["tops"] = flops / row["ms"] / 1e9
+        rows.append(row)
+        _print_row(row)
+    return rows
+
+
+def window_rows(only: tuple | None = None) -> list[dict]:
+    dev = "cuda"
+    windows, heads, kh, kw, d = 200, 12, 14, 14, 64
+    length = kh * kw
+    g = torch.Generator(device=dev).manual_seed(0)
+    qkv = torch.randn(windows, length, 3, heads, d, device=dev, generator=g).bfloat16()
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    th = torch.randn(2 * kh - 1, d, device=dev, generator=g).bfloat16() * 0.1
+    tw = torch.randn(2 * kw - 1, d, device=dev, generator=g).bfloat16() * 0.1
+    out = torch.empty(windows, length, heads * d, dtype=q.dtype, device=dev)
+    args = (q, k, v, th, tw, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            th.stride(0), tw.stride(0), out.stride(0), out.stride(1),
+            d**-0.5, heads, length, kh, kw)  # fmt: skip
+    kwp = 16
+    common = {"D": d, "DP": 64, "KWP": kwp, "BLOCK_N": 256, "RP": 16, "TP": 32}
+    ref = None if only else wa.launch(q, k, v, th, tw, d**-0.5, kh, kw)
+    rows = []
+    for bm, steps, warps, stages in [only] if only else WINDOW_CONFIGS:
+        grid = (-(-length // (bm * steps)), windows * heads)
+        fn = partial(wa._window_attention_kernel[grid], *args, **common, BLOCK_M=bm,
+                     M_STEPS=steps, num_warps=warps, num_stages=stages)  # fmt: skip
+        row = {"kernel": "window", "config": [bm, steps, warps, stages]}
+        try:
+            row.update(compiled_facts(fn()))
+            if ref is not None:
+                row["max_err"] = (out.float() - ref.float()).abs().max().item()
+            row["ms"] = _bench(fn)
+        except Exception as err:
+            row["error"] = f"{type(err).__name__}: {str(err)[:120]}"
+        rows.append(row)
+        _print_row(row)
+    if only:
+        return rows
+    auto = lambda: wa.launch(q, k, v, th, tw, d**-0.5, kh, kw)  # noqa: E731
+    rows.append({"kernel": "window launch (autotuned)", "ms": _bench(auto)})
+    _print_row(rows[-1])
+    return rows
+
+
+def _print_row(row: dict) -> None:
+    print(json.dumps(row), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--parts", nargs="+", default=["window", "int8", "float8"])
+    parser.add_argument(
+        "--only",
+        help="one config, for a profiler: 'window:BM,STEPS,WARPS,STAGES' "
+        "or 'int8|float8:SHAPE:BM,BN,BK,WARPS,STAGES:KERNEL'",
+    )
+    args = parser.parse_args()
+    if args.only:
+        part, *rest = args.only.split(":")
+        if part == "window":
+            window_rows(tuple(int(v) for v in rest[0].split(",")))
+        else:
+            gemm_rows(part, (rest[0], tuple(int(v) for v in rest[1].split(",")), rest[2]))
+        return
+    rows = []
+    for part in args.parts:
+        rows += window_rows() if part == "window" else gemm_rows(part)
+    table = [
+        (r.get("shape", "window"), r.get("dtype", ""), r["kernel"], str(r.get("config", "")),
+         f"{r['ms']:.3f}" if "ms" in r else r.get("error", ""), str(r.get("regs", "")),
+         str(r.get("spills", "")), str(r.get("smem", "")), " ".join(r.get("mma", [])))
+        for r in rows
+    ]  # fmt: skip
+    print(format_table(("shape", "dtype", "kernel", "config", "ms", "regs", "spills", "smem",
+                        "matrix instructions"), table))  # fmt: skip
+    if args.json:
+        meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
