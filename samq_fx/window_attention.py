@@ -12,9 +12,9 @@ tensor-core dot), then each query's KH + KW offsets picked with one `tl.gather`.
 then one small tensor-core dot, [rel_h, rel_w]·[E_row; E_col], with one-hot E built from the
 slot indices: exact (one nonzero term per sum), and on units the softmax leaves idle. That dot
 starts the q·kᵀ accumulator (the bias divided by the softmax scale), so the kernel holds one
-(queries x keys) float32 tile, not two: SAM-B's 14 x 14 windows spilled registers with two. The flex path instead runs two einsums for
-rel_h / rel_w and concatenates [q, rel_h, rel_w] and [k, one-hots] in memory before every call
-(`kernels.augment_rel_pos`).
+(queries x keys) float32 tile, not two: SAM-B's 14 x 14 windows spilled registers with two.
+The flex path instead runs two einsums for rel_h / rel_w and concatenates [q, rel_h, rel_w] and
+[k, one-hots] in memory before every call (`kernels.augment_rel_pos`).
 
 What the graph saves (`passes/fuse_attention.py` wires it): q, k and v are strided views of the
 qkv linear's output, (B, heads, L, D) with the token stride 3·C, so the head split is not copied;
