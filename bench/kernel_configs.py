@@ -4,6 +4,7 @@ compiler made of each: registers, spills, shared memory and the matrix instructi
 runs where it does, not for picking configs at run time (the autotuners do that).
 
     PYTHONPATH=. python3 bench/kernel_configs.py --json bench/kernel_configs_h100.json
+    PYTHONPATH=. python3 bench/kernel_configs.py --parts int8 --a-in-registers   # x in registers
 
 GEMMs: SAM-B's encoder linears at batch 8 in float8 and int8, both kernels (`pointer`: a program
 a tile; `tma`: persistent, at 1 and 2 programs an SM). Window attention: SAM-B's 14 x 14
@@ -58,7 +59,9 @@ def _bench(fn) -> float:
     return do_bench(fn, warmup=10, rep=60, return_mode="median")
 
 
-def gemm_rows(dtype: str, only: tuple | None = None) -> list[dict]:
+def gemm_rows(dtype: str, only: tuple | None = None, a_in_registers: bool = False) -> list[dict]:
+    """Each GEMM config on each shape; `a_in_registers` adds int8 variants whose dot takes x
+    from registers (`gemm_epilogue._in_registers`), named "... a-regs"."""
     import triton
 
     dev = "cuda"
@@ -106,6 +109,10 @@ def gemm_rows(dtype: str, only: tuple | None = None) -> list[dict]:
                 variants[f"tma x{per_sm}"] = partial(ge._linear_act_kernel_tma[(programs,)],
                     xd, wd, od, bias, scales, cz, cs, unused, m, n, k, **flags, **meta,
                     NUM_SMS=programs, PER_SM=1)  # fmt: skip
+            if a_in_registers and dtype == "int8":
+                for kernel_name in ("pointer", "tma x1"):
+                    fn = variants[kernel_name]
+                    variants[f"{kernel_name} a-regs"] = partial(fn, A_IN_REGISTERS=True)
             for kernel_name, fn in variants.items():
                 if only and kernel_name != only[2]:
                     continue
@@ -199,11 +206,16 @@ def main() -> None:
         if part == "window":
             window_rows(tuple(int(v) for v in rest[0].split(",")))
         else:
-            gemm_rows(part, (rest[0], tuple(int(v) for v in rest[1].split(",")), rest[2]))
+            kernel = rest[2].removesuffix(" a-regs")
+            gemm_rows(
+                part,
+                (rest[0], tuple(int(v) for v in rest[1].split(",")), rest[2]),
+                a_in_registers=kernel != rest[2],
+            )
         return
     rows = []
     for part in args.parts:
-        rows += window_rows() if part == "window" else gemm_rows(part)
+        rows += window_rows() if part == "window" else gemm_rows(part, None, args.a_in_registers)
     table = [
         (r.get("shape", "window"), r.get("dtype", ""), r["kernel"], str(r.get("config", "")),
          f"{r['ms']:.3f}" if "ms" in r else r.get("error", ""), str(r.get("regs", "")),

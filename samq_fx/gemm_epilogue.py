@@ -137,6 +137,17 @@ if triton is not None:
         return (y + 12582912.0) - 12582912.0
 
     @triton.jit
+    def _in_registers(a):
+        """a, moved through registers (a 32-bit mov of each packed 8-bit quad): the tensor-core
+        dot then takes it from registers and reads only the other operand from shared memory.
+        For the int8 dot, whose wgmma is at most n224 wide, so that a 256-wide tile's two
+        instructions re-read x's tile from shared memory when both operands sit there. GPU only
+        (PTX); an experiment `bench/kernel_configs.py` times, in no autotuned config."""
+        return tl.inline_asm_elementwise(
+            "mov.b32 $0, $1;", "=r,r", [a], dtype=a.dtype, is_pure=True, pack=4
+        )
+
+    @triton.jit
     def _epilogue(
         acc, BIAS, SCALES, COL_ZERO, COL_SCALE, ROW_SCALE, offs_m, offs_n, M, N,
         HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, CODES: tl.constexpr,
@@ -206,6 +217,7 @@ if triton is not None:
         GROUP_M: tl.constexpr,
         NUM_SMS: tl.constexpr,
         PER_SM: tl.constexpr,
+        A_IN_REGISTERS: tl.constexpr = False,
     ):  # fmt: skip
         """Persistent Hopper variant: PER_SM programs per SM walk the tiles; TMA moves the tiles
         (zero-filled past the edges, stores clipped) and the tile loop is flattened with the K
@@ -223,6 +235,8 @@ if triton is not None:
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for ki in range(k_tiles):
                 a = x_desc.load([off_m, ki * BLOCK_K])
+                if A_IN_REGISTERS:
+                    a = _in_registers(a)
                 b = w_desc.load([off_n, ki * BLOCK_K])
                 acc = tl.dot(a, b.T, acc, out_dtype=acc.dtype)
             offs_m = off_m + tl.arange(0, BLOCK_M)
@@ -246,6 +260,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
+        A_IN_REGISTERS: tl.constexpr = False,
     ):  # fmt: skip
         pid_m, pid_n = _tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -262,7 +277,10 @@ if triton is not None:
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for _ in range(0, K, BLOCK_K):
-            acc = tl.dot(tl.load(x_ptrs), tl.load(w_ptrs), acc, out_dtype=acc.dtype)
+            a = tl.load(x_ptrs)
+            if A_IN_REGISTERS:
+                a = _in_registers(a)
+            acc = tl.dot(a, tl.load(w_ptrs), acc, out_dtype=acc.dtype)
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
         y = _epilogue(acc, BIAS, SCALES, COL_ZERO, COL_SCALE, ROW_SCALE, offs_m, offs_n, M, N,
