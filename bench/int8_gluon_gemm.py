@@ -3,7 +3,7 @@
 Why: Triton's Hopper pipeliner makes a `tl.dot` asynchronous only when its accumulator is
 float32, so `samq_fx.gemm_epilogue`'s int8 kernels wait for every K step's wgmma before issuing
 the next (`wgmma.wait_group 0`; the float8 kernels keep one in flight, `wait_group 1`), and they
-run 12-36% slower than the float8 ones at the same tile shapes (bench/RESULTS.md, session 11).
+take 17-36% longer than the float8 ones (best configs; same tile shapes) (bench/RESULTS.md, session 11).
 Gluon issues wgmma itself: `warpgroup_mma(..., is_async=True)` then `warpgroup_mma_wait(1)`.
 
 The kernel: persistent (one program an SM walks the output tiles), a ring of STAGES TMA-loaded
