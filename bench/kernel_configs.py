@@ -63,6 +63,7 @@ def gemm_rows(dtype: str, only: tuple | None = None, a_in_registers: bool = Fals
     """Each GEMM config on each shape; `a_in_registers` adds int8 variants whose dot takes x
     from registers (`gemm_epilogue._in_registers`), named "... a-regs"."""
     import triton
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
     dev = "cuda"
     rows = []
@@ -99,8 +100,6 @@ def gemm_rows(dtype: str, only: tuple | None = None, a_in_registers: bool = Fals
                     x, w, bias, out, scales, cz, cs, unused, m, n, k,
                     x.stride(0), w.stride(0), out.stride(0), **flags, **meta),
             }  # fmt: skip
-            from triton.tools.tensor_descriptor import TensorDescriptor
-
             xd = TensorDescriptor.from_tensor(x, [bm, bk])
             wd = TensorDescriptor.from_tensor(w, [bn, bk])
             od = TensorDescriptor.from_tensor(out, [bm, bn])
@@ -157,17 +156,12 @@ def window_rows(only: tuple | None = None) -> list[dict]:
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
     th = torch.randn(2 * kh - 1, d, device=dev, generator=g).bfloat16() * 0.1
     tw = torch.randn(2 * kw - 1, d, device=dev, generator=g).bfloat16() * 0.1
-    out = torch.empty(windows, length, heads * d, dtype=q.dtype, device=dev)
-    args = (q, k, v, th, tw, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-            th.stride(0), tw.stride(0), out.stride(0), out.stride(1),
-            d**-0.5, heads, length, kh, kw)  # fmt: skip
-    kwp = 16
-    common = {"D": d, "DP": 64, "KWP": kwp, "BLOCK_N": 256, "RP": 16, "TP": 32}
+    out, args, shape_meta = wa.kernel_arguments(q, k, v, th, tw, d**-0.5, kh, kw)
     ref = None if only else wa.launch(q, k, v, th, tw, d**-0.5, kh, kw)
     rows = []
     for bm, steps, warps, stages in [only] if only else WINDOW_CONFIGS:
         grid = (-(-length // (bm * steps)), windows * heads)
-        fn = partial(wa._window_attention_kernel[grid], *args, **common, BLOCK_M=bm,
+        fn = partial(wa._window_attention_kernel[grid], *args, **shape_meta, BLOCK_M=bm,
                      M_STEPS=steps, num_warps=warps, num_stages=stages)  # fmt: skip
         row = {"kernel": "window", "config": [bm, steps, warps, stages]}
         try:

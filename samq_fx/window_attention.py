@@ -188,7 +188,7 @@ if triton is not None:
     _launch = TunedLauncher(_tuned_kernel)
 
 
-def launch(
+def kernel_arguments(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -197,13 +197,10 @@ def launch(
     scale: float,
     kh: int,
     kw: int,
-    *,
-    block_m: int | None = None,
-    m_steps: int = 1,
-    num_warps: int = 4,
-) -> Tensor:
-    """Run the kernel (autotuned unless `block_m` is given, as the interpreter tests do).
-    Shapes as `window_attention_op`; q, k, v may be any strided views with a unit last stride."""
+) -> tuple[Tensor, tuple, dict]:
+    """Check the shapes and build one kernel call: (the output to fill, the kernel's positional
+    arguments, its shape constexprs). `launch` adds the tile config; `bench/kernel_configs.py`
+    passes its own. Shapes as `window_attention_op`."""
     if triton is None:
         raise RuntimeError("the window attention kernel needs Triton, which is not installed")
     b, heads, length, d = q.shape
@@ -226,7 +223,7 @@ def launch(
     args = (q, k, v, table_h, table_w, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             table_h.stride(0), table_w.stride(0), out.stride(0), out.stride(1),
             float(scale), heads, length, kh, kw)  # fmt: skip
-    common = {
+    shape_meta = {
         "D": d,
         "DP": max(16, key_grid_pad(d)),
         "KWP": kwp,
@@ -234,13 +231,34 @@ def launch(
         "RP": max(16, key_grid_pad(max(kh, kw))),
         "TP": max(16, key_grid_pad(2 * max(kh, kw) - 1)),
     }
+    return out, args, shape_meta
+
+
+def launch(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    table_h: Tensor,
+    table_w: Tensor,
+    scale: float,
+    kh: int,
+    kw: int,
+    *,
+    block_m: int | None = None,
+    m_steps: int = 1,
+    num_warps: int = 4,
+) -> Tensor:
+    """Run the kernel (autotuned unless `block_m` is given, as the interpreter tests do).
+    Shapes as `window_attention_op`; q, k, v may be any strided views with a unit last stride."""
+    out, args, shape_meta = kernel_arguments(q, k, v, table_h, table_w, scale, kh, kw)
+    b, heads, length, d = q.shape
     if block_m is None:
         grid = lambda meta: (triton.cdiv(length, meta["BLOCK_M"] * meta["M_STEPS"]), b * heads)  # noqa: E731
-        _launch((length, kh, kw, d, heads, q.dtype), grid, *args, **common)
+        _launch((length, kh, kw, d, heads, q.dtype), grid, *args, **shape_meta)
     else:
         grid = (triton.cdiv(length, block_m * m_steps), b * heads)
         _window_attention_kernel[grid](
-            *args, **common, BLOCK_M=block_m, M_STEPS=m_steps, num_warps=num_warps
+            *args, **shape_meta, BLOCK_M=block_m, M_STEPS=m_steps, num_warps=num_warps
         )
     return out
 
@@ -297,6 +315,7 @@ def window_rel_pos_attention(
 __all__ = [
     "MAX_KEYS",
     "fits_one_tile",
+    "kernel_arguments",
     "launch",
     "rel_pos_terms",
     "window_attention_op",
