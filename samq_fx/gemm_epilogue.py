@@ -127,22 +127,25 @@ if triton is not None:
         return y * scale * r
 
     @triton.jit
-    def _round_half_even(y, FAST_RCP: tl.constexpr):
-        """torch.round of y (|y| < 2^22): one cvt.rni on a GPU; under the interpreter (numpy,
-        float32) adding and subtracting 1.5·2^23 rounds the same way."""
-        if FAST_RCP:
-            return tl.inline_asm_elementwise(
-                "cvt.rni.f32.f32 $0, $1;", "=r,r", [y], dtype=tl.float32, is_pure=True, pack=1
-            )
-        return (y + 12582912.0) - 12582912.0
+    def int8_codes(y, zero):
+        """round(y) + zero clamped to [-128, 127], as int32, for y in float32 and an
+        integer-valued zero point. Clamping first (to [-128 - zero, 127 - zero]: integer bounds,
+        so it commutes with rounding) bounds y, then adding 1.5·2^23 rounds it half to even
+        (float addition's own rounding) and leaves the integer in the low mantissa bits: a
+        bitcast and an integer add give the code. No float-to-int conversion, which runs at a
+        sixteenth of the FMA rate, and no cvt.rni: two such conversions an element made int8's
+        GELU epilogue slower than float8's."""
+        y = tl.minimum(tl.maximum(y, -128.0 - zero), 127.0 - zero) + 12582912.0
+        return y.to(tl.int32, bitcast=True) + (tl.cast(zero, tl.int32) - 0x4B400000)
 
     @triton.jit
     def _in_registers(a):
         """a, moved through registers (a 32-bit mov of each packed 8-bit quad): the tensor-core
         dot then takes it from registers and reads only the other operand from shared memory.
-        For the int8 dot, whose wgmma is at most n224 wide, so that a 256-wide tile's two
-        instructions re-read x's tile from shared memory when both operands sit there. GPU only
-        (PTX); an experiment `bench/kernel_configs.py` times, in no autotuned config."""
+        That also frees x's operand buffer, so a 128 x 128 x 128 int8 tile with 3 stages fits
+        twice in an SM's shared memory: the autotuned configs with `A_IN_REGISTERS` run two
+        programs an SM, one's epilogue under the other's tensor-core loop (H100, SAM-B: qkv
+        0.139 -> 0.125 ms, lin2 0.143 -> 0.132; bench/RESULTS.md, session 12). GPU only (PTX)."""
         return tl.inline_asm_elementwise(
             "mov.b32 $0, $1;", "=r,r", [a], dtype=a.dtype, is_pure=True, pack=4
         )
@@ -186,11 +189,12 @@ if triton is not None:
         elif CODES != "none":
             y = y * inv_out
         if CODES == "int8":
-            y = _round_half_even(tl.minimum(tl.maximum(y, -4e6), 4e6), FAST_RCP)
-            return tl.minimum(tl.maximum(y + tl.load(SCALES + 2), -128.0), 127.0)
-        if CODES == "float8":
-            return tl.minimum(tl.maximum(y, -448.0), 448.0)
-        return y
+            out = int8_codes(y, tl.load(SCALES + 2))
+        elif CODES == "float8":
+            out = tl.minimum(tl.maximum(y, -448.0), 448.0)
+        else:
+            out = y
+        return out
 
     @triton.jit
     def _tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
@@ -326,6 +330,14 @@ if triton is not None:
             # two programs an SM (shared memory for two): H100, SAM-B's lin1 + GELU 7% faster
             (128, 128, 128, 4, 3, 2), (128, 128, 128, 4, 2, 2), (128, 128, 64, 4, 3, 2),
         )
+    ] + [  # x's tile through registers (`_in_registers`): shared memory for two programs an SM
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "PER_SM": 2,
+                       "A_IN_REGISTERS": True}, num_warps=w, num_stages=s,
+                      pre_hook=_set_descriptor_blocks)
+        for bm, bn, bk, w, s in (
+            (128, 128, 128, 4, 3), (128, 128, 128, 4, 2), (128, 128, 64, 4, 4),
+            (128, 128, 128, 8, 3), (64, 256, 64, 4, 3),
+        )
     ]  # fmt: skip
     _tuned_kernel_tma = triton.autotune(  # TMA zero-fills past K: any K % 32 == 0 runs
         _TMA_CONFIGS, key=_KEY
@@ -372,7 +384,8 @@ def chosen_kernels() -> dict[tuple, str]:
         meta = config.kwargs
         tile = (meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"])
         per_sm = f" x{meta['PER_SM']}" if "PER_SM" in meta else ""
-        picked[key] = f"{kernel} {tile} w={config.num_warps} s={config.num_stages}{per_sm}"
+        regs = " a-regs" if meta.get("A_IN_REGISTERS") else ""
+        picked[key] = f"{kernel} {tile} w={config.num_warps} s={config.num_stages}{per_sm}{regs}"
     return picked
 
 

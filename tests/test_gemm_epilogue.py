@@ -135,15 +135,18 @@ _INT8_INTERPRETER_SCRIPT = textwrap.dedent(
             wrong_codes += int(out.ne(ref).sum())
         else:
             worst = max(worst, float((out - y).abs().max() / y.abs().max()))
-    # rounding ties: integer sums / 2 land on k + 0.5, which rounds to even as torch.round does
+    # rounding ties: integer sums / 2 land on k + 0.5, which rounds to even as torch.round does,
+    # before the zero point is added (an odd zero point would flip the parity otherwise)
     x = torch.randint(-3, 4, (32, 32), dtype=torch.int8)
     w = torch.randint(-3, 4, (32, 32), dtype=torch.int8)
     ops = fe.Int8Operands(torch.zeros(32, dtype=torch.int32), torch.ones(32))
-    out = fe.launch(x, w, torch.tensor([1.0, 2.0, 0.0]), None, "none", codes="int8", int8=ops,
-                    out_dtype=torch.float32, block=(16, 16, 32))
     acc = (x.long() @ w.long().t()).double()
     assert int((acc % 2 == 1).sum()) > 100
-    wrong_codes += int(out.double().ne(torch.round(acc / 2).clamp(-128, 127)).sum())
+    for zero in (0.0, 3.0):
+        out = fe.launch(x, w, torch.tensor([1.0, 2.0, zero]), None, "none", codes="int8",
+                        int8=ops, out_dtype=torch.float32, block=(16, 16, 32))
+        ref = (torch.round(acc / 2) + zero).clamp(-128, 127)
+        wrong_codes += int(out.double().ne(ref).sum())
     # the persistent TMA kernel: K not a multiple of BLOCK_K (TMA zero-fills), 3 programs
     from triton.tools.tensor_descriptor import TensorDescriptor
     m, n, k = 50, 40, 96
