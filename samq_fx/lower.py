@@ -12,7 +12,9 @@ from the calibrated quantizers (`make_linear` below: `Int8Linear`, `Int4Linear`,
 `passes/fuse_attention.py` swaps the encoder's attention chains for one fused kernel,
 `passes/patch_embed_as_matmul.py` turns the patch-embedding convolution into a matmul, and
 `passes/fuse_linear_epilogue.py` (float8-static, int8-static) runs each encoder MLP's lin1 +
-GELU + lin2's input quantizer as one GEMM (`samq_fx/gemm_epilogue.py`). The last,
+GELU + lin2's input quantizer as one GEMM (`samq_fx/gemm_epilogue.py`), and
+`passes/fuse_attention_codes.py` (the same backends) has the window attention kernel write its
+output projection's input codes. The last,
 `cast_boundaries` (here), casts graph inputs to the compute dtype and float outputs back to
 float32, so `SamPredictor` feeds the lowered model exactly what it feeds `Sam`.
 
@@ -63,6 +65,7 @@ from samq_fx.gemm_epilogue import (
 )
 from samq_fx.meta import get_info
 from samq_fx.passes.fuse_attention import fuse_attention as fuse_attention_pass
+from samq_fx.passes.fuse_attention_codes import fuse_attention_codes
 from samq_fx.passes.fuse_linear_epilogue import fuse_linear_epilogue
 from samq_fx.passes.lower_linears import lower_linears
 from samq_fx.passes.patch_embed_as_matmul import patch_embed_as_matmul
@@ -194,6 +197,7 @@ class LoweringReport:
     unfused_attention: dict[str, str] = field(default_factory=dict)
     fused_epilogues: int = 0
     unfused_epilogues: dict[str, str] = field(default_factory=dict)
+    attention_codes: int = 0
     weight_bytes: int = 0
     fp16_weight_bytes: int = 0
 
@@ -203,7 +207,9 @@ class LoweringReport:
         head = (
             f"lowering {self.backend} ({self.dtype}, {self.device}): {len(self.lowered)} linears "
             f"lowered, {len(self.kept)} kept fake-quantized, {self.fused_attention} attentions "
-            f"fused ({self.attention}), {self.fused_epilogues} activation epilogues fused; weights {self.weight_bytes / 2**20:.1f} MiB "
+            f"fused ({self.attention}), {self.fused_epilogues} activation epilogues fused, "
+            f"{self.attention_codes} attentions write their projection's codes; "
+            f"weights {self.weight_bytes / 2**20:.1f} MiB "
             f"({self.weight_bytes / max(self.fp16_weight_bytes, 1):.2f}x fp16)"
         )
         return head + "\n" + format_table(("site", "status", "kernel / reason"), rows)
@@ -768,7 +774,10 @@ def lower(
         # autotuned kernel per prompt count would cost more than the round trip it saves
         fuse_mlp = cfg.fuse_epilogue and part == "image_encoder" and _has_mlp_epilogue(cfg)
         epilogue = [fuse_linear_epilogue] if fuse_mlp else []
-        passes = [lower_linears, *epilogue, *_float_passes(part, cfg.fuse_attention)]
+        *edits, cast = _float_passes(part, cfg.fuse_attention)
+        # the window kernel quantizes its output for the projection: same backends as the MLPs
+        codes = [fuse_attention_codes] if fuse_mlp and cfg.fuse_attention else []
+        passes = [lower_linears, *epilogue, *edits, *codes, cast]
         records = run_passes(gm, ctx, passes)
         results = {r.name: r.result for r in records}  # the latest run of each pass
         prefix = "enc" if part == "image_encoder" else "dec"
@@ -786,6 +795,8 @@ def lower(
         if "fuse_linear_epilogue" in results:
             report.fused_epilogues += results["fuse_linear_epilogue"].counts["fused"]
             report.unfused_epilogues.update(results["fuse_linear_epilogue"].rejected)
+        if "fuse_attention_codes" in results:
+            report.attention_codes += results["fuse_attention_codes"].counts["fused"]
         if "fuse_attention" in results:
             report.fused_attention += results["fuse_attention"].counts["fused"]
             report.unfused_attention.update(results["fuse_attention"].rejected)

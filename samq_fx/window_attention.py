@@ -21,6 +21,10 @@ qkv linear's output, (B, heads, L, D) with the token stride 3·C, so the head sp
 the output is written token-major, (B, L, heads·D), which is the layout the output projection
 reads, so the head merge is not copied either.
 
+With `codes` "float8" / "int8" the kernel also quantizes its output for the output projection
+(that linear's calibrated scale, and zero point for int8), so the projection reads 8-bit codes
+and no pass between the two reads and writes the output again.
+
 `window_attention_reference` is the same function in float32 PyTorch: the op's CPU
 implementation and what the tests compare the kernel with.
 """
@@ -30,7 +34,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from samq_fx.triton_attention import key_grid_pad
+from samq_fx.gemm_epilogue import quantize_int8_static
+from samq_fx.triton_attention import key_grid_pad, quantize_float8_static
 from samq_fx.tuned_launch import TunedLauncher
 
 try:
@@ -38,6 +43,11 @@ try:
     import triton.language as tl
 except ImportError:  # pragma: no cover - triton ships with PyTorch's Linux wheels
     triton = None
+
+CODES = ("none", "float8", "int8")
+"""What the kernel writes: the attention's output in the compute dtype ("none"), or the output
+projection's input codes, float8 e4m3 or int8 with a zero point, with that linear's calibrated
+scale (`passes/fuse_attention_codes.py`): the quantize pass between them goes."""
 
 MAX_KEYS = 256
 """The padded key grid (rows x padded row width) one tile holds: SAM's 14 x 14 windows are 14 x 16."""
@@ -86,13 +96,15 @@ def window_attention_reference(
 
 
 if triton is not None:
+    from samq_fx.gemm_epilogue import int8_codes
 
     @triton.jit
     def _window_attention_kernel(
-        Q, K, V, TH, TW, OUT,
+        Q, K, V, TH, TW, OUT, OUT_SCALE,
         stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn, stride_th, stride_tw, stride_ob, stride_om,
-        scale, HEADS, L, KH, KW,
+        scale, out_zero, HEADS, L, KH, KW,
+        CODES: tl.constexpr,
         D: tl.constexpr,
         DP: tl.constexpr,
         KWP: tl.constexpr,
@@ -149,6 +161,8 @@ if triton is not None:
         ).to(kt.dtype)
         scale_log2 = scale * LOG2E
         inv_scale = 1.0 / scale
+        # codes: the softmax's 1 / denominator and 1 / the projection's input scale, one multiply
+        inv_out = 1.0 if CODES == "none" else 1.0 / tl.load(OUT_SCALE)
         for step in tl.static_range(M_STEPS):
             offs_m = (tl.program_id(0) * M_STEPS + step) * BLOCK_M + tl.arange(0, BLOCK_M)
             m_ok = offs_m < L
@@ -172,7 +186,11 @@ if triton is not None:
             s = tl.where(key_ok[None, :], s, float("-inf"))
             p = tl.exp2(s - tl.max(s, 1)[:, None])
             denom = tl.sum(p, 1)
-            out = tl.dot(p.to(v.dtype), v) / denom[:, None]
+            out = tl.dot(p.to(v.dtype), v) * (inv_out / denom)[:, None]
+            if CODES == "float8":
+                out = tl.minimum(tl.maximum(out, -448.0), 448.0)
+            elif CODES == "int8":
+                out = int8_codes(out, out_zero)
             o_ptrs = OUT + b * stride_ob + offs_m[:, None] * stride_om + h * D + offs_d[None, :]
             tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
@@ -197,12 +215,16 @@ def kernel_arguments(
     scale: float,
     kh: int,
     kw: int,
+    out_scale: Tensor | None = None,
+    out_zero: int = 0,
+    codes: str = "none",
 ) -> tuple[Tensor, tuple, dict]:
     """Check the shapes and build one kernel call: (the output to fill, the kernel's positional
     arguments, its shape constexprs). `launch` adds the tile config; `bench/kernel_configs.py`
-    passes its own. Shapes as `window_attention_op`."""
+    passes its own. Arguments as `window_attention_op`."""
     if triton is None:
         raise RuntimeError("the window attention kernel needs Triton, which is not installed")
+    _check_codes(out_scale, codes)
     b, heads, length, d = q.shape
     if length != kh * kw or not fits_one_tile(kh, kw):
         raise ValueError(
@@ -218,12 +240,14 @@ def kernel_arguments(
         )
     q, k, v = [t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v)]
     table_h, table_w = table_h.to(q.dtype).contiguous(), table_w.to(q.dtype).contiguous()
-    out = torch.empty(b, length, heads * d, dtype=q.dtype, device=q.device)
+    out = torch.empty(b, length, heads * d, dtype=_out_dtype(q, codes), device=q.device)
     kwp = key_grid_pad(kw)
-    args = (q, k, v, table_h, table_w, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-            table_h.stride(0), table_w.stride(0), out.stride(0), out.stride(1),
-            float(scale), heads, length, kh, kw)  # fmt: skip
+    scale_arg = out_scale if out_scale is not None else out  # a pointer the kernel never reads
+    args = (q, k, v, table_h, table_w, out, scale_arg, *q.stride()[:3], *k.stride()[:3],
+            *v.stride()[:3], table_h.stride(0), table_w.stride(0), out.stride(0), out.stride(1),
+            float(scale), float(out_zero), heads, length, kh, kw)  # fmt: skip
     shape_meta = {
+        "CODES": codes,
         "D": d,
         "DP": max(16, key_grid_pad(d)),
         "KWP": kwp,
@@ -232,6 +256,20 @@ def kernel_arguments(
         "TP": max(16, key_grid_pad(2 * max(kh, kw) - 1)),
     }
     return out, args, shape_meta
+
+
+def _check_codes(out_scale: Tensor | None, codes: str) -> None:
+    if codes not in CODES:
+        raise ValueError(f"window attention codes {codes!r}; codes: {CODES}")
+    if (codes == "none") != (out_scale is None):
+        raise ValueError(
+            f"codes {codes!r} with out_scale {'None' if out_scale is None else 'given'}: "
+            "8-bit codes need the projection's input scale, and only they take one"
+        )
+
+
+def _out_dtype(q: Tensor, codes: str) -> torch.dtype:
+    return {"none": q.dtype, "float8": torch.float8_e4m3fn, "int8": torch.int8}[codes]
 
 
 def launch(
@@ -243,18 +281,24 @@ def launch(
     scale: float,
     kh: int,
     kw: int,
+    out_scale: Tensor | None = None,
+    out_zero: int = 0,
+    codes: str = "none",
     *,
     block_m: int | None = None,
     m_steps: int = 1,
     num_warps: int = 4,
 ) -> Tensor:
     """Run the kernel (autotuned unless `block_m` is given, as the interpreter tests do).
-    Shapes as `window_attention_op`; q, k, v may be any strided views with a unit last stride."""
-    out, args, shape_meta = kernel_arguments(q, k, v, table_h, table_w, scale, kh, kw)
+    Arguments as `window_attention_op`; q, k, v may be any strided views with a unit last
+    stride."""
+    out, args, shape_meta = kernel_arguments(
+        q, k, v, table_h, table_w, scale, kh, kw, out_scale, out_zero, codes
+    )
     b, heads, length, d = q.shape
     if block_m is None:
         grid = lambda meta: (triton.cdiv(length, meta["BLOCK_M"] * meta["M_STEPS"]), b * heads)  # noqa: E731
-        _launch((length, kh, kw, d, heads, q.dtype), grid, *args, **shape_meta)
+        _launch((length, kh, kw, d, heads, q.dtype, codes), grid, *args, **shape_meta)
     else:
         grid = (triton.cdiv(length, block_m * m_steps), b * heads)
         _window_attention_kernel[grid](
@@ -273,6 +317,9 @@ def window_attention_op(
     scale: float,
     kh: int,
     kw: int,
+    out_scale: Tensor | None = None,
+    out_zero: int = 0,
+    codes: str = "none",
 ) -> Tensor:
     """softmax(q·kᵀ·scale + rel_h[row(key)] + rel_w[col(key)])·v over each window's kh x kw keys,
     with rel_h, rel_w SAM's decomposed rel-pos terms of the unscaled q (`rel_pos_terms`).
@@ -282,20 +329,31 @@ def window_attention_op(
             split of the qkv linear's output, not copied); the compute dtype.
         table_h, table_w: the attention's rel_pos_h (2·kh - 1, D) and rel_pos_w (2·kw - 1, D).
         scale: the softmax scale (head_dim ** -0.5); q arrives unscaled.
+        out_scale, out_zero, codes: with `codes` "float8" or "int8", the output is the output
+            projection's input codes: out / out_scale (float8, clamped to ±448), or
+            round(out / out_scale) + out_zero clamped to [-128, 127] (int8, half to even), as
+            that linear's calibrated quantizer computes them. out_scale: 0-dim float32.
 
     Returns:
-        (B, L, heads·D), token-major: the layout the output projection reads. CUDA runs the
-        Triton kernel, the CPU `window_attention_reference`.
+        (B, L, heads·D), token-major: the layout the output projection reads; the compute dtype
+        or the codes' dtype. CUDA runs the Triton kernel, the CPU `window_attention_reference`
+        and the linear's quantizer.
     """
     if q.device.type == "cuda":
-        return launch(q, k, v, table_h, table_w, scale, kh, kw)
-    return window_attention_reference(q, k, v, table_h, table_w, scale, kh, kw)
+        return launch(q, k, v, table_h, table_w, scale, kh, kw, out_scale, out_zero, codes)
+    _check_codes(out_scale, codes)
+    out = window_attention_reference(q, k, v, table_h, table_w, scale, kh, kw)
+    if codes == "float8":
+        return quantize_float8_static(out, out_scale)
+    if codes == "int8":
+        return quantize_int8_static(out, out_scale, out_zero)
+    return out
 
 
 @window_attention_op.register_fake
-def _(q, k, v, table_h, table_w, scale, kh, kw):
+def _(q, k, v, table_h, table_w, scale, kh, kw, out_scale=None, out_zero=0, codes="none"):
     b, heads, length, d = q.shape
-    return q.new_empty((b, length, heads * d))
+    return q.new_empty((b, length, heads * d), dtype=_out_dtype(q, codes))
 
 
 def window_rel_pos_attention(
@@ -307,12 +365,17 @@ def window_rel_pos_attention(
     scale: float,
     kh: int,
     kw: int,
+    out_scale: Tensor | None = None,
+    out_zero: int = 0,
+    codes: str = "none",
 ) -> Tensor:
-    """`window_attention_op` under a plain function's name, the call `fuse_attention` inserts."""
-    return window_attention_op(q, k, v, table_h, table_w, scale, kh, kw)
+    """`window_attention_op` under a plain function's name, the call `fuse_attention` inserts
+    (and `fuse_attention_codes` extends with the projection's codes)."""
+    return window_attention_op(q, k, v, table_h, table_w, scale, kh, kw, out_scale, out_zero, codes)
 
 
 __all__ = [
+    "CODES",
     "MAX_KEYS",
     "fits_one_tile",
     "kernel_arguments",

@@ -198,6 +198,29 @@ def test_compiled_encoder_runs_the_window_kernel(calibrated):
     assert _sqnr(out, eager) > 25, f"compiled vs eager lowered: {_sqnr(out, eager):.1f} dB"
 
 
+@pytest.mark.parametrize("backend", ["float8-static", "int8-static"])
+def test_window_kernel_writes_the_projections_codes(calibrated, backend):
+    """float8-static / int8-static with the window kernel: each windowed attention writes its
+    output projection's 8-bit codes (`fuse_attention_codes`), in the compiled encoder too, and
+    the encoder computes what it computes with a separate quantize pass."""
+    if backend == "float8-static" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 needs sm_89+")
+    q = calibrated("W8A8-int8")
+    # fuse_epilogue=False also turns the codes pass off (same backends): the unfused reference
+    plain = samq_fx.lower(q, backend, window_attention="triton", fuse_epilogue=False, verbose=False)
+    lowered = samq_fx.lower(q, backend, window_attention="triton", verbose=False)
+    assert plain.samq_lowering_report.attention_codes == 0
+    assert lowered.samq_lowering_report.attention_codes >= 1
+    x = torch.randn(2, 3, 256, 256, device="cuda")
+    with torch.no_grad():
+        unfused, fused = plain.image_encoder(x), lowered.image_encoder(x)
+    assert _sqnr(fused, unfused) > 25, f"codes vs quantize pass: {_sqnr(fused, unfused):.1f} dB"
+    out, eager, fake, source = _compile_and_run(lowered, q)
+    assert "samq.window_attention" in source, "the compiled encoder does not call the kernel"
+    assert _sqnr(out, eager) > 25, f"compiled vs eager lowered: {_sqnr(out, eager):.1f} dB"
+    assert _sqnr(out, fake) > 20, f"lowered vs fake-quant: {_sqnr(out, fake):.1f} dB"
+
+
 def test_int4_default_dequantizes_every_linear(calibrated):
     """int4-weight's default kernel on CUDA: codes dequantized for the bf16 GEMM, in the encoder
     and the decoder alike (tinygemm only when asked: it is slow at SAM's row counts)."""

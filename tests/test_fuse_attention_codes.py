@@ -1,0 +1,79 @@
+"""passes/fuse_attention_codes.py on a small graph, on the CPU (the op's CPU path): the window
+attention writes the projection's int8 codes, the projection takes them, and the graph computes
+exactly what it computed before (the CPU path quantizes the same float output the projection
+quantized). What it leaves alone, and why. The compiled encoder on a GPU is in
+tests/test_lower_gpu.py."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+from torch import nn
+
+from samq_fx import gemm_epilogue, window_attention
+from samq_fx.meta import NodeInfo, get_info, set_info
+from samq_fx.passes.fuse_attention_codes import fuse_attention_codes
+from samq_fx.pipeline import PassContext
+
+B, HEADS, KH, KW, D = 2, 2, 4, 3, 8
+C = HEADS * D
+
+
+def _graph(proj: nn.Module, extra_user: bool = False) -> torch.fx.GraphModule:
+    """placeholders -> window attention -> reshape -> samq_lowered.proj -> output."""
+    root = nn.Module()
+    root.samq_lowered = nn.ModuleDict({"proj": proj})
+    g = torch.fx.Graph()
+    q, k, v, th, tw = (g.placeholder(n) for n in ("q", "k", "v", "th", "tw"))
+    attn = g.call_function(
+        window_attention.window_rel_pos_attention, (q, k, v, th, tw, D**-0.5, KH, KW)
+    )
+    attn.meta["val"] = torch.empty(B, KH * KW, C)
+    set_info(attn, NodeInfo("image_encoder", "blocks.0.attn", "Attention", role="fused_attention"))
+    flat = g.call_function(torch.ops.aten.reshape.default, (attn, [B, KH, KW, C]))
+    out = g.call_module("samq_lowered.proj", (flat,))
+    g.output((out, attn) if extra_user else out)
+    return torch.fx.GraphModule(root, g)
+
+
+def _int8_proj(seed: int = 0) -> gemm_epilogue.Int8Linear:
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-127, 128, (C, C), generator=g, dtype=torch.int8)
+    w_scale = torch.rand(C, generator=g) * 1e-2 + 1e-3
+    return gemm_epilogue.Int8Linear(codes, w_scale, 0.02, 5, torch.randn(C, generator=g),
+                                    torch.float32)  # fmt: skip
+
+
+def _inputs():
+    torch.manual_seed(1)
+    q, k, v = torch.randn(3, B, HEADS, KH * KW, D).unbind(0)
+    return q, k, v, torch.randn(2 * KH - 1, D), torch.randn(2 * KW - 1, D)
+
+
+def test_int8_projection_takes_the_kernels_codes_and_nothing_changes():
+    gm = _graph(_int8_proj())
+    inputs = _inputs()
+    before = gm(*inputs)
+    result = fuse_attention_codes(gm, PassContext("image_encoder", None))
+    gm.recompile()
+    assert result.counts == {"fused": 1} and result.rejected == {}
+    assert type(gm.get_submodule("samq_lowered.proj")) is gemm_epilogue.Int8LinearOnCodes
+    attn = next(n for n in gm.graph.nodes if n.target is window_attention.window_rel_pos_attention)
+    assert attn.args[-1] == "int8" and attn.args[-2] == 5
+    assert attn.meta["val"].dtype == torch.int8
+    assert get_info(attn).findings["fuse_attention_codes"] == {"codes": "int8", "consumer": "proj"}
+    assert torch.equal(gm(*inputs), before)
+    again = fuse_attention_codes(gm, PassContext("image_encoder", None))
+    assert again.counts == {"fused": 0}, "a second run must not stack codes twice"
+
+
+def test_leaves_other_projections_and_shared_outputs_alone():
+    plain = _graph(nn.Linear(C, C))
+    result = fuse_attention_codes(plain, PassContext("image_encoder", None))
+    assert result.counts == {"fused": 0}
+    assert "not a static float8 / int8 linear" in next(iter(result.rejected.values()))
+    shared = _graph(_int8_proj(), extra_user=True)
+    result = fuse_attention_codes(shared, PassContext("image_encoder", None))
+    assert result.counts == {"fused": 0}
+    assert "not only reshaped" in next(iter(result.rejected.values()))
+    assert type(shared.get_submodule("samq_lowered.proj")) is gemm_epilogue.Int8Linear
