@@ -4,11 +4,16 @@ compiler made of each: registers, spills, shared memory and the matrix instructi
 runs where it does, not for picking configs at run time (the autotuners do that).
 
     PYTHONPATH=. python3 bench/kernel_configs.py --json bench/kernel_configs_h100.json
-    PYTHONPATH=. python3 bench/kernel_configs.py --parts int8 --a-in-registers   # x in registers
+    PYTHONPATH=. python3 bench/kernel_configs.py --parts int8 --a-in-registers \
+        --kernels "tma x2" "tma x2 a-regs" --configs 128,128,128,4,3 128,256,128,8,3
+    PYTHONPATH=. python3 bench/kernel_configs.py --parts global
 
 GEMMs: SAM-B's encoder linears at batch 8 in float8 and int8, both kernels (`pointer`: a program
-a tile; `tma`: persistent, at 1 and 2 programs an SM). Window attention: SAM-B's 14 x 14
-windows (batch 8: 200 windows, 12 heads, head dim 64).
+a tile; `tma`: persistent, at 1 and 2 programs an SM; `a-regs`: x's tile through registers),
+and the autotuned `launch` with the config it picked. Window attention: SAM-B's 14 x 14
+windows (batch 8: 200 windows, 12 heads, head dim 64). Global attention: SAM-B's and SAM-H's
+64 x 64 grids at batch 8, float8, bf16, and float8 q·kᵀ with bf16 P·v, with the error against
+`attention_reference` on 8 of the heads.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ GEMM_SHAPES = (  # (name, M, N, K, activation, codes out)
 )
 GEMM_CONFIGS = (  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
     (128, 256, 128, 8, 3), (128, 256, 64, 8, 4), (128, 128, 128, 8, 4), (128, 128, 128, 4, 3),
-    (128, 128, 128, 4, 2), (128, 128, 64, 4, 3), (128, 256, 128, 8, 2),
+    (128, 128, 128, 4, 2), (128, 128, 64, 4, 3), (128, 256, 128, 8, 2), (128, 256, 128, 8, 4),
+    (256, 128, 128, 8, 3),
 )  # fmt: skip
 WINDOW_CONFIGS = (  # (BLOCK_M, M_STEPS, warps, stages)
     (64, 1, 4, 1), (64, 1, 8, 1), (64, 2, 4, 1), (64, 4, 4, 1), (64, 4, 8, 1),
@@ -59,9 +65,15 @@ def _bench(fn) -> float:
     return do_bench(fn, warmup=10, rep=60, return_mode="median")
 
 
-def gemm_rows(dtype: str, only: tuple | None = None, a_in_registers: bool = False) -> list[dict]:
-    """Each GEMM config on each shape; `a_in_registers` adds int8 variants whose dot takes x
-    from registers (`gemm_epilogue._in_registers`), named "... a-regs"."""
+def gemm_rows(
+    dtype: str,
+    only: tuple | None = None,
+    a_in_registers: bool = False,
+    configs=GEMM_CONFIGS,
+    kernels: tuple = (),
+) -> list[dict]:
+    """Each GEMM config on each shape; `a_in_registers` adds variants whose dot takes x from
+    registers (`gemm_epilogue._in_registers`), named "... a-regs"."""
     import triton
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -91,7 +103,7 @@ def gemm_rows(dtype: str, only: tuple | None = None, a_in_registers: bool = Fals
         flags = {"HAS_BIAS": True, "ACTIVATION": act, "CODES": codes, "INT8": extra is not None,
                  "HAS_ROW_SCALE": False, "FAST_RCP": True}  # fmt: skip
         flops = 2 * m * n * k
-        for bm, bn, bk, warps, stages in [only[1]] if only else GEMM_CONFIGS:
+        for bm, bn, bk, warps, stages in [only[1]] if only else configs:
             meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
                     "num_warps": warps, "num_stages": stages}  # fmt: skip
             tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
@@ -108,12 +120,12 @@ def gemm_rows(dtype: str, only: tuple | None = None, a_in_registers: bool = Fals
                 variants[f"tma x{per_sm}"] = partial(ge._linear_act_kernel_tma[(programs,)],
                     xd, wd, od, bias, scales, cz, cs, unused, m, n, k, **flags, **meta,
                     NUM_SMS=programs, PER_SM=1)  # fmt: skip
-            if a_in_registers and dtype == "int8":
-                for kernel_name in ("pointer", "tma x1"):
+            if a_in_registers:
+                for kernel_name in ("pointer", "tma x1", "tma x2"):
                     fn = variants[kernel_name]
                     variants[f"{kernel_name} a-regs"] = partial(fn, A_IN_REGISTERS=True)
             for kernel_name, fn in variants.items():
-                if only and kernel_name != only[2]:
+                if (only and kernel_name != only[2]) or (kernels and kernel_name not in kernels):
                     continue
                 row = {"kernel": kernel_name, "dtype": dtype, "shape": name, "M": m, "N": n,
                        "K": k, "config": [bm, bn, bk, warps, stages]}  # fmt: skip
@@ -140,7 +152,7 @@ def gemm_rows(dtype: str, only: tuple | None = None, a_in_registers: bool = Fals
         )
         auto()
         row = {"kernel": "launch (autotuned)", "dtype": dtype, "shape": name, "M": m, "N": n,
-               "K": k, "ms": _bench(auto)}  # fmt: skip
+               "K": k, "ms": _bench(auto), "picked": list(ge.chosen_kernels().values())[-1]}  # fmt: skip
         row["tops"] = flops / row["ms"] / 1e9
         rows.append(row)
         _print_row(row)
@@ -181,6 +193,67 @@ def window_rows(only: tuple | None = None) -> list[dict]:
     return rows
 
 
+GLOBAL_SHAPES = (("SAM-B global", 96, 64, 64, 64), ("SAM-H global", 128, 64, 64, 80))
+"""(name, batch x heads, key-grid height, width, head dim) at batch 8."""
+GLOBAL_VARIANTS = {"default": {}}
+
+
+def global_rows(only: tuple | None = None) -> list[dict]:
+    """The global rel-pos attention kernel (`triton_attention`) at each config, float8 and bf16,
+    with each kernel variant (`GLOBAL_VARIANTS`), against `attention_reference` on 8 heads."""
+    from samq_fx import triton_attention as ta
+
+    dev = "cuda"
+    rows = []
+    for name, bh, kh, kw, d in GLOBAL_SHAPES:
+        length = kh * kw
+        g = torch.Generator(device=dev).manual_seed(0)
+        q = torch.randn(bh, length, d, device=dev, generator=g) * d**-0.5
+        k = torch.randn(bh, length, d, device=dev, generator=g) + 1.0
+        v = torch.randn(bh, length, d, device=dev, generator=g)
+        rh = torch.randn(bh, kh, kw, kh, device=dev, generator=g)
+        rw = torch.randn(bh, kh, kw, kw, device=dev, generator=g)
+        for mode in ("float8", "float8 qk, bf16 pv", "bf16"):
+            args = ta.op_inputs(*(t.bfloat16() for t in (q, k, v, rh, rw)), mode.split()[0])
+            if mode == "float8 qk, bf16 pv":  # P·v in bf16: P needs no float8 layout change
+                one = torch.ones((), device=dev)
+                args = (*args[:2], v.bfloat16().transpose(1, 2).contiguous(), args[3], one,
+                        *args[5:])  # fmt: skip
+            qa, ka, vt, qk_scale, v_scale, rel_h, rel_w = args
+            ref = ta.attention_reference(*(a[:8] if a.dim() else a for a in args)).float()
+            out = torch.empty(bh, length, d, dtype=torch.bfloat16, device=dev)
+            dp = max(16, ta.key_grid_pad(d))
+            launch_args = (qa, ka, vt, out, rel_h, rel_w, qk_scale, v_scale,
+                           qa.stride(0), qa.stride(1), ka.stride(0), ka.stride(1),
+                           vt.stride(0), vt.stride(1), out.stride(0), out.stride(1),
+                           rel_h.stride(0), rel_h.stride(1), rel_w.stride(0), rel_w.stride(1),
+                           length, kh, kw)  # fmt: skip
+            for cfg in ta._CONFIGS:
+                bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+                config = [bm, bn, cfg.num_warps, cfg.num_stages]
+                if only and config != list(only[1]):
+                    continue
+                even = length % bm == 0 and d == dp and kh % (bn // kw) == 0
+                for variant, flags in GLOBAL_VARIANTS.items():
+                    if only and variant != only[2]:
+                        continue
+                    fn = partial(ta._rel_pos_attention_kernel[(length // bm, bh)], *launch_args,
+                                 D=d, DP=dp, KWP=kw, BLOCK_M=bm, BLOCK_N=bn, FLOAT8=vt.dtype != torch.bfloat16,
+                                 EVEN=even, EMULATE_ROUNDING=False, **flags,
+                                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
+                    row = {"kernel": f"global {mode} {variant}", "shape": name, "config": config}
+                    try:
+                        row.update(compiled_facts(fn()))
+                        err = (out[:8].float() - ref).norm() / ref.norm()
+                        row["rel_err"] = float(err)
+                        row["ms"] = _bench(fn)
+                    except Exception as err:
+                        row["error"] = f"{type(err).__name__}: {str(err)[:120]}"
+                    rows.append(row)
+                    _print_row(row)
+    return rows
+
+
 def _print_row(row: dict) -> None:
     print(json.dumps(row), flush=True)
 
@@ -188,7 +261,16 @@ def _print_row(row: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--parts", nargs="+", default=["window", "int8", "float8"])
+    parser.add_argument("--parts", nargs="+", default=["window", "global", "int8", "float8"])
+    parser.add_argument(
+        "--a-in-registers", action="store_true", help="also each config with x in registers"
+    )
+    parser.add_argument(
+        "--kernels", nargs="+", default=(), help="only these variants, e.g. 'tma x2 a-regs'"
+    )
+    parser.add_argument(
+        "--configs", nargs="+", help="GEMM tile configs to sweep, each 'BM,BN,BK,WARPS,STAGES'"
+    )
     parser.add_argument(
         "--only",
         help="one config, for a profiler: 'window:BM,STEPS,WARPS,STAGES' "
@@ -207,9 +289,19 @@ def main() -> None:
                 a_in_registers=kernel != rest[2],
             )
         return
+    configs = (
+        [tuple(int(v) for v in c.split(",")) for c in args.configs]
+        if args.configs
+        else GEMM_CONFIGS
+    )
     rows = []
     for part in args.parts:
-        rows += window_rows() if part == "window" else gemm_rows(part, None, args.a_in_registers)
+        if part == "window":
+            rows += window_rows()
+        elif part == "global":
+            rows += global_rows()
+        else:
+            rows += gemm_rows(part, None, args.a_in_registers, configs, tuple(args.kernels))
     table = [
         (r.get("shape", "window"), r.get("dtype", ""), r["kernel"], str(r.get("config", "")),
          f"{r['ms']:.3f}" if "ms" in r else r.get("error", ""), str(r.get("regs", "")),
