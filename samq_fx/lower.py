@@ -141,7 +141,9 @@ class LowerConfig(DictConfig):
         strict: raise instead of keeping a layer fake-quantized.
         fuse_epilogue: float8-static and int8-static: run each image-encoder MLP (lin1 ->
             GELU -> lin2) as one 8-bit GEMM whose epilogue applies the GELU and writes lin2's
-            8-bit input (`samq_fx.gemm_epilogue`), instead of a bf16 round trip between them.
+            8-bit input (`samq_fx.gemm_epilogue`), instead of a bf16 round trip between them;
+            and have the window attention kernel write its output projection's 8-bit input
+            (`passes/fuse_attention_codes.py`).
         int4_kernel: int4-weight: one of `INT4_KERNELS`, "dequant" (CPU and CUDA) or
             "tinygemm" (CUDA and bf16 only; refused with the reason elsewhere).
         int8_kernel: int8-static / int8-dynamic: one of `INT8_KERNELS`, "samq" (this
@@ -705,7 +707,8 @@ def lower(
         strict: raise `LoweringError` if any quantized layer has no kernel (else it stays
             fake-quantized, with a warning that names it).
         fuse_epilogue: float8-static and int8-static: fuse each encoder MLP's GELU and the
-            next linear's input quantizer into the first GEMM (see `LowerConfig`).
+            next linear's input quantizer into the first GEMM, and each window attention's
+            output projection's quantizer into the window kernel (see `LowerConfig`).
         int4_kernel: int4-weight: "dequant" or "tinygemm" (`INT4_KERNELS`).
         int8_kernel: int8-static / int8-dynamic: "samq" or "torchao" (`INT8_KERNELS`).
         compile: wrap the image encoder and mask decoder in `torch.compile(fullgraph=True)`.
