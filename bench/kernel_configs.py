@@ -219,27 +219,20 @@ def global_rows(only: tuple | None = None) -> list[dict]:
                 one = torch.ones((), device=dev)
                 args = (*args[:2], v.bfloat16().transpose(1, 2).contiguous(), args[3], one,
                         *args[5:])  # fmt: skip
-            qa, ka, vt, qk_scale, v_scale, rel_h, rel_w = args
             ref = ta.attention_reference(*(a[:8] if a.dim() else a for a in args)).float()
-            out = torch.empty(bh, length, d, dtype=torch.bfloat16, device=dev)
-            dp = max(16, ta.key_grid_pad(d))
-            launch_args = (qa, ka, vt, out, rel_h, rel_w, qk_scale, v_scale,
-                           qa.stride(0), qa.stride(1), ka.stride(0), ka.stride(1),
-                           vt.stride(0), vt.stride(1), out.stride(0), out.stride(1),
-                           rel_h.stride(0), rel_h.stride(1), rel_w.stride(0), rel_w.stride(1),
-                           length, kh, kw)  # fmt: skip
+            out, launch_args, common = ta.kernel_arguments(*args)
             for cfg in ta._CONFIGS:
                 bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
                 config = [bm, bn, cfg.num_warps, cfg.num_stages]
                 if only and config != list(only[1]):
                     continue
-                even = length % bm == 0 and d == dp and kh % (bn // kw) == 0
+                tile = {"L": length, "KH": kh, "KW": kw, "BLOCK_M": bm, "BLOCK_N": bn}
+                even = ta._even({**common, **tile})
                 for variant, flags in GLOBAL_VARIANTS.items():
                     if only and variant != only[2]:
                         continue
                     fn = partial(ta._rel_pos_attention_kernel[(length // bm, bh)], *launch_args,
-                                 D=d, DP=dp, KWP=kw, BLOCK_M=bm, BLOCK_N=bn, FLOAT8=vt.dtype != torch.bfloat16,
-                                 EVEN=even, EMULATE_ROUNDING=False, **flags,
+                                 **common, BLOCK_M=bm, BLOCK_N=bn, EVEN=even, **flags,
                                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
                     row = {"kernel": f"global {mode} {variant}", "shape": name, "config": config}
                     try:

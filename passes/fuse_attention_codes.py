@@ -31,7 +31,6 @@ from samq_fx.passes.lower_linears import LOWERED_ATTR
 from samq_fx.pipeline import PassContext, PassResult
 
 PASS_NAME = "fuse_attention_codes"
-_CODES_DTYPE = {"float8": torch.float8_e4m3fn, "int8": torch.int8}
 
 
 def _on_codes(proj: torch.nn.Module) -> tuple[str, torch.nn.Module, int] | str:
@@ -88,7 +87,7 @@ def fuse_attention_codes(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResu
         for node in (attn, reshape):
             val = node.meta.get("val")
             if isinstance(val, torch.Tensor):
-                node.meta["val"] = val.to(_CODES_DTYPE[codes])
+                node.meta["val"] = val.to(window_attention.output_dtype(codes, val.dtype))
         consumer = proj.target.removeprefix(f"{LOWERED_ATTR}.")
         add_finding(attn, PASS_NAME, {"codes": codes, "consumer": consumer})
         result.counts["fused"] += 1

@@ -224,6 +224,42 @@ if triton is not None:
     _launch = TunedLauncher(_tuned_kernel)
 
 
+def kernel_arguments(
+    q: Tensor,
+    k: Tensor,
+    vt: Tensor,
+    qk_scale: Tensor,
+    v_scale: Tensor,
+    rel_h: Tensor,
+    rel_w: Tensor,
+) -> tuple[Tensor, tuple, dict]:
+    """Check the shapes and build one kernel call: (the output to fill, the kernel's positional
+    arguments, its shape and dtype constexprs). `launch` adds the tile config;
+    `bench/kernel_configs.py` passes its own. Shapes as `rel_pos_attention_op`."""
+    if triton is None:
+        raise RuntimeError("the rel-pos attention kernel needs Triton, which is not installed")
+    bh, length, d = q.shape
+    kh, kw = rel_h.shape[-1], rel_w.shape[-1]
+    if d > 256:
+        raise ValueError(
+            f"head dim {d} > 256: the kernel keeps a query block's output in registers"
+        )
+    q, k, vt, rel_h, rel_w = [t.contiguous() for t in (q, k, vt, rel_h, rel_w)]
+    out = torch.empty(bh, length, d, dtype=rel_h.dtype, device=q.device)
+    args = (q, k, vt, out, rel_h, rel_w, qk_scale, v_scale,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), vt.stride(0), vt.stride(1),
+            out.stride(0), out.stride(1), rel_h.stride(0), rel_h.stride(1),
+            rel_w.stride(0), rel_w.stride(1), length, kh, kw)  # fmt: skip
+    common = {
+        "D": d,
+        "DP": max(16, key_grid_pad(d)),
+        "KWP": key_grid_pad(kw),
+        "FLOAT8": vt.dtype == torch.float8_e4m3fn,  # P·v in float8
+        "EMULATE_ROUNDING": q.device.type == "cpu",  # the interpreter
+    }
+    return out, args, common
+
+
 def launch(
     q: Tensor,
     k: Tensor,
@@ -239,25 +275,10 @@ def launch(
 ) -> Tensor:
     """Run the Triton kernel (autotuned unless `block_m` is given, as the interpreter tests do;
     `block_n` a multiple of the padded key-grid width). Shapes as `rel_pos_attention_op`."""
-    if triton is None:
-        raise RuntimeError("the rel-pos attention kernel needs Triton, which is not installed")
+    out, args, common = kernel_arguments(q, k, vt, qk_scale, v_scale, rel_h, rel_w)
     bh, length, d = q.shape
     kh, kw = rel_h.shape[-1], rel_w.shape[-1]
-    if d > 256:
-        raise ValueError(
-            f"head dim {d} > 256: the kernel keeps a query block's output in registers"
-        )
-    kwp = key_grid_pad(kw)
-    q, k, vt, rel_h, rel_w = [t.contiguous() for t in (q, k, vt, rel_h, rel_w)]
-    out = torch.empty(bh, length, d, dtype=rel_h.dtype, device=q.device)
-    float8 = vt.dtype == torch.float8_e4m3fn  # P·v in float8
-    args = (q, k, vt, out, rel_h, rel_w, qk_scale, v_scale,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), vt.stride(0), vt.stride(1),
-            out.stride(0), out.stride(1), rel_h.stride(0), rel_h.stride(1),
-            rel_w.stride(0), rel_w.stride(1), length, kh, kw)  # fmt: skip
-    interpreted = q.device.type == "cpu"
-    dp = max(16, key_grid_pad(d))
-    common = {"D": d, "DP": dp, "KWP": kwp, "FLOAT8": float8, "EMULATE_ROUNDING": interpreted}
+    kwp, dp, float8 = common["KWP"], common["DP"], common["FLOAT8"]
     if block_m is None:
         grid = lambda meta: (triton.cdiv(length, meta["BLOCK_M"]), bh)  # noqa: E731
         key = (length, kh, kw, d, float8, q.dtype, k.dtype, rel_h.dtype)
@@ -393,6 +414,7 @@ __all__ = [
     "P_SCALE",
     "attention_flops",
     "attention_reference",
+    "kernel_arguments",
     "key_grid_pad",
     "launch",
     "op_inputs",

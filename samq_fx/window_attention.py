@@ -240,7 +240,7 @@ def kernel_arguments(
         )
     q, k, v = [t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v)]
     table_h, table_w = table_h.to(q.dtype).contiguous(), table_w.to(q.dtype).contiguous()
-    out = torch.empty(b, length, heads * d, dtype=_out_dtype(q, codes), device=q.device)
+    out = torch.empty(b, length, heads * d, dtype=output_dtype(codes, q.dtype), device=q.device)
     kwp = key_grid_pad(kw)
     scale_arg = out_scale if out_scale is not None else out  # a pointer the kernel never reads
     args = (q, k, v, table_h, table_w, out, scale_arg, *q.stride()[:3], *k.stride()[:3],
@@ -268,8 +268,9 @@ def _check_codes(out_scale: Tensor | None, codes: str) -> None:
         )
 
 
-def _out_dtype(q: Tensor, codes: str) -> torch.dtype:
-    return {"none": q.dtype, "float8": torch.float8_e4m3fn, "int8": torch.int8}[codes]
+def output_dtype(codes: str, compute_dtype: torch.dtype) -> torch.dtype:
+    """The kernel's output dtype for `codes` (one of `CODES`)."""
+    return {"none": compute_dtype, "float8": torch.float8_e4m3fn, "int8": torch.int8}[codes]
 
 
 def launch(
@@ -353,7 +354,7 @@ def window_attention_op(
 @window_attention_op.register_fake
 def _(q, k, v, table_h, table_w, scale, kh, kw, out_scale=None, out_zero=0, codes="none"):
     b, heads, length, d = q.shape
-    return q.new_empty((b, length, heads * d), dtype=_out_dtype(q, codes))
+    return q.new_empty((b, length, heads * d), dtype=output_dtype(codes, q.dtype))
 
 
 def window_rel_pos_attention(
@@ -380,6 +381,7 @@ __all__ = [
     "fits_one_tile",
     "kernel_arguments",
     "launch",
+    "output_dtype",
     "rel_pos_terms",
     "window_attention_op",
     "window_attention_reference",
