@@ -6,14 +6,15 @@ runs where it does, not for picking configs at run time (the autotuners do that)
     PYTHONPATH=. python3 bench/kernel_configs.py --json bench/kernel_configs_h100.json
     PYTHONPATH=. python3 bench/kernel_configs.py --parts int8 --a-in-registers \
         --kernels "tma x2" "tma x2 a-regs" --configs 128,128,128,4,3 128,256,128,8,3
-    PYTHONPATH=. python3 bench/kernel_configs.py --parts global
+    PYTHONPATH=. python3 bench/kernel_configs.py --parts global global-tables
 
 GEMMs: SAM-B's encoder linears at batch 8 in float8 and int8, both kernels (`pointer`: a program
 a tile; `tma`: persistent, at 1 and 2 programs an SM; `a-regs`: x's tile through registers),
 and the autotuned `launch` with the config it picked. Window attention: SAM-B's 14 x 14
 windows (batch 8: 200 windows, 12 heads, head dim 64). Global attention: SAM-B's and SAM-H's
 64 x 64 grids at batch 8, float8, bf16, and float8 q·kᵀ with bf16 P·v, with the error against
-`attention_reference` on 8 of the heads.
+`attention_reference` on 8 of the heads; `global-tables`: the same grids as `fuse_attention`
+wires them now (rel-pos terms from the tables inside, q, k, v read from the qkv output).
 """
 
 from __future__ import annotations
@@ -44,10 +45,11 @@ GEMM_CONFIGS = (  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
     (128, 128, 128, 4, 2), (128, 128, 64, 4, 3), (128, 256, 128, 8, 2), (128, 256, 128, 8, 4),
     (256, 128, 128, 8, 3),
 )  # fmt: skip
-WINDOW_CONFIGS = (  # (BLOCK_M, M_STEPS, warps, stages)
-    (64, 1, 4, 1), (64, 1, 8, 1), (64, 2, 4, 1), (64, 4, 4, 1), (64, 4, 8, 1),
-    (128, 1, 4, 1), (128, 1, 8, 1), (128, 2, 8, 1), (32, 1, 4, 1), (32, 2, 4, 1),
-    (64, 2, 4, 2), (64, 4, 4, 2),
+WINDOW_CONFIGS = (  # (BLOCK_M, M_STEPS, warps, stages, maxnreg)
+    (64, 1, 4, 1, None), (64, 1, 8, 1, None), (64, 2, 4, 1, None), (64, 4, 4, 1, None),
+    (64, 4, 8, 1, None), (128, 1, 4, 1, None), (128, 1, 8, 1, None), (128, 2, 8, 1, None),
+    (32, 1, 4, 1, None), (32, 2, 4, 1, None), (64, 2, 4, 2, None), (64, 4, 4, 2, None),
+    (64, 1, 8, 1, 128), (64, 2, 8, 1, 128), (64, 4, 8, 1, 128),
 )  # fmt: skip
 
 
@@ -171,11 +173,11 @@ def window_rows(only: tuple | None = None) -> list[dict]:
     out, args, shape_meta = wa.kernel_arguments(q, k, v, th, tw, d**-0.5, kh, kw)
     ref = None if only else wa.launch(q, k, v, th, tw, d**-0.5, kh, kw)
     rows = []
-    for bm, steps, warps, stages in [only] if only else WINDOW_CONFIGS:
+    for bm, steps, warps, stages, regs in [only] if only else WINDOW_CONFIGS:
         grid = (-(-length // (bm * steps)), windows * heads)
         fn = partial(wa._window_attention_kernel[grid], *args, **shape_meta, BLOCK_M=bm,
-                     M_STEPS=steps, num_warps=warps, num_stages=stages)  # fmt: skip
-        row = {"kernel": "window", "config": [bm, steps, warps, stages]}
+                     M_STEPS=steps, num_warps=warps, num_stages=stages, maxnreg=regs)  # fmt: skip
+        row = {"kernel": "window", "config": [bm, steps, warps, stages, regs]}
         try:
             row.update(compiled_facts(fn()))
             if ref is not None:
@@ -223,8 +225,8 @@ def global_rows(only: tuple | None = None) -> list[dict]:
             out, launch_args, common = ta.kernel_arguments(*args)
             for cfg in ta._CONFIGS:
                 bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-                config = [bm, bn, cfg.num_warps, cfg.num_stages]
-                if only and config != list(only[1]):
+                config = [bm, bn, cfg.num_warps, cfg.num_stages, cfg.maxnreg]
+                if only and config[:4] != list(only[1]):
                     continue
                 tile = {"L": length, "KH": kh, "KW": kw, "BLOCK_M": bm, "BLOCK_N": bn}
                 even = ta._even({**common, **tile})
@@ -233,7 +235,7 @@ def global_rows(only: tuple | None = None) -> list[dict]:
                         continue
                     fn = partial(ta._rel_pos_attention_kernel[(length // bm, bh)], *launch_args,
                                  **common, BLOCK_M=bm, BLOCK_N=bn, EVEN=even, **flags,
-                                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
+                                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg)  # fmt: skip
                     row = {"kernel": f"global {mode} {variant}", "shape": name, "config": config}
                     try:
                         row.update(compiled_facts(fn()))
@@ -244,6 +246,66 @@ def global_rows(only: tuple | None = None) -> list[dict]:
                         row["error"] = f"{type(err).__name__}: {str(err)[:120]}"
                     rows.append(row)
                     _print_row(row)
+    return rows
+
+
+def global_tables_rows() -> list[dict]:
+    """The global attention as `fuse_attention` now wires it (`global_attention_op`): the
+    rel-pos terms kernel (q and the tables), then the attention kernel reading q, k, v from a
+    qkv output (bf16: strided views; float8: static codes) and writing token-major, at each
+    config, against `global_attention_reference` on the first image; the autotuned op and
+    the rel-pos terms kernel alone."""
+    from samq_fx import triton_attention as ta
+
+    dev = "cuda"
+    rows = []
+    for name, bh, kh, kw, d in GLOBAL_SHAPES:
+        length, heads = kh * kw, bh // 8
+        g = torch.Generator(device=dev).manual_seed(0)
+        qkv = torch.randn(8, length, 3, heads, d, device=dev, generator=g).bfloat16()
+        qkv[:, :, 1] += 1.0
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        th = torch.randn(2 * kh - 1, d, device=dev, generator=g).bfloat16() * 0.1
+        tw = torch.randn(2 * kw - 1, d, device=dev, generator=g).bfloat16() * 0.1
+        scale = d**-0.5
+        scales = torch.stack([t.float().abs().amax() / 448 for t in (q * scale, k, v)])
+        q8 = ta.quantize_float8_static(q * scale, scales[0])
+        k8 = ta.quantize_float8_static(k, scales[1])
+        vt8 = ta.quantize_float8_static(v, scales[2]).transpose(-1, -2).contiguous()
+        rel_h, rel_w = ta.rel_pos_terms_triton(q, th, tw, kh, kw)
+        for mode, args in (
+            ("float8", (q, k8, vt8, th, tw, scale, kh, kw, q8, scales)),
+            ("bf16", (q, k, v.transpose(-1, -2), th, tw, scale, kh, kw, None, None)),
+        ):
+            first = [a[:1] if isinstance(a, torch.Tensor) and a.dim() == 4 else a for a in args]
+            ref = ta.global_attention_reference(*first).float()
+            q_dot = args[0] if args[8] is None else args[8]
+            out, launch_args, common = ta.global_kernel_arguments(
+                q_dot, args[1], args[2], rel_h, rel_w, scale, args[9]
+            )
+            for cfg in ta._CONFIGS:
+                bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+                tile = {"L": length, "KH": kh, "KW": kw, "BLOCK_M": bm, "BLOCK_N": bn}
+                fn = partial(ta._rel_pos_attention_kernel[(length // bm, bh)], *launch_args,
+                             **common, BLOCK_M=bm, BLOCK_N=bn, EVEN=ta._even({**common, **tile}),
+                             num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg)  # fmt: skip
+                config = [bm, bn, cfg.num_warps, cfg.num_stages, cfg.maxnreg]
+                row = {"kernel": f"global tables {mode}", "shape": name, "config": config}
+                try:
+                    row.update(compiled_facts(fn()))
+                    row["rel_err"] = float((out[:1].float() - ref).norm() / ref.norm())
+                    row["ms"] = _bench(fn)
+                except Exception as err:
+                    row["error"] = f"{type(err).__name__}: {str(err)[:120]}"
+                rows.append(row)
+                _print_row(row)
+            auto = partial(ta.launch_global, *args)
+            rows.append({"kernel": f"global tables {mode} (autotuned, with the rel-pos kernel)",
+                         "shape": name, "ms": _bench(auto)})  # fmt: skip
+            _print_row(rows[-1])
+        terms = partial(ta.rel_pos_terms_triton, q, th, tw, kh, kw)
+        rows.append({"kernel": "global rel-pos terms kernel", "shape": name, "ms": _bench(terms)})
+        _print_row(rows[-1])
     return rows
 
 
@@ -266,14 +328,15 @@ def main() -> None:
     )
     parser.add_argument(
         "--only",
-        help="one config, for a profiler: 'window:BM,STEPS,WARPS,STAGES' "
+        help="one config, for a profiler: 'window:BM,STEPS,WARPS,STAGES[,MAXNREG]' "
         "or 'int8|float8:SHAPE:BM,BN,BK,WARPS,STAGES:KERNEL'",
     )
     args = parser.parse_args()
     if args.only:
         part, *rest = args.only.split(":")
         if part == "window":
-            window_rows(tuple(int(v) for v in rest[0].split(",")))
+            values = [int(v) for v in rest[0].split(",")]
+            window_rows(tuple(values + [None] * (5 - len(values))))  # maxnreg optional
         else:
             kernel = rest[2].removesuffix(" a-regs")
             gemm_rows(
@@ -293,6 +356,8 @@ def main() -> None:
             rows += window_rows()
         elif part == "global":
             rows += global_rows()
+        elif part == "global-tables":
+            rows += global_tables_rows()
         else:
             rows += gemm_rows(part, None, args.a_in_registers, configs, tuple(args.kernels))
     table = [

@@ -20,6 +20,11 @@ A windowed attention with "triton" gets `samq_fx.window_attention` instead, wire
 head split and merge: it reads q, k, v as strided views of the qkv output, takes the rel-pos
 tables (it computes rel_h / rel_w itself) and its (B, L, C) output feeds the projection through a
 reshape; where that structure is not found it falls back to the general kernel with a note.
+A global attention with "triton", or with "float8" and calibrated q, k, v, is wired the same
+way to `triton_attention.global_rel_pos_attention` (a rel-pos terms kernel from q and the
+tables, then the attention kernel; float8: q, k, v codes from their static scales made by
+plain ops inductor fuses): SAM's head split copies, the q permute, the two einsums and the
+head merge go (`_WIRED` lists the wirings).
 Calibrated attention inputs: where q, k and v each pass through an 8-bit per-tensor quantizer
 (the "W8A8-int8-attn" preset puts them on the global attentions), the "float8" kernel takes
 their calibrated ranges as static float8 scales (`rel_pos_attention_float8_static`: no amax
@@ -30,7 +35,8 @@ quantizer silently. The mask decoder's attentions
 (a few tokens against the image, well under 1% of SAM's time) are not touched.
 
 Reads: NodeInfo roles and attn_path. Writes: the fused node carries the av_matmul's record with
-role "fused_attention" and `findings["fuse_attention"]` = {"rel_pos": bool, "kernel": name,
+role "fused_attention" and `findings["fuse_attention"]` = {"rel_pos": bool, "kernel": name
+(the kernel asked for, or "triton-window" / "triton-global" / "float8-global" where wired),
 "scales": "static" | "dynamic" | None (8-bit q, k, v scales: calibrated, per call, none)}.
 Invariant: the function computed is unchanged up to the kernels' float rounding ("flex",
 "triton") or their 8-bit rounding of q, k, v and P ("float8", "int8-qk"; with static scales
@@ -236,17 +242,19 @@ def _rel_pos_table(gm: torch.fx.GraphModule, term, q, axis: int, size: int):
     return table
 
 
-def _fuse_window(gm: torch.fx.GraphModule, q_scaled, k, v, rel_h, rel_w, av) -> torch.fx.Node:
-    """Wire `window_attention.window_attention_op` straight to the qkv linear's output, the
-    rel-pos tables and the output projection's input, so neither the head split nor the head
-    merge is copied and the rel-pos terms are computed in the kernel. Returns the node that now
-    feeds the projection; LookupError (graph untouched) if SAM's structure around the attention
-    is not there or the window does not fit the kernel's key tile."""
+def _wire_to_qkv(gm, path, q_scaled, k, v, rel_h, rel_w, av, kernel, fits, quantizers):
+    """Wire `kernel` (`window_rel_pos_attention` or `global_rel_pos_attention`) straight to the
+    qkv linear's output, the rel-pos tables and the output projection's input, so neither the
+    head split nor the head merge is copied and the rel-pos terms are computed in the kernel.
+    `fits(kh, kw)` says whether the kernel takes the key grid; `quantizers` (global only):
+    q's, k's and v's calibrated ones, whose static float8 scales the call gets. Returns the
+    node that now feeds the projection; LookupError (graph untouched) if SAM's structure around
+    the attention is not there or the grid does not fit."""
     qkv5, scale, q = _head_split(q_scaled, k, v)
     merged = _head_merge(av)
     kh, kw = (t.meta["val"].shape[-1] for t in (rel_h, rel_w))
-    if not all(isinstance(n, int) for n in (kh, kw)) or not window_attention.fits_one_tile(kh, kw):
-        raise LookupError(f"a {kh} x {kw} key grid does not fit the window kernel's key tile")
+    if not all(isinstance(n, int) for n in (kh, kw)) or not fits(kh, kw):
+        raise LookupError(f"a {kh} x {kw} key grid does not fit the kernel")
     table_h = _rel_pos_table(gm, rel_h, q, 0, kh)
     table_w = _rel_pos_table(gm, rel_w, q, 1, kw)
     graph = gm.graph
@@ -254,11 +262,13 @@ def _fuse_window(gm: torch.fx.GraphModule, q_scaled, k, v, rel_h, rel_w, av) -> 
         views = [graph.call_function(aten.select.int, (qkv5, 0, i)) for i in range(3)]
     for i, node in enumerate(views):
         node.meta = {"val": qkv5.meta["val"][i]} if "val" in qkv5.meta else {}
+    args = (*views, table_h, table_w, scale, kh, kw)
+    if kernel is triton_attention.global_rel_pos_attention:
+        with graph.inserting_before(merged):
+            scales = _static_scales(gm, path, quantizers) if quantizers else None
+        args = (*args, scales)
     with graph.inserting_before(merged):
-        fused = graph.call_function(
-            window_attention.window_rel_pos_attention,
-            (*views, table_h, table_w, scale, kh, kw),
-        )
+        fused = graph.call_function(kernel, args)
         out = graph.call_function(aten.reshape.default, (fused, merged.args[1]))
     fused.meta = dict(av.meta)
     if "val" in merged.meta:
@@ -266,6 +276,32 @@ def _fuse_window(gm: torch.fx.GraphModule, q_scaled, k, v, rel_h, rel_w, av) -> 
     out.meta = dict(merged.meta)
     merged.replace_all_uses_with(out)
     return fused
+
+
+def _whole_grid(kh: int, kw: int) -> bool:
+    return True
+
+
+_WIRED = {
+    ("enc_window", "triton", False): (
+        window_attention.window_rel_pos_attention,
+        window_attention.fits_one_tile,
+        "triton-window",
+    ),
+    ("enc_global", "triton", False): (
+        triton_attention.global_rel_pos_attention,
+        _whole_grid,
+        "triton-global",
+    ),
+    ("enc_global", "float8", True): (
+        triton_attention.global_rel_pos_attention,
+        _whole_grid,
+        "float8-global",
+    ),
+}
+"""(attention kind, kernel, q, k, v calibrated) -> the kernel wired to the qkv output and the
+projection's input, whether it takes a key grid, its name in the findings. Dynamic-scale 8-bit
+kernels are not wired: their amax passes read q, k, v in the head-split layout anyway."""
 
 
 def fuse_attention(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -297,12 +333,16 @@ def fuse_attention(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             )
             continue
         fused = None
-        if kernel_name == "triton" and info.attn_kind == "enc_window":
+        wired = _WIRED.get((info.attn_kind, kernel_name, bool(quantizers)))
+        if wired is not None:
+            kernel, fits, wired_name = wired
             try:
-                fused = _fuse_window(gm, q, k, v, rel_h, rel_w, av)
-                kernel_name = "triton-window"
+                fused = _wire_to_qkv(
+                    gm, info.attn_path, q, k, v, rel_h, rel_w, av, kernel, fits, quantizers
+                )
+                kernel_name = wired_name
             except LookupError as err:  # the general Triton kernel takes it, with the copies
-                result.notes.append(f"{info.attn_path}: window kernel not wired ({err})")
+                result.notes.append(f"{info.attn_path}: {wired_name} kernel not wired ({err})")
         if fused is None:
             with gm.graph.inserting_before(av):
                 if rel_h is None:

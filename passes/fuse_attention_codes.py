@@ -1,14 +1,15 @@
-"""fuse_attention_codes: the window attention kernel writes the output projection's 8-bit input.
+"""fuse_attention_codes: the attention kernels write the output projection's 8-bit input.
 
-After `fuse_attention` wired a windowed attention to the Triton window kernel and
-`lower_linears` lowered the projection, the encoder reads
+After `fuse_attention` wired an attention to the Triton window kernel or the global kernel
+(`window_rel_pos_attention`, `global_rel_pos_attention`: both write the (B, L, C) layout the
+projection reads) and `lower_linears` lowered the projection, the encoder reads
 
-    window_rel_pos_attention(q, k, v, tables, ...) -> aten.reshape -> call_module(samq_lowered.<proj>)
+    <kernel>(q, k, v, tables, ...) -> aten.reshape -> call_module(samq_lowered.<proj>)
 
 where the projection (`Float8Linear` / `Int8Linear`) first quantizes its input with its
 calibrated scale (and zero point): one more pass that reads the attention's output and writes it
-again as codes, about 30 µs a block on SAM-B at batch 8. This pass gives the kernel that scale,
-so it writes the codes itself (`window_attention.window_attention_op`'s `codes`), and swaps the
+again as codes, about 30 µs a windowed block and 40 µs a global one on SAM-B at batch 8. This
+pass gives the kernel that scale, so it writes the codes itself (the ops' `codes`), and swaps the
 projection for its `...OnCodes` twin, which takes them as they are. The numeric change: the
 codes are computed from the kernel's float32 output instead of its bf16 rounding, with a
 multiply by the scale's reciprocal (as `fuse_linear_epilogue`'s epilogue does).
@@ -25,12 +26,17 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from samq_fx import gemm_epilogue, window_attention
+from samq_fx import gemm_epilogue, triton_attention, window_attention
 from samq_fx.meta import add_finding
 from samq_fx.passes.lower_linears import LOWERED_ATTR
 from samq_fx.pipeline import PassContext, PassResult
 
 PASS_NAME = "fuse_attention_codes"
+KERNEL_ARGS = {
+    window_attention.window_rel_pos_attention: 8,
+    triton_attention.global_rel_pos_attention: 9,
+}
+"""The attention calls that can write codes -> how many arguments they take before the codes'."""
 
 
 def _on_codes(proj: torch.nn.Module) -> tuple[str, torch.nn.Module, int] | str:
@@ -64,10 +70,9 @@ def _projection(attn: torch.fx.Node):
 def fuse_attention_codes(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     result = PassResult(counts={"fused": 0})
     for attn in list(gm.graph.nodes):
-        is_window = attn.op == "call_function"
-        if not is_window or attn.target is not window_attention.window_rel_pos_attention:
+        if attn.op != "call_function" or attn.target not in KERNEL_ARGS:
             continue
-        if len(attn.args) > 8 or attn.kwargs:
+        if len(attn.args) > KERNEL_ARGS[attn.target] or attn.kwargs:
             continue  # already writes codes
         found = _projection(attn)
         if isinstance(found, str):
@@ -87,7 +92,7 @@ def fuse_attention_codes(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResu
         for node in (attn, reshape):
             val = node.meta.get("val")
             if isinstance(val, torch.Tensor):
-                node.meta["val"] = val.to(window_attention.output_dtype(codes, val.dtype))
+                node.meta["val"] = val.to(triton_attention.output_dtype(codes, val.dtype))
         consumer = proj.target.removeprefix(f"{LOWERED_ATTR}.")
         add_finding(attn, PASS_NAME, {"codes": codes, "consumer": consumer})
         result.counts["fused"] += 1

@@ -106,6 +106,7 @@ def linear_act_reference(
 
 
 if triton is not None:
+    from samq_fx.triton_attention import int8_codes
 
     @triton.jit
     def _gelu_times(y, scale, FAST_RCP: tl.constexpr):
@@ -125,18 +126,6 @@ if triton is not None:
         else:
             r = 1.0 / d
         return y * scale * r
-
-    @triton.jit
-    def int8_codes(y, zero):
-        """round(y) + zero clamped to [-128, 127], as int32, for y in float32 and an
-        integer-valued zero point. Clamping first (to [-128 - zero, 127 - zero]: integer bounds,
-        so it commutes with rounding) bounds y, then adding 1.5·2^23 rounds it half to even
-        (float addition's own rounding) and leaves the integer in the low mantissa bits: a
-        bitcast and an integer add give the code. No float-to-int conversion, which runs at a
-        sixteenth of the FMA rate, and no cvt.rni: two such conversions an element made int8's
-        GELU epilogue slower than float8's."""
-        y = tl.minimum(tl.maximum(y, -128.0 - zero), 127.0 - zero) + 12582912.0
-        return y.to(tl.int32, bitcast=True) + (tl.cast(zero, tl.int32) - 0x4B400000)
 
     @triton.jit
     def _in_registers(a):

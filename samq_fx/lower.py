@@ -13,8 +13,8 @@ from the calibrated quantizers (`make_linear` below: `Int8Linear`, `Int4Linear`,
 `passes/patch_embed_as_matmul.py` turns the patch-embedding convolution into a matmul, and
 `passes/fuse_linear_epilogue.py` (float8-static, int8-static) runs each encoder MLP's lin1 +
 GELU + lin2's input quantizer as one GEMM (`samq_fx/gemm_epilogue.py`), and
-`passes/fuse_attention_codes.py` (the same backends) has the window attention kernel write its
-output projection's input codes. The last,
+`passes/fuse_attention_codes.py` (the same backends) has the attention kernels wired to the qkv
+output write their output projection's input codes. The last,
 `cast_boundaries` (here), casts graph inputs to the compute dtype and float outputs back to
 float32, so `SamPredictor` feeds the lowered model exactly what it feeds `Sam`.
 
@@ -133,7 +133,9 @@ class LowerConfig(DictConfig):
             quantize q, k, v with dynamic per-tensor scales, except where the model has
             calibrated q, k, v quantizers (preset "W8A8-int8-attn"): "float8" takes their ranges
             as static scales. It applies to the global attentions, which hold ~90% of the
-            encoder's attention work.
+            encoder's attention work. "triton" and static-scale "float8" are wired like the
+            window kernel: q, k, v read from the qkv output, rel-pos terms from the tables
+            (`triton_attention.global_attention_op`), output in the projection's layout.
         window_attention: the same for the windowed attentions (14 x 14 tokens in SAM). "flex"
             is the default because it also runs on the CPU (SDPA); on CUDA "triton" is the
             fastest: `samq_fx.window_attention`'s kernel, wired to the qkv output and the
@@ -142,8 +144,8 @@ class LowerConfig(DictConfig):
         fuse_epilogue: float8-static and int8-static: run each image-encoder MLP (lin1 ->
             GELU -> lin2) as one 8-bit GEMM whose epilogue applies the GELU and writes lin2's
             8-bit input (`samq_fx.gemm_epilogue`), instead of a bf16 round trip between them;
-            and have the window attention kernel write its output projection's 8-bit input
-            (`passes/fuse_attention_codes.py`).
+            and have the window and global attention kernels write their output projection's
+            8-bit input (`passes/fuse_attention_codes.py`).
         int4_kernel: int4-weight: one of `INT4_KERNELS`, "dequant" (CPU and CUDA) or
             "tinygemm" (CUDA and bf16 only; refused with the reason elsewhere).
         int8_kernel: int8-static / int8-dynamic: one of `INT8_KERNELS`, "samq" (this

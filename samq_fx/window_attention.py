@@ -34,8 +34,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from samq_fx.gemm_epilogue import quantize_int8_static
-from samq_fx.triton_attention import key_grid_pad, quantize_float8_static
+from samq_fx.triton_attention import (
+    CODES,
+    check_codes,
+    key_grid_pad,
+    output_codes,
+    output_dtype,
+)
 from samq_fx.tuned_launch import TunedLauncher
 
 try:
@@ -43,11 +48,6 @@ try:
     import triton.language as tl
 except ImportError:  # pragma: no cover - triton ships with PyTorch's Linux wheels
     triton = None
-
-CODES = ("none", "float8", "int8")
-"""What the kernel writes: the attention's output in the compute dtype ("none"), or the output
-projection's input codes, float8 e4m3 or int8 with a zero point, with that linear's calibrated
-scale (`passes/fuse_attention_codes.py`): the quantize pass between them goes."""
 
 MAX_KEYS = 256
 """The padded key grid (rows x padded row width) one tile holds: SAM's 14 x 14 windows are 14 x 16."""
@@ -96,7 +96,7 @@ def window_attention_reference(
 
 
 if triton is not None:
-    from samq_fx.gemm_epilogue import int8_codes
+    from samq_fx.triton_attention import int8_codes
 
     @triton.jit
     def _window_attention_kernel(
@@ -224,7 +224,7 @@ def kernel_arguments(
     passes its own. Arguments as `window_attention_op`."""
     if triton is None:
         raise RuntimeError("the window attention kernel needs Triton, which is not installed")
-    _check_codes(out_scale, codes)
+    check_codes(out_scale, codes)
     b, heads, length, d = q.shape
     if length != kh * kw or not fits_one_tile(kh, kw):
         raise ValueError(
@@ -256,21 +256,6 @@ def kernel_arguments(
         "TP": max(16, key_grid_pad(2 * max(kh, kw) - 1)),
     }
     return out, args, shape_meta
-
-
-def _check_codes(out_scale: Tensor | None, codes: str) -> None:
-    if codes not in CODES:
-        raise ValueError(f"window attention codes {codes!r}; codes: {CODES}")
-    if (codes == "none") != (out_scale is None):
-        raise ValueError(
-            f"codes {codes!r} with out_scale {'None' if out_scale is None else 'given'}: "
-            "8-bit codes need the projection's input scale, and only they take one"
-        )
-
-
-def output_dtype(codes: str, compute_dtype: torch.dtype) -> torch.dtype:
-    """The kernel's output dtype for `codes` (one of `CODES`)."""
-    return {"none": compute_dtype, "float8": torch.float8_e4m3fn, "int8": torch.int8}[codes]
 
 
 def launch(
@@ -342,13 +327,9 @@ def window_attention_op(
     """
     if q.device.type == "cuda":
         return launch(q, k, v, table_h, table_w, scale, kh, kw, out_scale, out_zero, codes)
-    _check_codes(out_scale, codes)
+    check_codes(out_scale, codes)
     out = window_attention_reference(q, k, v, table_h, table_w, scale, kh, kw)
-    if codes == "float8":
-        return quantize_float8_static(out, out_scale)
-    if codes == "int8":
-        return quantize_int8_static(out, out_scale, out_zero)
-    return out
+    return output_codes(out, out_scale, out_zero, codes)
 
 
 @window_attention_op.register_fake

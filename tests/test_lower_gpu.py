@@ -128,7 +128,9 @@ def test_compiled_encoder_runs_the_triton_attention(calibrated, attention):
     report = lowered.samq_lowering_report
     assert report.fused_attention == 4 and report.attention == f"global {attention}, window flex"
     out, eager, fake, source = _compile_and_run(lowered, q)
-    assert "samq.rel_pos_attention" in source, "the compiled encoder does not call the kernel"
+    # "triton" is wired past the head split (the rel-pos terms computed in the kernel)
+    op = "samq.global_attention" if attention == "triton" else "samq.rel_pos_attention"
+    assert op in source, "the compiled encoder does not call the kernel"
     assert "flex" in source.lower(), "the windows' flex attention is missing"
     assert "samq.int8_linear" in source
     assert _sqnr(out, eager) > 25, f"compiled vs eager lowered: {_sqnr(out, eager):.1f} dB"
@@ -147,10 +149,24 @@ def test_compiled_encoder_takes_static_attention_scales(calibrated):
     )
     assert lowered.samq_lowering_report.unfused_attention == {}
     out, eager, fake, source = _compile_and_run(lowered, q)
-    assert "samq.rel_pos_attention" in source and "samq.window_attention" in source
+    assert "samq.global_attention" in source and "samq.window_attention" in source
     assert "amax" not in source, "a dynamic-scale reduction is left in the compiled encoder"
     assert _sqnr(out, eager) > 25, f"compiled vs eager lowered: {_sqnr(out, eager):.1f} dB"
     assert _sqnr(out, fake) > 15, f"lowered vs fake-quant: {_sqnr(out, fake):.1f} dB"
+
+
+def _qkv_views(shape, table_scale: float):
+    """q, k, v as the strided (B, heads, L, D) views of a random bf16 qkv output, and random
+    rel-pos tables, for shape (B, heads, kh, kw, D)."""
+    b, heads, kh, kw, d = shape
+    L = kh * kw
+    g = torch.Generator(device="cuda").manual_seed(L + d)
+    qkv = torch.randn(b, L, 3, heads, d, device="cuda", generator=g).bfloat16()
+    qkv[:, :, 1] += 1.0  # keys share a bias, as ViT keys do
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    th = torch.randn(2 * kh - 1, d, device="cuda", generator=g).bfloat16() * table_scale
+    tw = torch.randn(2 * kw - 1, d, device="cuda", generator=g).bfloat16() * table_scale
+    return q, k, v, th, tw
 
 
 @pytest.mark.parametrize(
@@ -166,18 +182,61 @@ def test_window_attention_kernel(shape):
 
     b, heads, kh, kw, d = shape
     L = kh * kw
-    g = torch.Generator(device="cuda").manual_seed(L + d)
-    qkv = torch.randn(b, L, 3, heads, d, device="cuda", generator=g).bfloat16()
-    qkv[:, :, 1] += 1.0  # keys share a bias, as ViT keys do
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    q, k, v, th, tw = _qkv_views(shape, table_scale=1.0)
     assert not q.is_contiguous()
-    th = torch.randn(2 * kh - 1, d, device="cuda", generator=g).bfloat16()
-    tw = torch.randn(2 * kw - 1, d, device="cuda", generator=g).bfloat16()
     out = launch(q, k, v, th, tw, d**-0.5, kh, kw).float()
     ref = window_attention_reference(*(t.float() for t in (q, k, v, th, tw)), d**-0.5, kh, kw)
     assert out.shape == (b, L, heads * d) and torch.isfinite(out).all()
     err = float((out - ref).norm() / ref.norm())
     assert err < 1e-2, f"kernel vs reference: {err:.2e}"
+
+
+@pytest.mark.parametrize("mode", ["bf16", "float8"])
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 12, 64, 64, 64), (2, 16, 64, 64, 80), (2, 4, 16, 16, 32), (2, 3, 5, 7, 16)],
+    ids=["sam-b", "sam-h", "tiny", "ragged"],
+)
+def test_global_attention_kernel(shape, mode):
+    """The global kernel computing the rel-pos terms from the tables, on strided views of a qkv
+    output (bf16) or on static float8 codes of k and v, against its float32 reference on the
+    same operands; plain and with the projection's int8 codes."""
+    from samq_fx.triton_attention import (
+        global_attention_reference,
+        launch_global,
+        quantize_float8_static,
+    )
+
+    if mode == "float8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 needs sm_89+")
+    b, heads, kh, kw, d = shape
+    L = kh * kw
+    q, k, v, th, tw = _qkv_views(shape, table_scale=0.5)
+    scale = d**-0.5
+    if mode == "bf16":
+        args = (q, k, v.transpose(-1, -2), th, tw, scale, kh, kw, None, None)
+    else:
+        scales = torch.stack([t.float().abs().amax() / 448 for t in (q * scale, k, v)])
+        q8 = quantize_float8_static(q * scale, scales[0])
+        k8 = quantize_float8_static(k, scales[1])
+        vt8 = quantize_float8_static(v, scales[2]).transpose(-1, -2).contiguous()
+        args = (q, k8, vt8, th, tw, scale, kh, kw, q8, scales)
+    ref = global_attention_reference(*args).float()
+    tile = {"block_m": 64, "num_warps": 4}  # one compile a case; the encoder tests autotune
+    out = launch_global(*args, **tile).float()
+    assert out.shape == (b, L, heads * d) and torch.isfinite(out).all()
+    err = float((out - ref).norm() / ref.norm())
+    # the rel-pos terms reach the kernel in bf16, as SAM's einsums wrote them (the reference
+    # keeps them in float32): about 1e-2 with these random tables
+    assert err < 2e-2, f"kernel vs reference: {err:.2e}"
+    # the projection's int8 codes: the kernel's own output / s + zero, rounded and clamped;
+    # its plain output is that float32 value rounded to bf16 (half an ulp: 2^-9 relative)
+    s = ref.amax() / 125.0  # + the zero point 7: the largest values saturate at 127
+    codes = launch_global(*args, s, 7, "int8", **tile)
+    exact = (out / s + 7).clamp(-128, 127)
+    allowed = 0.5 + out.abs() * 2.0**-8 / s + 1e-3
+    assert codes.dtype == torch.int8 and bool(codes.eq(127).any())
+    assert bool(((codes.float() - exact).abs() <= allowed).all())
 
 
 def test_compiled_encoder_runs_the_window_kernel(calibrated):

@@ -160,9 +160,10 @@ def test_fuse_attention_inserts_the_kernel(tiny_trained_captured, kernel):
              getattr(n.target, "__name__", "")]  # fmt: skip
     assert len(calls) == 4  # 2 global, 2 windowed
     kinds = [n.meta["samq"].findings["fuse_attention"]["kernel"] for n in calls]
-    # "triton" on a window is the window kernel, wired to the qkv output and the projection
-    window = "triton-window" if kernel == "triton" else kernel
-    assert kinds == [window, kernel, window, kernel]  # blocks 0 and 2 are windowed
+    # "triton" is the window kernel on a window and the global kernel with the rel-pos tables on
+    # a global attention, both wired to the qkv output and the projection
+    window, glob = ("triton-window", "triton-global") if kernel == "triton" else (kernel, kernel)
+    assert kinds == [window, glob, window, glob]  # blocks 0 and 2 are windowed
     x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = tiny_trained_captured.image_encoder(x)
@@ -201,4 +202,82 @@ def test_optimize_float_passes_both_attention_kernels(tiny_trained_captured, mon
         for n in model.image_encoder.graph.nodes
         if n.op == "call_function" and "rel_pos_attention" in getattr(n.target, "__name__", "")
     ]
-    assert kernels == ["triton-window", "triton", "triton-window", "triton"]
+    assert kernels == ["triton-window", "triton-global", "triton-window", "triton-global"]
+
+
+_GLOBAL_INTERPRETER_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from samq_fx import triton_attention as ta
+    torch.manual_seed(0)
+    worst, off_max, off_share = {}, 0.0, {}
+    # the global kernel computing the rel-pos terms from q and the tables: one key-grid row a
+    # key tile (cols 64) or several, ragged grids, a head dim that is not a power of two; q, k,
+    # v strided views of a qkv output (compute dtype) or k, v as float8 codes
+    for kh, kw, d in ((2, 64, 16), (5, 7, 16), (3, 14, 32), (4, 8, 16), (2, 64, 20)):
+        b, heads, L = 2, 3, kh * kw
+        qkv = torch.randn(b, L, 3, heads, d)
+        qkv[:, :, 1] += 1.0
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        th, tw = torch.randn(2 * kh - 1, d) * 0.5, torch.randn(2 * kw - 1, d) * 0.5
+        scale = d**-0.5
+        sq, sk, sv = (float(t.abs().amax()) / 448 for t in (q * scale, k, v))
+        scales = torch.tensor([sq, sk * 0.8, sv])  # k's range clips its largest values
+        q8 = ta.quantize_float8_static(q * scale, scales[0])
+        k8 = ta.quantize_float8_static(k, scales[1])
+        vt8 = ta.quantize_float8_static(v, scales[2]).transpose(-1, -2).contiguous()
+        cases = {
+            "float16": (q.half(), k.half(), v.half().transpose(-1, -2), th.half(), tw.half(),
+                        scale, kh, kw, None, None),
+            "float8": (q, k8, vt8, th, tw, scale, kh, kw, q8, scales),
+        }
+        for mode, args in cases.items():
+            ref = ta.global_attention_reference(*args).float()
+            out = ta.launch_global(*args, block_m=16)
+            assert out.shape == (b, L, heads * d) and torch.isfinite(out.float()).all()
+            err = float((out.float() - ref).norm() / ref.norm())
+            worst[mode] = max(worst.get(mode, 0.0), err)
+            # the projection's int8 codes: round(ref / s) + zero, one step off at most (float
+            # rounding next to a rounding boundary)
+            s = torch.tensor(float(ref.amax()) / 100.0)
+            codes = ta.launch_global(*args, s, 37, "int8", block_m=16)
+            want = (torch.round(ref / s) + 37).clamp(-128, 127)
+            assert codes.dtype == torch.int8 and bool(want.eq(127).any())
+            off = (codes.float() - want).abs()
+            off_max = max(off_max, float(off.max()))
+            off_share[mode] = max(off_share.get(mode, 0.0), float(off.gt(0).float().mean()))
+    print(worst["float16"], worst["float8"], off_max, off_share["float16"], off_share["float8"])
+    """
+)
+
+
+def test_global_kernel_with_tables_matches_reference_in_triton_interpreter(triton_interpreter):
+    """The kernel's rel-pos-from-tables mode against `global_attention_reference` (measured:
+    float16 1e-4, float8 4e-3: online softmax and e4m3 P rounded against the running max), and
+    the projection's int8 codes it writes: one step off at most, rarely in float16; in float8 as
+    often as its 4e-3 error reaches a rounding boundary of a 1% step."""
+    out = triton_interpreter(_GLOBAL_INTERPRETER_SCRIPT)
+    f16, f8, off_max, off_f16, off_f8 = map(float, out.split())
+    assert f16 < 2e-3 and f8 < 2e-2, (f16, f8)
+    assert off_max <= 1 and off_f16 < 0.01 and off_f8 < 0.1, out
+
+
+def test_global_op_refuses_inconsistent_inputs():
+    from samq_fx.triton_attention import global_attention_op
+
+    q = torch.zeros(1, 2, 12, 8)
+    th, tw = torch.zeros(5, 8), torch.zeros(7, 8)
+    vt = q.transpose(-1, -2)
+    with pytest.raises(ValueError, match="L must be kh·kw"):
+        global_attention_op(q, q, vt, th, tw, 1.0, 3, 3)
+    with pytest.raises(ValueError, match=r"needs \(5, 8\) and \(7, 8\)"):
+        global_attention_op(q, q, vt, tw, th, 1.0, 3, 4)
+    with pytest.raises(ValueError, match="vt of shape"):
+        global_attention_op(q, q, q, th, tw, 1.0, 3, 4)
+    q8, k8, vt8 = (t.to(torch.float8_e4m3fn) for t in (q, q, vt))
+    with pytest.raises(ValueError, match="static scales"):
+        global_attention_op(q, k8, vt8, th, tw, 1.0, 3, 4, q8)
+    with pytest.raises(ValueError, match="q_codes None"):
+        global_attention_op(q, k8, vt8, th, tw, 1.0, 3, 4, None, torch.ones(3))
+    with pytest.raises(ValueError, match="need the projection's input scale"):
+        global_attention_op(q, q, vt, th, tw, 1.0, 3, 4, None, None, None, 0, "int8")

@@ -1,6 +1,6 @@
 """The window attention kernel on the CPU: Triton's interpreter against the float32 reference on
-strided views of a qkv output, the reference against SAM's eager attention (a hypothesis
-property), and the shapes it refuses. The GPU run is in tests/test_lower_gpu.py; the pass's
+strided views of a qkv output, the reference (and the global op's) against SAM's eager
+attention (a hypothesis property), and the shapes it refuses. The GPU run is in tests/test_lower_gpu.py; the pass's
 wiring in tests/test_triton_attention.py."""
 
 from __future__ import annotations
@@ -81,6 +81,13 @@ def test_op_on_the_cpu_writes_the_projections_codes():
         window_attention_op(q, k, v, th, tw, d**-0.5, kh, kw, s, 0, "int4")
 
 
+def _global_op(q, k, v, table_h, table_w, scale, kh, kw):
+    from samq_fx.triton_attention import global_attention_op
+
+    return global_attention_op(q, k, v.transpose(-1, -2), table_h, table_w, scale, kh, kw)
+
+
+@pytest.mark.parametrize("op", [window_attention_reference, _global_op], ids=["window", "global"])
 @settings(max_examples=25, deadline=None)
 @given(
     b=st.integers(1, 2),
@@ -89,9 +96,10 @@ def test_op_on_the_cpu_writes_the_projections_codes():
     kw=st.integers(1, 9),
     d=st.sampled_from([4, 8, 12]),
 )
-def test_reference_is_sams_attention(b, heads, kh, kw, d):
-    """The op's function, on q, k, v as views of the qkv output and with its token-major output,
-    equals segment_anything's own Attention (rel-pos tables, head split and merge included)."""
+def test_reference_is_sams_attention(op, b, heads, kh, kw, d):
+    """The window kernel's reference and the global op (its CPU path), on q, k, v as views of
+    the qkv output and with their token-major output, equal segment_anything's own Attention
+    (rel-pos tables, head split and merge included)."""
     from segment_anything.modeling.image_encoder import Attention
 
     torch.manual_seed(b * 1000 + kh * 10 + kw)
@@ -102,9 +110,7 @@ def test_reference_is_sams_attention(b, heads, kh, kw, d):
         x = torch.randn(b, kh, kw, heads * d, dtype=torch.float64)
         want = attn(x)
         q, k, v = attn.qkv(x).reshape(b, kh * kw, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
-        out = window_attention_reference(
-            q, k, v, attn.rel_pos_h, attn.rel_pos_w, attn.scale, kh, kw
-        )
+        out = op(q, k, v, attn.rel_pos_h, attn.rel_pos_w, attn.scale, kh, kw)
         got = attn.proj(out.view(b, kh, kw, heads * d))
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-10)
 
