@@ -278,7 +278,8 @@ def _wire_to_qkv(gm, path, q_scaled, k, v, rel_h, rel_w, av, kernel, fits, quant
     return fused
 
 
-def _whole_grid(kh: int, kw: int) -> bool:
+def _any_grid(kh: int, kw: int) -> bool:
+    """The global kernel walks any key grid tile by tile (online softmax)."""
     return True
 
 
@@ -290,12 +291,12 @@ _WIRED = {
     ),
     ("enc_global", "triton", False): (
         triton_attention.global_rel_pos_attention,
-        _whole_grid,
+        _any_grid,
         "triton-global",
     ),
     ("enc_global", "float8", True): (
         triton_attention.global_rel_pos_attention,
-        _whole_grid,
+        _any_grid,
         "float8-global",
     ),
 }
