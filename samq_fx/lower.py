@@ -28,7 +28,8 @@ Backends (what runs where; `BACKENDS` holds the same as data):
                  weights.
   int8-dynamic   the same weights; activations quantized per token at run time (symmetric).
   int4-weight    W4A16 (`Int4Linear`): the calibrated codes, 4 bits a weight in memory, with a
-                 (scale, zero) pair per group of 32..256. Two kernels (`INT4_KERNELS`): the
+                 scale and a one-byte zero point per group of 32..256 (tinygemm: its own
+                 (scale, zero) pair). Two kernels (`INT4_KERNELS`): the
                  codes dequantized at each call for the compute dtype's GEMM (the default,
                  CPU and CUDA), or packed for PyTorch's int4 tinygemm (aten._weight_int4pack_mm,
                  CUDA).
@@ -313,11 +314,13 @@ class Int4Linear(nn.Module):
     multiple of 1024, which stores SAM-B's 768-wide layers a third larger and pads every
     activation at run time. tinygemm itself needs neither: K a multiple of 32, N of 8.
 
-    tinygemm computes w = (u - 8) * scale + zero per group from codes u in [0, 15]; our grid is
-    w = (q - z) * s with q in [qmin, qmin + 15], so u = q - qmin, scale = s and
-    zero = (8 + qmin - z) * s. Both kernels keep (scale, zero) in that form, in the compute
-    dtype (bf16 on CUDA, as tinygemm requires; rounding s to bf16 moves a weight by at most
-    2^-6 of its step).
+    Our grid is w = (q - z) * s with q in [qmin, qmin + 15]; the codes are stored as
+    u = q - qmin in [0, 15]. "dequant" keeps a group's s in the compute dtype and its integer
+    zero point as one byte, u_z = z - qmin, and computes w = (u - u_z) * s: 3 bytes a group in
+    bf16, 0.547 bytes a weight at groups of 64. tinygemm computes w = (u - 8) * scale + zero,
+    so it keeps (scale, zero) = (s, (8 + qmin - z) * s), both in bf16 as it requires: 4 bytes a
+    group, and zero rounded to bf16. Rounding s to bf16 moves a weight by at most 2^-6 of its
+    step.
     """
 
     def __init__(
@@ -336,13 +339,23 @@ class Int4Linear(nn.Module):
             raise LoweringError("int4 codes outside a 16-level grid")
         s = qparams.scale.float().reshape(out_f, in_f // group_size)
         z = qparams.zero_point.float().reshape(out_f, in_f // group_size)
-        zero = (8 + qparams.qmin - z) * s
-        scale_zero = torch.stack([s, zero], dim=-1).transpose(0, 1).contiguous()
         packed = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)  # (N, K/2), even k high
         if kernel == "tinygemm":
+            zero = (8 + qparams.qmin - z) * s
+            scale_zero = torch.stack([s, zero], dim=-1).transpose(0, 1).contiguous()
             packed = torch.ops.aten._convert_weight_to_int4pack(packed, _inner_k_tiles(in_f))
+            self.register_buffer("scale_zero", scale_zero.to(dtype))
+        else:
+            zero_code = z - qparams.qmin
+            if zero_code.numel() and not (
+                torch.equal(zero_code, zero_code.round())
+                and 0 <= float(zero_code.min())
+                and float(zero_code.max()) <= 255
+            ):
+                raise LoweringError("int4 zero points that are not integers on the codes' grid")
+            self.register_buffer("scale", s.to(dtype))
+            self.register_buffer("zero_code", zero_code.to(torch.uint8))
         self.register_buffer("packed", packed)
-        self.register_buffer("scale_zero", scale_zero.to(dtype))
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
 
     @staticmethod
@@ -375,9 +388,8 @@ class Int4Linear(nn.Module):
             raise LoweringError("dequantized_weight reads the 'dequant' layout")
         u = torch.stack([self.packed >> 4, self.packed & 15], dim=-1)
         u = u.reshape(self.out_features, -1, self.group_size).float()
-        scale, zero = self.scale_zero.transpose(0, 1).float().unbind(-1)
-        w = (u - 8) * scale[..., None] + zero[..., None]
-        return w.reshape(self.out_features, -1).to(self.scale_zero.dtype)
+        w = (u - self.zero_code.float()[..., None]) * self.scale.float()[..., None]
+        return w.reshape(self.out_features, -1).to(self.scale.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "dequant":

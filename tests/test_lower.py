@@ -159,11 +159,11 @@ def test_int4_weight_only(q_int4):
     snr = _encoder_sqnr(lowered, q_int4, seed=2)
     # the calibrated codes and float32 grid themselves: equal up to float summation order
     assert snr > 80, f"int4-weight vs its fake quant: SQNR {snr:.1f} dB"
-    # 4 bits a weight plus float32 (scale, zero) a group of 64: 0.625 bytes a weight
+    # 4 bits a weight plus a float32 scale and a one-byte zero point a group of 64
     int4 = [m for m in lowered.modules() if isinstance(m, Int4Linear)]
     weights = sum(m.in_features * m.out_features for m in int4)
-    stored = sum(m.packed.nbytes + m.scale_zero.nbytes for m in int4)
-    assert stored == weights * (0.5 + 8 / 64)
+    stored = sum(m.packed.nbytes + m.scale.nbytes + m.zero_code.nbytes for m in int4)
+    assert stored == weights * (0.5 + 5 / 64)
 
 
 @settings(max_examples=25, deadline=None)
