@@ -228,25 +228,39 @@ def global_rows(only: tuple | None = None) -> list[dict]:
                 config = [bm, bn, cfg.num_warps, cfg.num_stages, cfg.maxnreg]
                 if only and config[:4] != list(only[1]):
                     continue
-                tile = {"L": length, "KH": kh, "KW": kw, "BLOCK_M": bm, "BLOCK_N": bn}
-                even = ta._even({**common, **tile})
                 for variant, flags in GLOBAL_VARIANTS.items():
                     if only and variant != only[2]:
                         continue
-                    fn = partial(ta._rel_pos_attention_kernel[(length // bm, bh)], *launch_args,
-                                 **common, BLOCK_M=bm, BLOCK_N=bn, EVEN=even, **flags,
-                                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg)  # fmt: skip
                     row = {"kernel": f"global {mode} {variant}", "shape": name, "config": config}
-                    try:
-                        row.update(compiled_facts(fn()))
-                        err = (out[:8].float() - ref).norm() / ref.norm()
-                        row["rel_err"] = float(err)
-                        row["ms"] = _bench(fn)
-                    except Exception as err:
-                        row["error"] = f"{type(err).__name__}: {str(err)[:120]}"
-                    rows.append(row)
-                    _print_row(row)
+                    grid = (length, kh, kw, bh)
+                    checked = (out[:8], ref)  # a view: read after the kernel wrote it
+                    rows.append(
+                        _global_config_row(row, launch_args, common, cfg, grid, checked, flags)
+                    )
     return rows
+
+
+def _global_config_row(row, launch_args, common, cfg, grid, checked, flags=None) -> dict:
+    """Time the global attention kernel (`triton_attention`) at one autotuner config on one
+    call's arguments, with what the compiler made of it and the relative error of `checked`
+    = (a view of the output it writes, its reference); `grid` is (L, KH, KW, batch·heads)."""
+    from samq_fx import triton_attention as ta
+
+    length, kh, kw, bh = grid
+    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    tile = {"L": length, "KH": kh, "KW": kw, "BLOCK_M": bm, "BLOCK_N": bn}
+    fn = partial(ta._rel_pos_attention_kernel[(length // bm, bh)], *launch_args, **common,
+                 BLOCK_M=bm, BLOCK_N=bn, EVEN=ta._even({**common, **tile}), **(flags or {}),
+                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg)  # fmt: skip
+    try:
+        row.update(compiled_facts(fn()))
+        written, ref = checked
+        row["rel_err"] = float((written.float() - ref).norm() / ref.norm())
+        row["ms"] = _bench(fn)
+    except Exception as err:
+        row["error"] = f"{type(err).__name__}: {str(err)[:120]}"
+    _print_row(row)
+    return row
 
 
 def global_tables_rows() -> list[dict]:
@@ -284,21 +298,12 @@ def global_tables_rows() -> list[dict]:
                 q_dot, args[1], args[2], rel_h, rel_w, scale, args[9]
             )
             for cfg in ta._CONFIGS:
-                bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-                tile = {"L": length, "KH": kh, "KW": kw, "BLOCK_M": bm, "BLOCK_N": bn}
-                fn = partial(ta._rel_pos_attention_kernel[(length // bm, bh)], *launch_args,
-                             **common, BLOCK_M=bm, BLOCK_N=bn, EVEN=ta._even({**common, **tile}),
-                             num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg)  # fmt: skip
-                config = [bm, bn, cfg.num_warps, cfg.num_stages, cfg.maxnreg]
+                config = [cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps,
+                          cfg.num_stages, cfg.maxnreg]  # fmt: skip
                 row = {"kernel": f"global tables {mode}", "shape": name, "config": config}
-                try:
-                    row.update(compiled_facts(fn()))
-                    row["rel_err"] = float((out[:1].float() - ref).norm() / ref.norm())
-                    row["ms"] = _bench(fn)
-                except Exception as err:
-                    row["error"] = f"{type(err).__name__}: {str(err)[:120]}"
-                rows.append(row)
-                _print_row(row)
+                grid = (length, kh, kw, bh)
+                checked = (out[:1], ref)
+                rows.append(_global_config_row(row, launch_args, common, cfg, grid, checked))
             auto = partial(ta.launch_global, *args)
             rows.append({"kernel": f"global tables {mode} (autotuned, with the rel-pos kernel)",
                          "shape": name, "ms": _bench(auto)})  # fmt: skip

@@ -106,7 +106,7 @@ def linear_act_reference(
 
 
 if triton is not None:
-    from samq_fx.triton_attention import int8_codes
+    from samq_fx.triton_attention import to_codes
 
     @triton.jit
     def _gelu_times(y, scale, FAST_RCP: tl.constexpr):
@@ -177,13 +177,8 @@ if triton is not None:
             y = tl.maximum(y, 0.0) * inv_out
         elif CODES != "none":
             y = y * inv_out
-        if CODES == "int8":
-            out = int8_codes(y, tl.load(SCALES + 2))
-        elif CODES == "float8":
-            out = tl.minimum(tl.maximum(y, -448.0), 448.0)
-        else:
-            out = y
-        return out
+        zero = tl.load(SCALES + 2) if CODES == "int8" else 0.0
+        return to_codes(y, zero, CODES)
 
     @triton.jit
     def _tile(tile, num_m, num_n, GROUP_M: tl.constexpr):

@@ -721,8 +721,8 @@ def lower(
         strict: raise `LoweringError` if any quantized layer has no kernel (else it stays
             fake-quantized, with a warning that names it).
         fuse_epilogue: float8-static and int8-static: fuse each encoder MLP's GELU and the
-            next linear's input quantizer into the first GEMM, and each window attention's
-            output projection's quantizer into the window kernel (see `LowerConfig`).
+            next linear's input quantizer into the first GEMM, and each wired attention's
+            output projection's quantizer into its kernel (see `LowerConfig`).
         int4_kernel: int4-weight: "dequant" or "tinygemm" (`INT4_KERNELS`).
         int8_kernel: int8-static / int8-dynamic: "samq" or "torchao" (`INT8_KERNELS`).
         compile: wrap the image encoder and mask decoder in `torch.compile(fullgraph=True)`.
@@ -792,7 +792,7 @@ def lower(
         fuse_mlp = cfg.fuse_epilogue and part == "image_encoder" and _has_mlp_epilogue(cfg)
         epilogue = [fuse_linear_epilogue] if fuse_mlp else []
         *edits, cast = _float_passes(part, cfg.fuse_attention)
-        # the window kernel quantizes its output for the projection: same backends as the MLPs
+        # the wired attention kernels quantize their output for the projection: same backends
         codes = [fuse_attention_codes] if fuse_mlp and cfg.fuse_attention else []
         passes = [lower_linears, *epilogue, *edits, *codes, cast]
         records = run_passes(gm, ctx, passes)

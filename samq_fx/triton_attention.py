@@ -138,6 +138,26 @@ if triton is not None:
         return y.to(tl.int32, bitcast=True) + (tl.cast(zero, tl.int32) - 0x4B400000)
 
     @triton.jit
+    def to_codes(y, zero, CODES: tl.constexpr):
+        """y as the next linear's input codes (`CODES`): clamped to ±448 for float8 (the
+        store's cast to e4m3 rounds), `int8_codes` for int8, y itself for "none". The attention
+        kernels' and the GEMM epilogue's last step. (One return: Triton refuses returns of
+        different types, even under constexpr branches.)"""
+        if CODES == "float8":
+            out = tl.minimum(tl.maximum(y, -448.0), 448.0)
+        elif CODES == "int8":
+            out = int8_codes(y, zero)
+        else:
+            out = y
+        return out
+
+    @triton.jit
+    def program_batch_head(HEADS):
+        """(batch·head, batch, head) of this program: grid axis 1 runs over batch·heads."""
+        bh = tl.program_id(1)
+        return bh.to(tl.int64), (bh // HEADS).to(tl.int64), (bh % HEADS).to(tl.int64)
+
+    @triton.jit
     def _rel_pos_attention_kernel(
         Q, K, VT, OUT, RH, RW, QK_SCALE, V_SCALE, STATIC_SCALES, OUT_SCALE,
         stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
@@ -158,10 +178,7 @@ if triton is not None:
         ROWS: tl.constexpr = BLOCK_N // KWP  # key-grid rows per key tile
         LOG2E: tl.constexpr = 1.4426950408889634
         pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = (bh // HEADS).to(tl.int64)
-        h = (bh % HEADS).to(tl.int64)
-        bh = bh.to(tl.int64)
+        bh, b, h = program_batch_head(HEADS)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, DP)  # head dim padded to a power of two (SAM-H: 80 -> 128)
         d_ok = offs_d < D
@@ -244,11 +261,7 @@ if triton is not None:
             v_scale = tl.load(V_SCALE).to(tl.float32)
         # codes: the softmax's 1 / denominator, v's scale and 1 / the projection's input scale
         out_mul = v_scale if CODES == "none" else v_scale / tl.load(OUT_SCALE)
-        out = acc * (out_mul / l_i)[:, None]
-        if CODES == "float8":
-            out = tl.minimum(tl.maximum(out, -448.0), 448.0)
-        elif CODES == "int8":
-            out = int8_codes(out, out_zero)
+        out = to_codes(acc * (out_mul / l_i)[:, None], out_zero, CODES)
         o_ptrs = OUT + b * stride_ob + offs_m[:, None] * stride_om + h * D + offs_d[None, :]
         if EVEN:
             tl.store(o_ptrs, out.to(OUT.dtype.element_ty))
@@ -273,10 +286,7 @@ if triton is not None:
         every offset and a gather, tried here first, took 0.158 ms for SAM-B's global
         attention at batch 8: the gather runs on warp shuffles.)"""
         g = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = (bh // HEADS).to(tl.int64)
-        h = (bh % HEADS).to(tl.int64)
-        bh = bh.to(tl.int64)
+        bh, b, h = program_batch_head(HEADS)
         offs_d = tl.arange(0, DP)
         q_base = Q + b * stride_qb + h * stride_qh
         if g < KH:  # rel_h of grid row g: queries g·KW + j, key-grid rows r

@@ -96,7 +96,7 @@ def window_attention_reference(
 
 
 if triton is not None:
-    from samq_fx.triton_attention import int8_codes
+    from samq_fx.triton_attention import program_batch_head, to_codes
 
     @triton.jit
     def _window_attention_kernel(
@@ -115,9 +115,7 @@ if triton is not None:
         M_STEPS: tl.constexpr,
     ):  # fmt: skip
         LOG2E: tl.constexpr = 1.4426950408889634
-        bh = tl.program_id(1)
-        b = (bh // HEADS).to(tl.int64)
-        h = (bh % HEADS).to(tl.int64)
+        _, b, h = program_batch_head(HEADS)
         offs_d = tl.arange(0, DP)  # head dim padded to a power of two (SAM-H: 80 -> 128)
         d_ok = offs_d < D
         slot = tl.arange(0, BLOCK_N)
@@ -186,11 +184,7 @@ if triton is not None:
             s = tl.where(key_ok[None, :], s, float("-inf"))
             p = tl.exp2(s - tl.max(s, 1)[:, None])
             denom = tl.sum(p, 1)
-            out = tl.dot(p.to(v.dtype), v) * (inv_out / denom)[:, None]
-            if CODES == "float8":
-                out = tl.minimum(tl.maximum(out, -448.0), 448.0)
-            elif CODES == "int8":
-                out = int8_codes(out, out_zero)
+            out = to_codes(tl.dot(p.to(v.dtype), v) * (inv_out / denom)[:, None], out_zero, CODES)
             o_ptrs = OUT + b * stride_ob + offs_m[:, None] * stride_om + h * D + offs_d[None, :]
             tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
