@@ -14,7 +14,8 @@ and the autotuned `launch` with the config it picked. Window attention: SAM-B's 
 windows (batch 8: 200 windows, 12 heads, head dim 64). Global attention: SAM-B's and SAM-H's
 64 x 64 grids at batch 8, float8, bf16, and float8 q·kᵀ with bf16 P·v, with the error against
 `attention_reference` on 8 of the heads; `global-tables`: the same grids as `fuse_attention`
-wires them now (rel-pos terms from the tables inside, q, k, v read from the qkv output).
+wires them now (rel-pos terms from the tables inside, q, k, v read from the qkv output);
+`window-as-global`: SAM-B's and SAM-H's windows on the global kernel against the window kernel.
 """
 
 from __future__ import annotations
@@ -195,6 +196,41 @@ def window_rows(only: tuple | None = None) -> list[dict]:
     return rows
 
 
+WINDOW_SHAPES = (("SAM-B windows", 12, 64), ("SAM-H windows", 16, 80))
+"""(name, heads, head dim) of the 14 x 14 windows at batch 8: 200 windows."""
+
+
+def window_as_global_rows() -> list[dict]:
+    """The windows on the global kernel (online softmax over key tiles of whole key-grid rows,
+    rel-pos terms from `_rel_pos_terms_kernel`), against the window kernel, both autotuned and
+    as `fuse_attention` wires them: plain output, and the projection's int8 codes."""
+    from samq_fx import triton_attention as ta
+
+    rows = []
+    for name, heads, d in WINDOW_SHAPES:
+        windows, kh, kw = 200, 14, 14
+        g = torch.Generator(device="cuda").manual_seed(heads)
+        qkv = torch.randn(windows, kh * kw, 3, heads, d, device="cuda", generator=g).bfloat16()
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        th = torch.randn(2 * kh - 1, d, device="cuda", generator=g).bfloat16() * 0.3
+        tw = torch.randn(2 * kw - 1, d, device="cuda", generator=g).bfloat16() * 0.3
+        s = torch.tensor(0.05, device="cuda")
+        window = partial(wa.launch, q, k, v, th, tw, d**-0.5, kh, kw)
+        flash = partial(ta.launch_global, q, k, v.transpose(-1, -2), th, tw, d**-0.5, kh, kw)
+        err = (window().float() - flash().float()).abs().max().item()
+        variants = {
+            "window kernel": window,
+            "window kernel, int8 codes": partial(window, s, 3, "int8"),
+            "global kernel + rel-pos terms kernel": flash,
+            "global kernel + rel-pos terms kernel, int8 codes": partial(flash, None, None, s, 3, "int8"),
+            "rel-pos terms kernel alone": partial(ta.rel_pos_terms_triton, q, th, tw, kh, kw),
+        }  # fmt: skip
+        for kernel, fn in variants.items():
+            rows.append({"kernel": kernel, "shape": name, "ms": _bench(fn), "max_diff": err})
+            _print_row(rows[-1])
+    return rows
+
+
 GLOBAL_SHAPES = (("SAM-B global", 96, 64, 64, 64), ("SAM-H global", 128, 64, 64, 80))
 """(name, batch x heads, key-grid height, width, head dim) at batch 8."""
 GLOBAL_VARIANTS = {"default": {}}
@@ -363,6 +399,8 @@ def main() -> None:
             rows += global_rows()
         elif part == "global-tables":
             rows += global_tables_rows()
+        elif part == "window-as-global":
+            rows += window_as_global_rows()
         else:
             rows += gemm_rows(part, None, args.a_in_registers, configs, tuple(args.kernels))
     table = [

@@ -7,6 +7,10 @@ Each variant is timed compiled, as the lowered model runs it, from float8 x code
 codes for lin2; the table also gives each GEMM's TFLOP/s and how far the output codes differ.
 
     PYTHONPATH=. python3 bench/mlp_epilogue.py [--json out.json]
+    PYTHONPATH=. python3 bench/mlp_epilogue.py --dtype bfloat16   # the bf16 baseline's lin1
+
+With `--dtype bfloat16` the question is the baseline's: does the bf16 pipeline gain from the
+same kernel with its GELU in the epilogue, against cuBLAS and inductor's GELU pass?
 """
 
 from __future__ import annotations
@@ -93,21 +97,52 @@ def _time_shape(m: int, n: int, k: int) -> tuple[dict[str, float], float, str]:
     return times, differ, f"{configs}; launch picks {chosen_kernels()}"
 
 
+def _bf16_unfused(x, w, bias):
+    return torch.nn.functional.gelu(torch.nn.functional.linear(x, w, bias))
+
+
+def _time_shape_bf16(m: int, n: int, k: int) -> tuple[dict[str, float], float, str]:
+    """The bf16 pipeline's lin1: cuBLAS + inductor's GELU pass, against the same Triton GEMM
+    with the GELU in its epilogue and bf16 out; (times, largest |difference| relative to the
+    output's largest value, configs)."""
+    x = torch.randn(m, k, device="cuda").bfloat16()
+    w = (torch.randn(n, k, device="cuda") / k**0.5).bfloat16()
+    bias = torch.randn(n, device="cuda").bfloat16()
+    one = torch.ones(1, device="cuda")
+    unfused = torch.compile(_bf16_unfused, fullgraph=True)
+    fused = lambda kernel: launch(x, w, one, bias, "gelu", codes="none",  # noqa: E731
+                                  out_dtype=torch.bfloat16, kernel=kernel)  # fmt: skip
+    a, b = unfused(x, w, bias), fused("tma")
+    differ = float((a.float() - b.float()).abs().max() / a.float().abs().max())
+    times = {
+        "bf16 cuBLAS + GELU pass (compiled)": _median_ms(lambda: unfused(x, w, bias)),
+        "bf16 cuBLAS linear alone": _median_ms(lambda: torch.nn.functional.linear(x, w, bias)),
+        "bf16 fused Triton GEMM, pointer kernel": _median_ms(lambda: fused("pointer")),
+        "bf16 fused Triton GEMM, TMA persistent kernel": _median_ms(lambda: fused("tma")),
+    }
+    configs = f"pointer {_tuned_kernel.best_config}; tma {_tuned_kernel_tma.best_config}"
+    return times, differ, configs
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", type=Path)
+    p.add_argument("--dtype", choices=("float8", "bfloat16"), default="float8",
+                   help="float8: the lowered MLP; bfloat16: the bf16 baseline's lin1")  # fmt: skip
     args = p.parse_args(argv)
     torch.manual_seed(0)
     rows, record = [], []
+    time_shape = _time_shape if args.dtype == "float8" else _time_shape_bf16
     for name, (m, n, k) in SHAPES.items():
-        times, differ, config = _time_shape(m, n, k)
+        times, differ, config = time_shape(m, n, k)
         flops = 2.0 * m * n * k
         for variant, ms in times.items():
             rows.append((name, variant, f"{ms:.3f}", f"{flops / ms / 1e9:.0f}"))
             record.append({"shape": name, "m": m, "n": n, "k": k, "variant": variant, "ms": ms,
                            "tflops": flops / ms / 1e9, "codes_differ": differ,
                            "config": config})  # fmt: skip
-        rows.append((name, f"codes differing (fused vs unfused): {differ:.2%}", "", ""))
+        what = "codes differing" if args.dtype == "float8" else "largest difference / max |y|"
+        rows.append((name, f"{what} (fused vs unfused): {differ:.2%}", "", ""))
         print(name, "autotuned:", config, flush=True)
     print(torch.cuda.get_device_name(), torch.__version__)
     print(format_table(("shape", "variant", "ms", "TFLOP/s"), rows))

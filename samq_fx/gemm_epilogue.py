@@ -134,9 +134,15 @@ if triton is not None:
         That also frees x's operand buffer, so a 128 x 128 x 128 int8 tile with 3 stages fits
         twice in an SM's shared memory: the autotuned configs with `A_IN_REGISTERS` run two
         programs an SM, one's epilogue under the other's tensor-core loop (H100, SAM-B: qkv
-        0.139 -> 0.125 ms, lin2 0.143 -> 0.132; bench/RESULTS.md, session 12). GPU only (PTX)."""
-        return tl.inline_asm_elementwise(
-            "mov.b32 $0, $1;", "=r,r", [a], dtype=a.dtype, is_pure=True, pack=4
+        0.139 -> 0.125 ms, lin2 0.143 -> 0.132; bench/RESULTS.md, session 12). GPU only (PTX).
+        a is 8-bit codes or (the bf16 baseline's MLP in bench/mlp_epilogue.py) 16-bit values."""
+        return tl.inline_asm_elementwise(  # a 32-bit register holds four 8-bit or two 16-bit
+            "mov.b32 $0, $1;",
+            "=r,r",
+            [a],
+            dtype=a.dtype,
+            is_pure=True,
+            pack=32 // a.dtype.primitive_bitwidth,
         )
 
     @triton.jit

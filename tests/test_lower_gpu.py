@@ -137,15 +137,16 @@ def test_compiled_encoder_runs_the_triton_attention(calibrated, attention):
     assert _sqnr(out, fake) > 15, f"lowered vs fake-quant: {_sqnr(out, fake):.1f} dB"
 
 
-def test_compiled_encoder_takes_static_attention_scales(calibrated):
-    """W8A8-int8-attn's calibrated q, k, v ranges: the compiled float8 encoder runs the global
-    attentions with no amax reduction left, and agrees with its fake-quant model as the dynamic
-    scales do."""
+@pytest.mark.parametrize("backend", ["float8-static", "int8-static"])
+def test_compiled_encoder_takes_static_attention_scales(calibrated, backend):
+    """W8A8-int8-attn's calibrated q, k, v ranges: the compiled encoder (float8 or int8
+    linears) runs the global attentions in float8 with no amax reduction left, and agrees with
+    its fake-quant model as the dynamic scales do."""
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("float8 needs sm_89+")
     q = calibrated("W8A8-int8-attn")
     lowered = samq_fx.lower(
-        q, "float8-static", attention="float8", window_attention="triton", verbose=False
+        q, backend, attention="float8", window_attention="triton", verbose=False
     )
     assert lowered.samq_lowering_report.unfused_attention == {}
     out, eager, fake, source = _compile_and_run(lowered, q)
