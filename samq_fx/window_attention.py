@@ -113,6 +113,7 @@ if triton is not None:
         TP: tl.constexpr,
         BLOCK_M: tl.constexpr,
         M_STEPS: tl.constexpr,
+        KEY_CHUNKS: tl.constexpr = 1,
     ):  # fmt: skip
         LOG2E: tl.constexpr = 1.4426950408889634
         _, b, h = program_batch_head(HEADS)
@@ -123,17 +124,19 @@ if triton is not None:
         key_col = slot % KWP
         key_ok = (key_row < KH) & (key_col < KW)
         key = key_row * KW + key_col
-        # the whole window's keys and values, loaded once for M_STEPS query blocks
-        kt = tl.load(
-            K + b * stride_kb + h * stride_kh + key[None, :] * stride_kn + offs_d[:, None],
-            mask=key_ok[None, :] & d_ok[:, None],
-            other=0.0,
-        )
-        v = tl.load(
-            V + b * stride_vb + h * stride_vh + key[:, None] * stride_vn + offs_d[None, :],
-            mask=key_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
+        if KEY_CHUNKS == 1:  # the whole window's keys and values, once for M_STEPS query blocks
+            kt = tl.load(
+                k_base + key[None, :] * stride_kn + offs_d[:, None],
+                mask=key_ok[None, :] & d_ok[:, None],
+                other=0.0,
+            )
+            v = tl.load(
+                v_base + key[:, None] * stride_vn + offs_d[None, :],
+                mask=key_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
         # both rel-pos tables as one transposed table: column t < TP is table_h's relative offset
         # t - (KH - 1), column TP + t table_w's offset t - (KW - 1)
         t = tl.arange(0, 2 * TP)
@@ -154,9 +157,12 @@ if triton is not None:
         r = tl.arange(0, 2 * RP)
         r_is_w = r >= RP
         r_off = tl.where(r_is_w, r - RP, r)
-        e = tl.where(
-            r_is_w[:, None], key_col[None, :] == r_off[:, None], key_row[None, :] == r_off[:, None]
-        ).to(kt.dtype)
+        if KEY_CHUNKS == 1:
+            e = tl.where(
+                r_is_w[:, None],
+                key_col[None, :] == r_off[:, None],
+                key_row[None, :] == r_off[:, None],
+            ).to(K.dtype.element_ty)
         scale_log2 = scale * LOG2E
         inv_scale = 1.0 / scale
         # codes: the softmax's 1 / denominator and 1 / the projection's input scale, one multiply
@@ -177,16 +183,69 @@ if triton is not None:
             idx_h = tl.where(r_off[None, :] < KH, q_row[:, None] - r_off[None, :] + KH - 1, 0)
             idx_w = tl.where(r_off[None, :] < KW, q_col[:, None] - r_off[None, :] + KW - 1, 0)
             idx = tl.where(r_is_w[None, :], idx_w + TP, idx_h)
-            rel = tl.gather(tl.dot(q, tab), idx, axis=1)
-            # one accumulator: the bias (divided by the softmax scale) is the start of q·kᵀ's sum
-            s = tl.dot((rel * inv_scale).to(kt.dtype), e)
-            s = tl.dot(q, kt, s) * scale_log2
-            s = tl.where(key_ok[None, :], s, float("-inf"))
-            p = tl.exp2(s - tl.max(s, 1)[:, None])
-            denom = tl.sum(p, 1)
-            out = to_codes(tl.dot(p.to(v.dtype), v) * (inv_out / denom)[:, None], out_zero, CODES)
+            rel = (tl.gather(tl.dot(q, tab), idx, axis=1) * inv_scale).to(K.dtype.element_ty)
+            if KEY_CHUNKS == 1:
+                # one accumulator: the bias (divided by the softmax scale) starts q·kᵀ's sum
+                s = tl.dot(rel, e)
+                s = tl.dot(q, kt, s) * scale_log2
+                s = tl.where(key_ok[None, :], s, float("-inf"))
+                p = tl.exp2(s - tl.max(s, 1)[:, None])
+                denom = tl.sum(p, 1)
+                acc = tl.dot(p.to(v.dtype), v)
+            else:
+                acc, denom = _window_key_chunks(
+                    q, rel, k_base, v_base, stride_kn, stride_vn, offs_d, d_ok, r_off, r_is_w,
+                    scale_log2, KH, KW, KWP, BLOCK_N // KEY_CHUNKS, KEY_CHUNKS,
+                )  # fmt: skip
+            out = to_codes(acc * (inv_out / denom)[:, None], out_zero, CODES)
             o_ptrs = OUT + b * stride_ob + offs_m[:, None] * stride_om + h * D + offs_d[None, :]
             tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+    @triton.jit
+    def _window_key_chunks(
+        q, rel, k_base, v_base, stride_kn, stride_vn, offs_d, d_ok, r_off, r_is_w, scale_log2,
+        KH, KW, KWP: tl.constexpr, CHUNK: tl.constexpr, KEY_CHUNKS: tl.constexpr,
+    ):  # fmt: skip
+        """The window's keys in KEY_CHUNKS chunks of whole key-grid rows, online softmax: K, V
+        and the one-hot expander of one chunk in shared memory at a time (SAM-B, 2 chunks: 40
+        KB instead of 80), for more programs an SM. Returns (unnormalized P·v, denominator).
+        Every chunk holds a valid key-grid row (KH > half the padded rows)."""
+        for c in tl.static_range(KEY_CHUNKS):
+            slot = c * CHUNK + tl.arange(0, CHUNK)
+            key_row = slot // KWP
+            key_col = slot % KWP
+            key_ok = (key_row < KH) & (key_col < KW)
+            key = key_row * KW + key_col
+            kt = tl.load(
+                k_base + key[None, :] * stride_kn + offs_d[:, None],
+                mask=key_ok[None, :] & d_ok[:, None],
+                other=0.0,
+            )
+            e = tl.where(
+                r_is_w[:, None],
+                key_col[None, :] == r_off[:, None],
+                key_row[None, :] == r_off[:, None],
+            ).to(kt.dtype)
+            s = tl.dot(q, kt, tl.dot(rel, e)) * scale_log2
+            s = tl.where(key_ok[None, :], s, float("-inf"))
+            v = tl.load(
+                v_base + key[:, None] * stride_vn + offs_d[None, :],
+                mask=key_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            if c == 0:
+                m_i = tl.max(s, 1)
+                p = tl.exp2(s - m_i[:, None])
+                denom = tl.sum(p, 1)
+                acc = tl.dot(p.to(v.dtype), v)
+            else:
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                denom = denom * alpha + tl.sum(p, 1)
+                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+                m_i = m_new
+        return acc, denom
 
     _CONFIGS = [
         triton.Config({"BLOCK_M": bm, "M_STEPS": steps}, num_warps=w, num_stages=1)
@@ -268,10 +327,11 @@ def launch(
     block_m: int | None = None,
     m_steps: int = 1,
     num_warps: int = 4,
+    key_chunks: int = 1,
 ) -> Tensor:
-    """Run the kernel (autotuned unless `block_m` is given, as the interpreter tests do).
-    Arguments as `window_attention_op`; q, k, v may be any strided views with a unit last
-    stride."""
+    """Run the kernel (autotuned unless `block_m` is given, as the interpreter tests do; there
+    `key_chunks` 2 walks the keys in two chunks, `_window_key_chunks`). Arguments as
+    `window_attention_op`; q, k, v may be any strided views with a unit last stride."""
     out, args, shape_meta = kernel_arguments(
         q, k, v, table_h, table_w, scale, kh, kw, out_scale, out_zero, codes
     )
@@ -281,9 +341,16 @@ def launch(
         _launch((length, kh, kw, d, heads, q.dtype, codes), grid, *args, **shape_meta)
     else:
         grid = (triton.cdiv(length, block_m * m_steps), b * heads)
+        rows_fill = shape_meta["BLOCK_N"] == key_grid_pad(kh) * shape_meta["KWP"]
+        if key_chunks != 1 and (key_chunks != 2 or shape_meta["BLOCK_N"] < 32 or not rows_fill):
+            raise ValueError(
+                f"key_chunks {key_chunks} on a {kh} x {kw} grid: 1, or 2 where each chunk "
+                "holds 16 slots or more and a valid key-grid row"
+            )
         _window_attention_kernel[grid](
-            *args, **shape_meta, BLOCK_M=block_m, M_STEPS=m_steps, num_warps=num_warps
-        )
+            *args, **shape_meta, BLOCK_M=block_m, M_STEPS=m_steps, num_warps=num_warps,
+            KEY_CHUNKS=key_chunks,
+        )  # fmt: skip
     return out
 
 

@@ -22,7 +22,8 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     worst = 0.0
     # (grid rows, grid cols, head dim, heads): SAM-H's 14 x 14 windows with head dim 80 (padded
     # to 128 in the kernel), the tiny model's 8 x 8, a ragged grid; query blocks that cover the
-    # window in one program (64 x 4) or several
+    # window in one program (64 x 4) or several; the keys in one tile or in two chunks (online
+    # softmax, `_window_key_chunks`)
     for kh, kw, d, heads in ((14, 14, 80, 2), (8, 8, 32, 4), (5, 7, 16, 3)):
         b, L = 2, kh * kw
         qkv = torch.randn(b, L, 3, heads, d)
@@ -32,8 +33,9 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         ref = wa.window_attention_reference(
             *(t.float() for t in (q, k, v, th, tw)), d**-0.5, kh, kw
         )
-        for block_m, steps in ((16, 1), (32, 2), (64, 4)):
-            out = wa.launch(q, k, v, th, tw, d**-0.5, kh, kw, block_m=block_m, m_steps=steps)
+        for block_m, steps, chunks in ((16, 1, 1), (32, 2, 1), (64, 4, 1), (32, 2, 2)):
+            out = wa.launch(q, k, v, th, tw, d**-0.5, kh, kw, block_m=block_m, m_steps=steps,
+                            key_chunks=chunks)
             assert out.shape == (b, L, heads * d) and torch.isfinite(out).all()
             worst = max(worst, float((out.float() - ref).norm() / ref.norm()))
     # the output projection's int8 codes (an odd zero point, a scale that saturates some codes):
@@ -49,8 +51,9 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
 
 
 def test_kernel_matches_reference_in_triton_interpreter(triton_interpreter):
-    """float16 operands and output against float32 math (measured 2.5e-4); the int8 codes for
-    the output projection at most one step off, and rarely (fp16 operands, float32 sums)."""
+    """float16 operands and output against float32 math (measured 2.5e-4), the keys in one
+    tile or two chunks; the int8 codes for the output projection at most one step off, and
+    rarely (fp16 operands, float32 sums)."""
     worst, off_max, off_share = map(float, triton_interpreter(_INTERPRETER_SCRIPT).split())
     assert worst < 2e-3, worst
     assert off_max <= 1 and off_share < 0.01, (off_max, off_share)
@@ -127,3 +130,6 @@ def test_key_tile_limits():
     x = torch.zeros(1, 1, 14 * 14, 16)
     with pytest.raises(ValueError, match=r"needs \(27, 16\) and \(27, 16\)"):
         launch(x, x, x, table, table, 1.0, 14, 14)
+    small = torch.zeros(1, 1, 4, 16)  # 2 x 2 keys in a 16-slot tile: a chunk would be empty
+    with pytest.raises(ValueError, match="key_chunks 2 on a 2 x 2 grid"):
+        launch(small, small, small, table[:3], table[:3], 1.0, 2, 2, block_m=16, key_chunks=2)
