@@ -119,24 +119,17 @@ if triton is not None:
         _, b, h = program_batch_head(HEADS)
         offs_d = tl.arange(0, DP)  # head dim padded to a power of two (SAM-H: 80 -> 128)
         d_ok = offs_d < D
-        slot = tl.arange(0, BLOCK_N)
-        key_row = slot // KWP
-        key_col = slot % KWP
-        key_ok = (key_row < KH) & (key_col < KW)
-        key = key_row * KW + key_col
         k_base = K + b * stride_kb + h * stride_kh
         v_base = V + b * stride_vb + h * stride_vh
+        # the one-hot expander's rows: offsets r < RP of rel_h, then of rel_w
+        r = tl.arange(0, 2 * RP)
+        r_is_w = r >= RP
+        r_off = tl.where(r_is_w, r - RP, r)
         if KEY_CHUNKS == 1:  # the whole window's keys and values, once for M_STEPS query blocks
-            kt = tl.load(
-                k_base + key[None, :] * stride_kn + offs_d[:, None],
-                mask=key_ok[None, :] & d_ok[:, None],
-                other=0.0,
+            kt, e, key, key_ok = _window_keys(
+                k_base, stride_kn, tl.arange(0, BLOCK_N), offs_d, d_ok, r_off, r_is_w, KH, KW, KWP
             )
-            v = tl.load(
-                v_base + key[:, None] * stride_vn + offs_d[None, :],
-                mask=key_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )
+            v = _window_values(v_base, stride_vn, key, key_ok, offs_d, d_ok)
         # both rel-pos tables as one transposed table: column t < TP is table_h's relative offset
         # t - (KH - 1), column TP + t table_w's offset t - (KW - 1)
         t = tl.arange(0, 2 * TP)
@@ -153,16 +146,6 @@ if triton is not None:
             other=0.0,
         )
         tab = tl.where(t_is_w[None, :], tab_w, tab_h)
-        # the one-hot expander: (rel · e)[m, slot] = rel_h[m, row(slot)] + rel_w[m, col(slot)]
-        r = tl.arange(0, 2 * RP)
-        r_is_w = r >= RP
-        r_off = tl.where(r_is_w, r - RP, r)
-        if KEY_CHUNKS == 1:
-            e = tl.where(
-                r_is_w[:, None],
-                key_col[None, :] == r_off[:, None],
-                key_row[None, :] == r_off[:, None],
-            ).to(K.dtype.element_ty)
         scale_log2 = scale * LOG2E
         inv_scale = 1.0 / scale
         # codes: the softmax's 1 / denominator and 1 / the projection's input scale, one multiply
@@ -202,6 +185,36 @@ if triton is not None:
             tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
     @triton.jit
+    def _window_keys(
+        k_base, stride_kn, slot, offs_d, d_ok, r_off, r_is_w, KH, KW, KWP: tl.constexpr
+    ):
+        """kᵀ and the one-hot expander of the key slots `slot` (row-major on the key grid
+        padded to KWP columns), each slot's key index and whether it is a key: (rel · e)[m,
+        slot] = rel_h[m, row(slot)] + rel_w[m, col(slot)], exact (one nonzero term a sum)."""
+        key_row = slot // KWP
+        key_col = slot % KWP
+        key_ok = (key_row < KH) & (key_col < KW)
+        key = key_row * KW + key_col
+        kt = tl.load(
+            k_base + key[None, :] * stride_kn + offs_d[:, None],
+            mask=key_ok[None, :] & d_ok[:, None],
+            other=0.0,
+        )
+        e = tl.where(
+            r_is_w[:, None], key_col[None, :] == r_off[:, None], key_row[None, :] == r_off[:, None]
+        ).to(kt.dtype)
+        return kt, e, key, key_ok
+
+    @triton.jit
+    def _window_values(v_base, stride_vn, key, key_ok, offs_d, d_ok):
+        """v's rows of the keys `_window_keys` gave."""
+        return tl.load(
+            v_base + key[:, None] * stride_vn + offs_d[None, :],
+            mask=key_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+
+    @triton.jit
     def _window_key_chunks(
         q, rel, k_base, v_base, stride_kn, stride_vn, offs_d, d_ok, r_off, r_is_w, scale_log2,
         KH, KW, KWP: tl.constexpr, CHUNK: tl.constexpr, KEY_CHUNKS: tl.constexpr,
@@ -212,27 +225,12 @@ if triton is not None:
         Every chunk holds a valid key-grid row (KH > half the padded rows)."""
         for c in tl.static_range(KEY_CHUNKS):
             slot = c * CHUNK + tl.arange(0, CHUNK)
-            key_row = slot // KWP
-            key_col = slot % KWP
-            key_ok = (key_row < KH) & (key_col < KW)
-            key = key_row * KW + key_col
-            kt = tl.load(
-                k_base + key[None, :] * stride_kn + offs_d[:, None],
-                mask=key_ok[None, :] & d_ok[:, None],
-                other=0.0,
+            kt, e, key, key_ok = _window_keys(
+                k_base, stride_kn, slot, offs_d, d_ok, r_off, r_is_w, KH, KW, KWP
             )
-            e = tl.where(
-                r_is_w[:, None],
-                key_col[None, :] == r_off[:, None],
-                key_row[None, :] == r_off[:, None],
-            ).to(kt.dtype)
             s = tl.dot(q, kt, tl.dot(rel, e)) * scale_log2
             s = tl.where(key_ok[None, :], s, float("-inf"))
-            v = tl.load(
-                v_base + key[:, None] * stride_vn + offs_d[None, :],
-                mask=key_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )
+            v = _window_values(v_base, stride_vn, key, key_ok, offs_d, d_ok)
             if c == 0:
                 m_i = tl.max(s, 1)
                 p = tl.exp2(s - m_i[:, None])
