@@ -246,14 +246,36 @@ if triton is not None:
         return acc, denom
 
     _CONFIGS = [
-        triton.Config({"BLOCK_M": bm, "M_STEPS": steps}, num_warps=w, num_stages=1)
-        for bm, steps, w in (
-            (64, 1, 4), (64, 1, 8), (64, 2, 4), (64, 2, 8), (64, 4, 8), (128, 1, 8), (128, 2, 8),
+        triton.Config(
+            {"BLOCK_M": bm, "M_STEPS": steps, "KEY_CHUNKS": chunks},
+            num_warps=w, num_stages=1, maxnreg=regs,
+        )
+        for bm, steps, w, chunks, regs in (
+            (64, 1, 4, 1, None), (64, 1, 8, 1, None), (64, 2, 4, 1, None), (64, 2, 8, 1, None),
+            (64, 4, 8, 1, None), (128, 1, 8, 1, None), (128, 2, 8, 1, None),
+            # two key chunks, 37 KB of shared memory: capped at 168 registers, three programs an
+            # SM (H100, SAM-B's windows: 0.242 ms against the one-tile kernel's 0.264)
+            (64, 1, 4, 2, 168), (64, 1, 4, 2, 160),
         )
     ]  # fmt: skip
-    _tuned_kernel = triton.autotune(_CONFIGS, key=["L", "KH", "KW", "D", "HEADS"])(
-        _window_attention_kernel
-    )
+
+    def _two_chunks_fit(kh: int, kw: int) -> bool:
+        """Whether `_window_key_chunks` can split a kh x kw grid in two: each half of the
+        padded key slots must hold 16 or more and start inside the grid (KH > half the padded
+        rows), and the padded rows must fill the tile."""
+        rows, kwp = key_grid_pad(kh), key_grid_pad(kw)
+        block_n = max(16, rows * kwp)
+        return block_n == rows * kwp and block_n >= 32 and kh > rows // 2
+
+    def _prune_chunks(configs, named_args, **kwargs):
+        fit = _two_chunks_fit(named_args["KH"], named_args["KW"])
+        return [c for c in configs if c.kwargs["KEY_CHUNKS"] == 1 or fit]
+
+    _tuned_kernel = triton.autotune(
+        _CONFIGS,
+        key=["L", "KH", "KW", "D", "HEADS"],
+        prune_configs_by={"early_config_prune": _prune_chunks},
+    )(_window_attention_kernel)
     _launch = TunedLauncher(_tuned_kernel)
 
 
@@ -339,8 +361,7 @@ def launch(
         _launch((length, kh, kw, d, heads, q.dtype, codes), grid, *args, **shape_meta)
     else:
         grid = (triton.cdiv(length, block_m * m_steps), b * heads)
-        rows_fill = shape_meta["BLOCK_N"] == key_grid_pad(kh) * shape_meta["KWP"]
-        if key_chunks != 1 and (key_chunks != 2 or shape_meta["BLOCK_N"] < 32 or not rows_fill):
+        if key_chunks != 1 and (key_chunks != 2 or not _two_chunks_fit(kh, kw)):
             raise ValueError(
                 f"key_chunks {key_chunks} on a {kh} x {kw} grid: 1, or 2 where each chunk "
                 "holds 16 slots or more and a valid key-grid row"

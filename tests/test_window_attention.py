@@ -133,3 +133,19 @@ def test_key_tile_limits():
     small = torch.zeros(1, 1, 4, 16)  # 2 x 2 keys in a 16-slot tile: a chunk would be empty
     with pytest.raises(ValueError, match="key_chunks 2 on a 2 x 2 grid"):
         launch(small, small, small, table[:3], table[:3], 1.0, 2, 2, block_m=16, key_chunks=2)
+
+
+def test_autotuner_tries_two_key_chunks_only_where_they_fit():
+    """The autotuner's two-chunk configs survive pruning on SAM's 14 x 14 windows and the tiny
+    model's 8 x 8 ones, and are dropped on a 2 x 2 grid, where a chunk would hold no key."""
+    wa = pytest.importorskip("samq_fx.window_attention")
+    if not hasattr(wa, "_prune_chunks"):
+        pytest.skip("Triton is not installed")
+
+    def chunks_kept(kh, kw):
+        kept = wa._prune_chunks(wa._CONFIGS, {"KH": kh, "KW": kw})
+        return {c.kwargs["KEY_CHUNKS"] for c in kept}
+
+    assert chunks_kept(14, 14) == {1, 2}
+    assert chunks_kept(8, 8) == {1, 2}
+    assert chunks_kept(2, 2) == {1}
