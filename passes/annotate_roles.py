@@ -220,6 +220,14 @@ class _Annotator:
                 src = _through_views(node.args[0])
                 self.tag(node, "patch_embed" if src.op == "placeholder" else "neck_conv")
 
+    def position_embedding(self) -> None:
+        """The add of a parameter to the patch tokens outside every module: x + pos_embed."""
+        for node in self.gm.graph.nodes:
+            if _is(node, aten.add.Tensor) and get_info(node).module_path == "":
+                table = node.args[1]
+                if isinstance(table, torch.fx.Node) and table.op == "get_attr":
+                    self.tag(node, "pos_embed")
+
 
 def expected_roles(ctx: PassContext) -> Counter:
     """How many nodes of each role (and attention kind) the architecture must have."""
@@ -228,7 +236,7 @@ def expected_roles(ctx: PassContext) -> Counter:
         n, g = a.encoder_depth, len(a.encoder_global_attn_indexes)
         per_attn = ["qkv_proj", "q", "k", "v", "qk_matmul", "attn_softmax", "av_matmul"]
         want = Counter({r: n for r in per_attn + ["out_proj", "mlp_fc1", "mlp_fc2"]})
-        want.update({"rel_pos": 2 * n, "patch_embed": 1, "neck_conv": 2})
+        want.update({"rel_pos": 2 * n, "patch_embed": 1, "neck_conv": 2, "pos_embed": 1})
         want.update({"kind:enc_global": g, "kind:enc_window": n - g})
         return want
     d = a.decoder_depth
@@ -263,6 +271,7 @@ def annotate_roles(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     mlps = annotator.mlps()
     if ctx.part == "image_encoder":
         annotator.encoder_convs()
+        annotator.position_embedding()
     else:
         annotator.decoder_heads()
     want, got = expected_roles(ctx), found_roles(gm)

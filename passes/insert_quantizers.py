@@ -42,7 +42,7 @@ def make_quantizer(decision: dict) -> Quantizer:
 
 
 def site_key(info: NodeInfo, slot: str) -> str:
-    path = info.module_path.replace(".", "_")
+    path = info.module_path.replace(".", "_") or info.role  # top level: x + pos_embed
     if slot in ("weight", "input"):
         return f"{path}__{slot}"
     return f"{path}__{info.role}__{slot}"

@@ -4,6 +4,7 @@ Reads: `node.meta["samq"]` roles (from annotate_roles) and `ctx.config` (a `Quan
 Writes: `NodeInfo.quant` on every node with a quantizer site, a mapping slot -> decision:
 
     linear / conv roles   {"weight": decision | None, "input": decision | None}
+    pos_embed             {"weight": decision | None}   (opt-in: only an Override quantizes it)
     qk_matmul             {"q": decision | None, "k": decision | None}
     av_matmul             {"attn": decision | None, "v": decision | None}
 
@@ -17,7 +18,7 @@ config must match at least one site, else `PlanError` lists the roles it could h
 
 from __future__ import annotations
 
-from samq_fx.config import MATMUL_SLOTS, WEIGHT_ROLES, QuantConfig
+from samq_fx.config import MATMUL_SLOTS, TABLE_ROLES, WEIGHT_ROLES, QuantConfig
 from samq_fx.meta import get_info, update_info
 from samq_fx.pipeline import PassContext, PassResult
 from samq_fx.quantizers import QuantSpec
@@ -28,8 +29,9 @@ class PlanError(ValueError):
 
 
 def weight_channel_axis(role: str) -> int:
-    """Output-channel axis of the weight: conv_transpose2d stores (in, out, kh, kw)."""
-    return 1 if role == "upscale_conv" else 0
+    """Output-channel axis of the weight: conv_transpose2d stores (in, out, kh, kw); the
+    position embedding (1, H, W, C) is scaled per channel, its last axis."""
+    return {"upscale_conv": 1, "pos_embed": -1}.get(role, 0)
 
 
 def weight_spec(cfg: QuantConfig, bits: int, role: str) -> QuantSpec:
@@ -38,6 +40,7 @@ def weight_spec(cfg: QuantConfig, bits: int, role: str) -> QuantSpec:
         "neck_conv",
         "patch_embed",
         "upscale_conv",
+        *TABLE_ROLES,
     )
     return QuantSpec(
         bits=bits,
@@ -66,6 +69,8 @@ def uniform(spec: QuantSpec) -> dict:
 def _site_slots(role: str | None) -> tuple[str, ...]:
     if role in WEIGHT_ROLES:
         return ("weight", "input")
+    if role in TABLE_ROLES:
+        return ("weight",)
     return MATMUL_SLOTS.get(role, ())
 
 
@@ -80,7 +85,7 @@ def plan_quantization(gm, ctx: PassContext) -> PassResult:
             continue
         plan = {}
         for slot in slots:
-            quantize = info.role not in cfg.fp_roles
+            quantize = info.role not in cfg.fp_roles and info.role not in TABLE_ROLES
             bits = cfg.w_bits if slot == "weight" else cfg.a_bits
             for i, ov in enumerate(cfg.overrides):
                 if ov.matches(ctx.part, info.role, info.attn_kind, info.module_path, slot):

@@ -6,7 +6,8 @@
 
 This is the only file that imports torchao (`int8_kernel="torchao"`; int4 runs PyTorch's own
 tinygemm op). The graph work is passes, run per part:
-`passes/lower_linears.py` swaps each fake-quantized linear for a module on plain buffers built
+`passes/lower_tables.py` keeps a quantized position embedding (W4A16-int4's) as its one-byte
+codes, `passes/lower_linears.py` swaps each fake-quantized linear for a module on plain buffers built
 from the calibrated quantizers (`make_linear` below: `Int8Linear`, `Int4Linear`,
 `Float8Linear`), and
 `passes/fuse_attention.py` swaps the encoder's attention chains for one fused kernel,
@@ -69,6 +70,7 @@ from samq_fx.passes.fuse_attention import fuse_attention as fuse_attention_pass
 from samq_fx.passes.fuse_attention_codes import fuse_attention_codes
 from samq_fx.passes.fuse_linear_epilogue import fuse_linear_epilogue
 from samq_fx.passes.lower_linears import lower_linears
+from samq_fx.passes.lower_tables import lower_tables
 from samq_fx.passes.patch_embed_as_matmul import patch_embed_as_matmul
 from samq_fx.pipeline import PassContext, PassResult, run_passes
 from samq_fx.quantizers import UniformQuantizer, assert_deployable
@@ -210,7 +212,7 @@ class LoweringReport:
         rows = [(site, "lowered", kernel) for site, kernel in self.lowered.items()]
         rows += [(site, "fake-quant", reason) for site, reason in self.kept.items()]
         head = (
-            f"lowering {self.backend} ({self.dtype}, {self.device}): {len(self.lowered)} linears "
+            f"lowering {self.backend} ({self.dtype}, {self.device}): {len(self.lowered)} sites "
             f"lowered, {len(self.kept)} kept fake-quantized, {self.fused_attention} attentions "
             f"fused ({self.attention}), {self.fused_epilogues} activation epilogues fused, "
             f"{self.attention_codes} attentions write their projection's codes; "
@@ -782,6 +784,7 @@ def lower(
         if cfg.fuse_attention
         else "unfused"
     )
+    tables = 0  # lowered tables (lower_tables), which run no kernel
     for part in PARTS:
         gm = getattr(model, part)
         state = _pass_state(torch_dtype, cfg.attention, cfg.window_attention)
@@ -794,15 +797,19 @@ def lower(
         *edits, cast = _float_passes(part, cfg.fuse_attention)
         # the wired attention kernels quantize their output for the projection: same backends
         codes = [fuse_attention_codes] if fuse_mlp and cfg.fuse_attention else []
-        passes = [lower_linears, *epilogue, *edits, *codes, cast]
+        passes = [lower_tables, lower_linears, *epilogue, *edits, *codes, cast]
         records = run_passes(gm, ctx, passes)
         results = {r.name: r.result for r in records}  # the latest run of each pass
         prefix = "enc" if part == "image_encoder" else "dec"
-        for site, reason in results["lower_linears"].rejected.items():
+        for site, reason in {
+            **results["lower_tables"].rejected,
+            **results["lower_linears"].rejected,
+        }.items():
             report.kept[f"{prefix}:{site}"] = reason
         for node in gm.graph.nodes:
             info = get_info(node)
-            finding = info.findings.get("lower_linears") if info is not None else None
+            findings = info.findings if info is not None else {}
+            finding = findings.get("lower_linears") or findings.get("lower_tables")
             if finding and node.op == "call_module":
                 kernel = finding["kernel"]
                 fused = info.findings.get("fuse_linear_epilogue")
@@ -817,9 +824,10 @@ def lower(
         if "fuse_attention" in results:
             report.fused_attention += results["fuse_attention"].counts["fused"]
             report.unfused_attention.update(results["fuse_attention"].rejected)
+        tables += results["lower_tables"].counts["lowered"]
         report.weight_bytes += stored_bytes(gm)
     report.fp16_weight_bytes = fp16_bytes
-    if not report.lowered:
+    if len(report.lowered) == tables:  # a table is no kernel: the linears all stayed fake-quant
         reasons = sorted(set(report.kept.values()))
         raise LoweringError(
             f"backend {cfg.backend!r} has no kernel for any layer of this "

@@ -52,6 +52,7 @@ ROLES = {
     "v": "value tensor of an attention (encoder: v slice of qkv)",
     "rel_pos": "decomposed relative-position term added to the encoder logits",
     "neck_conv": "convolution of the encoder neck",
+    "pos_embed": "the absolute position embedding added to the patch tokens (a weight-only site)",
     # both
     "q_proj": "query projection of a decoder attention",
     "k_proj": "key projection of a decoder attention",

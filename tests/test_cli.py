@@ -34,7 +34,7 @@ def test_roles_command_prints_table(capsys):
     assert main(["roles", "--model", "vit_b"]) == 0
     out = capsys.readouterr().out
     assert "enc_global" in out and "final_token_to_image" in out
-    assert "218 annotated nodes" in out
+    assert "219 annotated nodes" in out  # pos_embed among them
 
 
 @pytest.mark.unit

@@ -21,6 +21,7 @@ from samq_fx.gemm_epilogue import static_scale
 from samq_fx.kernels import rel_pos_attention, rel_pos_bias
 from samq_fx.lower import Int4Linear, LoweringError, compile_parts, lower, optimize_float
 from samq_fx.meta import get_info
+from samq_fx.passes.lower_tables import QuantizedTable
 from samq_fx.quantizers import QuantSpec, UniformQuantizer
 
 
@@ -155,7 +156,14 @@ def test_int4_weight_only(q_int4):
     lowered = lower(q_int4, "int4-weight", verbose=False)
     report = lowered.samq_lowering_report
     assert report.lowered and not report.kept
+    table = "8-bit codes per channel, dequantized per call"
+    assert report.lowered.pop("enc:pos_embed") == table  # the preset's 8-bit position embedding
     assert set(report.lowered.values()) == {"int4 weights, dequantized per call x float GEMM"}
+    pos = lowered.image_encoder.samq_lowered.pos_embed
+    assert isinstance(pos, QuantizedTable) and pos.codes.dtype == torch.uint8
+    assert not hasattr(lowered.image_encoder, "pos_embed")  # the float table is gone
+    channels = pos.codes.shape[-1]
+    assert pos.scale.numel() == pos.zero.numel() == channels
     snr = _encoder_sqnr(lowered, q_int4, seed=2)
     # the calibrated codes and float32 grid themselves: equal up to float summation order
     assert snr > 80, f"int4-weight vs its fake quant: SQNR {snr:.1f} dB"
@@ -192,6 +200,50 @@ def test_int4_linear_keeps_the_calibrated_grid(out_f, groups, group_size, symmet
         ref = torch.nn.functional.linear(x, expected, bias)
         assert torch.allclose(lin(x), ref, atol=1e-4, rtol=1e-4)
     assert lin.packed.dtype == torch.uint8 and lin.packed.numel() == weight.numel() // 2
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    bits=st.integers(2, 8),
+    symmetric=st.booleans(),
+    shape=st.sampled_from([(1, 4, 4, 8), (1, 3, 5, 16), (2, 7)]),
+    seed=st.integers(0, 2**16),
+)
+def test_quantized_table_is_the_fake_quant_table(bits, symmetric, shape, seed):
+    """QuantizedTable keeps the quantizer's own per-channel codes in one byte each and gives back
+    exactly the fake-quant table, for signed (symmetric) and unsigned grids of 2..8 bits."""
+    gen = torch.Generator().manual_seed(seed)
+    table = torch.randn(shape, generator=gen) * torch.rand(shape[-1], generator=gen)
+    spec = QuantSpec(bits, symmetric, "channel", ch_axis=-1, observer="mse")
+    w_q = UniformQuantizer(spec)
+    w_q(table)
+    w_q.freeze()
+    qp = w_q.qparams()
+    lowered = QuantizedTable(
+        w_q.int_repr(table), qp.scale, qp.zero_point, len(shape) - 1, torch.float32
+    )
+    assert lowered.codes.element_size() == 1 and lowered.codes.shape == table.shape
+    with torch.no_grad():
+        assert torch.allclose(lowered(), w_q(table), atol=1e-6, rtol=1e-6)
+
+
+def test_position_embedding_is_quantized_only_on_request(tiny_trained_captured, calib):
+    """The papers' presets keep the position embedding in float (no quantizer at all); an
+    Override turns on its weight-only site, per channel of its last axis, never in groups."""
+    enc = tiny_trained_captured.image_encoder
+    (pos,) = [
+        n for n in enc.graph.nodes if (i := get_info(n)) is not None and i.role == "pos_embed"
+    ]
+    assert pos.args[1].op == "get_attr"
+    w8 = samq_fx.quantize(tiny_trained_captured, calib, QuantConfig.preset("W8A8"), progress=False)
+    assert not [k for k in w8.image_encoder.samq_quantizers if "pos_embed" in k]
+    cfg = QuantConfig(
+        w_bits=4, a_bits=None, w_granularity="group", w_group_size=64,
+        overrides=(Override(role="pos_embed", quantize=True, w_bits=6),),
+    )  # fmt: skip
+    q = samq_fx.quantize(tiny_trained_captured, calib, cfg, progress=False)
+    spec = q.image_encoder.samq_quantizers["pos_embed__weight"].spec
+    assert (spec.bits, spec.granularity, spec.ch_axis) == (6, "channel", -1)
 
 
 def test_int4_linear_refuses_shapes_without_a_kernel():

@@ -202,7 +202,8 @@ def test_summary_lists_bits_ranges_and_fp_layers(w4a4):
     text = str(s)
     assert "W4A4-mse" in text and "kept in floating point" in text
     fp_roles = {r.role for r in s.fp_sites()}
-    assert fp_roles == {"patch_embed", "upscale_conv", "hypernet_fc", "iou_head_fc"}
+    # the position embedding too: a weight-only site the papers' presets leave in float
+    assert fp_roles == {"patch_embed", "pos_embed", "upscale_conv", "hypernet_fc", "iou_head_fc"}
     quant = [r for r in s.rows if r.kind == "uniform"]
     assert all(r.bits == 4 and r.lo <= 0 <= r.hi for r in quant if r.slot != "attn")
 
