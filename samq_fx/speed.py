@@ -2,7 +2,8 @@
 
 One row per (model, setting, part, batch): git sha, torch / torchao versions, device, img/s
 (batch / the p50 of calls synchronized one by one) and, for the encoder, img/s back to back
-(calls enqueued with no sync between them, as a server keeps the GPU fed), p50 ms with the
+(calls enqueued with no sync between them, as a server keeps the GPU fed), both over the best
+bf16 pipeline of the run (`against_best_bf16`: the issue's 1.3x reads off it), p50 ms with the
 p10-p90 spread over timed repeats after warm-up, peak memory, weight bytes, compile seconds
 and fidelity (SQNR in dB of the encoder output against fp32 eager on the same
 input; the decoder's against fp32 on the same embeddings and prompts). Random weights: speed does
@@ -358,6 +359,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="compiled settings replay CUDA graphs (rows marked '@cg')")  # fmt: skip
 
 
+def against_best_bf16(rows: list[Row]) -> list[tuple[float | None, float | None]]:
+    """Each row's (img/s, back-to-back img/s) over the best bf16 pipeline's of the same run,
+    model, part and batch: the highest of every bf16 setting's rows (repeats and CUDA-graph
+    rows included), per column. The issue's goal reads off it (1.3x); None where the run has
+    no bf16 row or the column no number."""
+
+    def key(r: Row) -> tuple:
+        return (r.model, r.part, r.batch)
+
+    best: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r.setting.split("@")[0] in FLOAT_SETTINGS and r.setting.startswith("bf16"):
+            b2b = r.back_to_back_img_per_s or 0.0
+            old = best.get(key(r), [0.0, 0.0])
+            best[key(r)] = [max(old[0], r.img_per_s), max(old[1], b2b)]
+
+    def ratio(x: float | None, base: float) -> float | None:
+        return None if x is None or base <= 0 else x / base
+
+    out = []
+    for r in rows:
+        base = best.get(key(r))
+        if base is None:
+            out.append((None, None))
+        else:
+            out.append((ratio(r.img_per_s, base[0]), ratio(r.back_to_back_img_per_s, base[1])))
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(p)
@@ -395,15 +425,17 @@ def run(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
 
     for name in args.model:
         rows += run_model(args, name, device, sha, versions, write)
-    headers = ("model", "setting", "part", "batch", "img/s", "back to back", "p50 ms",
-               "p10-p90 ms", "peak MiB", "weights MiB", "compile s", "SQNR dB")  # fmt: skip
+    headers = ("model", "setting", "part", "batch", "img/s", "back to back", "x best bf16 (p50 / b2b)",
+               "p50 ms", "p10-p90 ms", "peak MiB", "weights MiB", "compile s", "SQNR dB")  # fmt: skip
+    ratios = against_best_bf16(rows)
     table = [
         (r.model, r.setting, r.part, r.batch, f"{r.img_per_s:.1f}",
          "-" if r.back_to_back_img_per_s is None else f"{r.back_to_back_img_per_s:.1f}",
+         " / ".join("-" if x is None else f"{x:.2f}" for x in ratio),
          f"{r.p50_ms:.2f}",
          f"{r.p10_ms:.2f}-{r.p90_ms:.2f}", f"{r.peak_mib:.0f}", f"{r.weight_mib:.1f}",
          f"{r.compile_s:.1f}", "inf" if r.sqnr_db is None else f"{r.sqnr_db:.1f}")
-        for r in rows
+        for r, ratio in zip(rows, ratios)
     ]  # fmt: skip
     print(
         f"\n{sha} torch {versions['torch']} torchao {versions['torchao']} on {versions['device']}"

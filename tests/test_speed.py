@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from samq_fx.speed import time_back_to_back, time_calls
+from samq_fx.speed import Row, against_best_bf16, time_back_to_back, time_calls
 
 CPU = torch.device("cpu")
 
@@ -32,3 +32,24 @@ def test_time_calls_times_each_repeat_after_the_first_call_and_warmup():
     times, first = time_calls(_sleeper(calls, 0.005), CPU, repeats=4, warmup=2)
     assert len(calls) == 1 + 2 + 4 and len(times) == 4
     assert all(0.005 <= t < 0.05 for t in times) and first >= 0.005
+
+
+def _row(setting: str, img_per_s: float, b2b: float | None, part="encoder", batch=8) -> Row:
+    return Row("sha", "torch", "torchao", "dev", "vit_b", setting, part, batch, img_per_s,
+               1.0, 1.0, 1.0, 0.0, 0.0, 0.0, None, b2b)  # fmt: skip
+
+
+def test_ratios_are_against_the_best_bf16_row_of_the_same_part_and_batch():
+    rows = [
+        _row("bf16-triton-all", 380.0, 400.0),
+        _row("float8-static", 494.0, 500.0),
+        _row("bf16-triton-all@cg", 390.0, 395.0),  # the best synchronized bf16: 390
+        _row("int8-static", 468.0, None),
+        _row("fp32-compile", 100.0, 100.0),  # not a bf16 pipeline: no baseline
+        _row("float8-static", 90.0, 91.0, batch=1),  # no bf16 row at batch 1
+    ]
+    ratios = against_best_bf16(rows)
+    assert ratios[1] == (494.0 / 390.0, 500.0 / 400.0)
+    assert ratios[0] == (380.0 / 390.0, 1.0) and ratios[2] == (1.0, 395.0 / 400.0)
+    assert ratios[3] == (468.0 / 390.0, None)
+    assert ratios[5] == (None, None)
