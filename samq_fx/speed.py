@@ -253,7 +253,8 @@ def run_model(
 
     def make_row(setting, part, batch, times, first, peak, weights, fid, per_call=None) -> Row:
         p50, p10, p90 = _quantiles(times)
-        setting += "@cg" if compiled and args.cudagraphs else ""
+        if compiled and args.cudagraphs:  # "@cg-skipped": asked for graphs, inductor ran none
+            setting += "@cg-skipped" if cudagraph_skips() > skips_before else "@cg"
         return Row(sha, versions["torch"], versions["torchao"], versions["device"], name, setting,
                    part, batch, batch / p50, 1e3 * p50, 1e3 * p10, 1e3 * p90, peak, weights,
                    max(0.0, first - p50), fid, None if per_call is None else batch / per_call)  # fmt: skip
@@ -263,6 +264,7 @@ def run_model(
         if device.type == "cuda":
             torch.cuda.empty_cache()
         torch._dynamo.reset()
+        skips_before = cudagraph_skips()
         try:
             model, compiled = build(setting, captured, quantized, args.cudagraphs)
         except Exception as err:  # a setting without kernels here (float8 on the CPU) says so
@@ -356,7 +358,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile-json", default=None, help="prefix of per-setting profile JSONs")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--cudagraphs", action="store_true",
-                   help="compiled settings replay CUDA graphs (rows marked '@cg')")  # fmt: skip
+                   help="compiled settings replay CUDA graphs (rows marked '@cg'; '@cg-skipped' where inductor ran none)")  # fmt: skip
+
+
+def cudagraph_skips() -> int:
+    """How many compiled graphs inductor ran without CUDA graphs although asked for them (CPU
+    tensors, unsupported ops, ...): it says why only in its log (`TORCH_LOGS=cudagraphs`), so
+    the bench reads its counter and labels such rows "@cg-skipped" instead of "@cg"."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
 
 
 def against_best_bf16(rows: list[Row]) -> list[tuple[float | None, float | None]]:

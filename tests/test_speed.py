@@ -3,11 +3,13 @@ are bench/RESULTS.md's, never a test's.)"""
 
 from __future__ import annotations
 
+import json
 import time
 
+import pytest
 import torch
 
-from samq_fx.speed import Row, against_best_bf16, time_back_to_back, time_calls
+from samq_fx.speed import Row, against_best_bf16, main, time_back_to_back, time_calls
 
 CPU = torch.device("cpu")
 
@@ -53,3 +55,15 @@ def test_ratios_are_against_the_best_bf16_row_of_the_same_part_and_batch():
     assert ratios[0] == (380.0 / 390.0, 1.0) and ratios[2] == (1.0, 395.0 / 400.0)
     assert ratios[3] == (468.0 / 390.0, None)
     assert ratios[5] == (None, None)
+
+
+@pytest.mark.slow
+def test_bench_labels_rows_whose_cuda_graphs_inductor_skipped(tmp_path):
+    """Asked for CUDA graphs where inductor records none (here: a CPU model, which it always
+    skips), the bench says "@cg-skipped" rather than claiming "@cg" for the row."""
+    out = tmp_path / "speed.json"
+    argv = ["--model", "tiny", "--device", "cpu", "--prompts", "0", "--repeats", "2",
+            "--batch", "1", "--settings", "bf16-compile", "--cudagraphs", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["setting"] == "bf16-compile@cg-skipped"
