@@ -89,8 +89,7 @@ def lower_linears(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     for node in gm.graph.nodes:  # quantized sites that are not linears (convolutions)
         info = get_info(node)
         weight_site = info is not None and info.quant.get("slot") == "weight"
-        lowered_already = str(node.target).startswith(f"{LOWERED_ATTR}.")  # lower_tables'
-        if node.op == "call_module" and weight_site and node.users and not lowered_already:
+        if node.op == "call_module" and weight_site and node.users:
             site = info.quant["site"].removesuffix("__weight")
             if site not in result.rejected:
                 consumer = next(iter(node.users)).target

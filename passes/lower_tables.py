@@ -14,7 +14,8 @@ model computes. Under torch.compile the dequantize fuses into the add. Any backe
 is a weight-only table, not a kernel.
 
 Reads: `NodeInfo.quant` of weight quantizer nodes whose consumer has a role in `TABLE_ROLES`.
-Writes: `findings["lower_tables"]` = {"kernel"} on the new node; `gm.samq_lowered`; deletes the
+Writes: on the new node a record with no quantizer site (`quant` empty: it is a lowered table,
+not a quantizer) and `findings["lower_tables"]` = {"kernel"}; `gm.samq_lowered`; deletes the
 float parameter and the quantizer. Invariant: every other node is untouched.
 """
 
@@ -25,12 +26,12 @@ import torch.fx
 from torch import Tensor, nn
 
 from samq_fx.config import TABLE_ROLES
-from samq_fx.meta import add_finding, get_info, set_info
+from samq_fx.meta import add_finding, get_info, set_info, update_info
 from samq_fx.passes.insert_quantizers import fetch_attr
+from samq_fx.passes.lower_linears import LOWERED_ATTR, _delete_attr
 from samq_fx.pipeline import PassContext, PassResult
 
 PASS_NAME = "lower_tables"
-LOWERED_ATTR = "samq_lowered"
 TABLE_KERNEL = "{bits}-bit codes per channel, dequantized per call"
 
 
@@ -96,13 +97,13 @@ def lower_tables(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             new = gm.graph.call_module(f"{LOWERED_ATTR}.{site}", ())
         new.meta = dict(node.meta)
         set_info(new, get_info(node))
+        update_info(new, PASS_NAME, module_type=QuantizedTable.__name__, quant={})
         add_finding(new, PASS_NAME, {"kernel": TABLE_KERNEL.format(bits=spec.bits)})
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         if not w_node.users:
             gm.graph.erase_node(w_node)
-            owner_path, _, name = w_node.target.rpartition(".")
-            delattr(gm.get_submodule(owner_path) if owner_path else gm, name)
+            _delete_attr(gm, w_node.target)
         result.counts["lowered"] += 1
     gm.delete_all_unused_submodules()
     return result
