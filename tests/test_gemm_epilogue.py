@@ -397,3 +397,23 @@ def test_float8_linears_hold_plain_tensors(float8_on_cpu):
         subclasses = {type(t).__name__ for t in tensors
                       if type(t) not in (torch.Tensor, torch.nn.Parameter)}  # fmt: skip
         assert not subclasses, f"tensor subclasses left: {subclasses}"
+
+
+_PEAK_SCRIPT = textwrap.dedent(
+    """
+    import pathlib, sys
+    import samq_fx
+    sys.path.insert(0, str(pathlib.Path(samq_fx.__file__).resolve().parents[1] / "bench"))
+    import tensor_core_peak as peak
+    rows = [peak.run(d, (64, 128, 128, 4), iters=2, programs=2, device="cpu")
+            for d in ("int8", "float8")]
+    print(len(rows))
+    """
+)
+
+
+def test_tensor_core_peak_sums_are_exact(triton_interpreter):
+    """bench/tensor_core_peak.py's loop kernel, under the interpreter: the repeated dot's sums
+    equal 3·x·wᵀ exactly for int8 and float8 codes (the script raises otherwise), so its GPU
+    rates time real sums."""
+    assert triton_interpreter(_PEAK_SCRIPT) == "2"
