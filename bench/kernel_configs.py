@@ -78,6 +78,8 @@ def gemm_rows(
     a_in_registers: bool = False,
     configs=GEMM_CONFIGS,
     kernels: tuple = (),
+    shapes: tuple = (),
+    programs_per_sm: tuple = (1, 2),
 ) -> list[dict]:
     """Each GEMM config on each shape; `a_in_registers` adds variants whose dot takes x from
     registers (`gemm_epilogue._in_registers`), named "... a-regs"."""
@@ -88,7 +90,7 @@ def gemm_rows(
     rows = []
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for name, m, n, k, act, codes_out in GEMM_SHAPES:
-        if only and name != only[0]:
+        if (only and name != only[0]) or (shapes and name not in shapes):
             continue
         g = torch.Generator(device=dev).manual_seed(0)
         if dtype == "int8":
@@ -122,13 +124,13 @@ def gemm_rows(
             xd = TensorDescriptor.from_tensor(x, [bm, bk])
             wd = TensorDescriptor.from_tensor(w, [bn, bk])
             od = TensorDescriptor.from_tensor(out, [bm, bn])
-            for per_sm in (1, 2):
+            for per_sm in programs_per_sm:
                 programs = min(per_sm * sms, tiles)
                 variants[f"tma x{per_sm}"] = partial(ge._linear_act_kernel_tma[(programs,)],
                     xd, wd, od, bias, scales, cz, cs, unused, m, n, k, **flags, **meta,
                     NUM_SMS=programs, PER_SM=1)  # fmt: skip
             if a_in_registers:
-                for kernel_name in ("pointer", "tma x1", "tma x2"):
+                for kernel_name in list(variants):
                     fn = variants[kernel_name]
                     variants[f"{kernel_name} a-regs"] = partial(fn, A_IN_REGISTERS=True)
             for kernel_name, fn in variants.items():
@@ -373,6 +375,10 @@ def main() -> None:
     parser.add_argument(
         "--configs", nargs="+", help="GEMM tile configs to sweep, each 'BM,BN,BK,WARPS,STAGES'"
     )
+    parser.add_argument("--shapes", nargs="+", default=(), help="only these GEMM shapes")
+    parser.add_argument(
+        "--programs-per-sm", type=int, nargs="+", default=[1, 2], help="TMA kernel programs an SM"
+    )
     parser.add_argument(
         "--only",
         help="one config, for a profiler: 'window:BM,STEPS,WARPS,STAGES[,MAXNREG[,CHUNKS]]' "
@@ -408,7 +414,8 @@ def main() -> None:
         elif part == "window-as-global":
             rows += window_as_global_rows()
         else:
-            rows += gemm_rows(part, None, args.a_in_registers, configs, tuple(args.kernels))
+            rows += gemm_rows(part, None, args.a_in_registers, configs, tuple(args.kernels),
+                              tuple(args.shapes), tuple(args.programs_per_sm))  # fmt: skip
     table = [
         (r.get("shape", "window"), r.get("dtype", ""), r["kernel"], str(r.get("config", "")),
          f"{r['ms']:.3f}" if "ms" in r else r.get("error", ""), str(r.get("regs", "")),

@@ -319,6 +319,9 @@ if triton is not None:
             (64, 128, 128, 4, 4, 1),
             # two programs an SM (shared memory for two): H100, SAM-B's lin1 + GELU 7% faster
             (128, 128, 128, 4, 3, 2), (128, 128, 128, 4, 2, 2), (128, 128, 64, 4, 3, 2),
+            # three (64-row tiles: under 170 registers and 76 KB of shared memory each; int8's
+            # GELU epilogue takes 142 registers here, 255 at 128 rows)
+            (64, 128, 128, 4, 2, 3), (64, 128, 64, 4, 4, 3), (128, 64, 128, 4, 2, 3),
         )
     ] + [  # x's tile through registers (`_in_registers`): shared memory for two programs an SM
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "PER_SM": 2,

@@ -430,8 +430,12 @@ def run(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
 
     def write(model_rows: list[Row]) -> None:
         if args.json:
+            from samq_fx.gemm_epilogue import chosen_kernels
+
             record = {"args": {k: v for k, v in vars(args).items() if not callable(v)} | {"json": str(args.json)}, "date": time.strftime("%Y-%m-%d"),
-                      "rows": [asdict(r) for r in rows + model_rows]}  # fmt: skip
+                      "rows": [asdict(r) for r in rows + model_rows],
+                      # the quantized GEMMs' autotuned picks, by tuning key (shape, codes, dtypes)
+                      "gemm_configs": {str(k): v for k, v in chosen_kernels().items()}}  # fmt: skip
             args.json.write_text(json.dumps(record, indent=1) + "\n")
 
     for name in args.model:
