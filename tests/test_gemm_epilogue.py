@@ -417,3 +417,50 @@ def test_tensor_core_peak_sums_are_exact(triton_interpreter):
     equal 3·x·wᵀ exactly for int8 and float8 codes (the script raises otherwise), so its GPU
     rates time real sums."""
     assert triton_interpreter(_PEAK_SCRIPT) == "2"
+
+
+def test_pick_tunes_both_kernels_then_times_them_alternately(monkeypatch):
+    """`_pick` tunes every kernel before timing any, times them in alternation, keeps each
+    one's best time and returns the faster; a kernel that fails to build is skipped with a
+    warning, and none building is an error."""
+    pytest.importorskip("triton")
+    import triton.testing
+
+    from samq_fx import gemm_epilogue as fe
+
+    calls = []
+    scripted = {"pointer": iter([0.30, 0.12, 0.31]), "tma": iter([0.20, 0.19, 0.18])}
+
+    def fake_run(kernel, *args, **kwargs):
+        calls.append(("run", kernel))
+
+    def fake_bench(fn):
+        before = len(calls)
+        fn()
+        kernel = calls[before][1]
+        calls.append(("time", kernel))
+        return next(scripted[kernel])
+
+    monkeypatch.setattr(fe, "_run", fake_run)
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    assert fe._pick(None, None, None, None, None, "none") == "pointer"  # best 0.12 < 0.18
+    tuning = [k for op, k in calls[:2] if op == "run"]
+    assert tuning == ["pointer", "tma"]
+    timed = [k for op, k in calls if op == "time"]
+    assert timed == ["pointer", "tma"] * fe.PICK_ROUNDS
+
+    def tma_fails(kernel, *args, **kwargs):
+        if kernel == "tma":
+            raise RuntimeError("no TMA here")
+
+    monkeypatch.setattr(fe, "_run", tma_fails)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn: 1.0)
+    with pytest.warns(UserWarning, match="'tma' failed to build"):
+        assert fe._pick(None, None, None, None, None, "none") == "pointer"
+
+    def none_builds(kernel, *args, **kwargs):
+        raise RuntimeError("no Triton GPU backend")
+
+    monkeypatch.setattr(fe, "_run", none_builds)
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="no quantized GEMM kernel"):
+        fe._pick(None, None, None, None, None, "none")
