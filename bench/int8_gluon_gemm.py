@@ -13,17 +13,24 @@ issued before this tile's epilogue, so they overlap it.
 
     PYTHONPATH=. python3 bench/int8_gluon_gemm.py --compile-only   # any machine: the PTX's wgmma
     PYTHONPATH=. python3 bench/int8_gluon_gemm.py --json bench/int8_gluon_gemm_h100.json   # Hopper
+    PYTHONPATH=. python3 bench/int8_gluon_gemm.py --programs-per-sm 1 2   # two programs an SM too
 
 On a GPU it checks each result against exact sums and times it against this project's Triton
 int8 and float8 kernels on SAM-B's encoder shapes. Result (H100, session 11): the same values,
 and no faster than the Triton int8 kernel (qkv 0.151 against 0.141 ms, lin2 0.142 against
 0.143; float8 0.118 / 0.125), so the unpipelined wgmma is not what the int8 gap costs. Kept as
 the measurement that shows it, and as a base for int8 kernels Triton's `tl.dot` cannot express.
+Session 16 found the tensor cores' int8 rate at or above float8's (bench/tensor_core_peak.py)
+and our Triton int8 kernels fastest at two programs an SM, one's drain and epilogue under the
+other's tensor-core loop; `--programs-per-sm 2` runs this kernel that way (the configs with 2
+stages, or 64-deep K steps, take 98 KB of shared memory: two fit an SM), which session 11 did
+not time.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import sys
@@ -229,7 +236,19 @@ SHAPES = {
 """SAM-B's encoder linears at batch 8 (lin1 without its GELU)."""
 
 
-def gpu_rows(shapes) -> list[dict]:
+GLUON_CONFIGS = (  # (block, stages, warps): one program an SM, and configs whose shared memory
+    # (stages x (x + w tiles) + the bf16 output tile) fits two programs an SM
+    ((128, 128, 128), 4, 8),
+    ((128, 256, 128), 3, 8),
+    ((128, 128, 128), 3, 4),
+    ((128, 256, 64), 4, 8),
+    ((128, 128, 128), 2, 4),
+    ((128, 128, 64), 4, 4),
+    ((128, 128, 128), 2, 8),
+)
+
+
+def gpu_rows(shapes, programs_per_sm=(1,)) -> list[dict]:
     from triton.testing import do_bench
 
     from samq_fx.gemm_epilogue import Int8Operands, launch
@@ -256,11 +275,11 @@ def gpu_rows(shapes) -> list[dict]:
             "triton float8 (gemm_epilogue.launch)": partial(
                 launch, x8, w8, scales, bias, "none", codes="none", out_dtype=torch.bfloat16),
         }  # fmt: skip
-        for block, stages, warps in (((128, 128, 128), 4, 8), ((128, 256, 128), 3, 8),
-                                     ((128, 128, 128), 3, 4), ((128, 256, 64), 4, 8)):  # fmt: skip
-            variants[f"gluon int8 {block} s={stages} w={warps}"] = partial(
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        for (block, stages, warps), per_sm in itertools.product(GLUON_CONFIGS, programs_per_sm):
+            variants[f"gluon int8 {block} s={stages} w={warps} x{per_sm}"] = partial(
                 linear, x, w, col_zero, col_scale, scales, bias, block=block, stages=stages,
-                num_warps=warps)  # fmt: skip
+                num_warps=warps, programs=sms * per_sm)  # fmt: skip
         for label, fn in variants.items():
             row = {"shape": name, "M": m, "N": n, "K": k, "kernel": label}
             try:
@@ -282,14 +301,17 @@ def main() -> None:
     parser.add_argument("--compile-only", action="store_true")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    parser.add_argument(
+        "--programs-per-sm", type=int, nargs="+", default=[1],
+        help="persistent programs an SM (2: one's epilogue under the other's tensor-core loop)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.compile_only:
-        rows = [compile_only(b, s, w) for b, s, w in (((128, 128, 128), 4, 8),
-                                                      ((128, 256, 128), 3, 8))]  # fmt: skip
+        rows = [compile_only(b, s, w) for b, s, w in GLUON_CONFIGS]
         for row in rows:
             print(json.dumps(row))
     else:
-        rows = gpu_rows(args.shapes)
+        rows = gpu_rows(args.shapes, tuple(args.programs_per_sm))
     if args.json:
         meta = {"triton": triton.__version__, "torch": torch.__version__,
                 "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "none"}  # fmt: skip
