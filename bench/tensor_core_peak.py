@@ -61,14 +61,10 @@ if triton is not None:
 
 
 def _operands(dtype: str, bm: int, bn: int, bk: int, device: str):
+    """Small integers, exact in every dtype, so the loop's sums can be checked exactly."""
     gen = torch.Generator(device="cpu").manual_seed(0)
-    if dtype == "int8":
-        x = torch.randint(-3, 4, (bm, bk), generator=gen, dtype=torch.int8)
-        w = torch.randint(-3, 4, (bn, bk), generator=gen, dtype=torch.int8)
-    else:
-        x = torch.randint(-3, 4, (bm, bk), generator=gen).to(DTYPES[dtype])
-        w = torch.randint(-3, 4, (bn, bk), generator=gen).to(DTYPES[dtype])
-    return x.to(device), w.to(device)
+    x, w = (torch.randint(-3, 4, shape, generator=gen) for shape in ((bm, bk), (bn, bk)))
+    return x.to(DTYPES[dtype]).to(device), w.to(DTYPES[dtype]).to(device)
 
 
 def run(dtype: str, tile: tuple, iters: int, programs: int, device: str) -> dict:

@@ -55,6 +55,7 @@ import torch
 
 import samq_fx
 from samq_fx.demo import calibration_samples
+from samq_fx.gemm_epilogue import chosen_kernels
 from samq_fx.lower import compile_parts as _compile_parts
 from samq_fx.lower import lower, optimize_float, stored_bytes
 from samq_fx.report import format_table
@@ -430,8 +431,6 @@ def run(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
 
     def write(model_rows: list[Row]) -> None:
         if args.json:
-            from samq_fx.gemm_epilogue import chosen_kernels
-
             record = {"args": {k: v for k, v in vars(args).items() if not callable(v)} | {"json": str(args.json)}, "date": time.strftime("%Y-%m-%d"),
                       "rows": [asdict(r) for r in rows + model_rows],
                       # the quantized GEMMs' autotuned picks, by tuning key (shape, codes, dtypes)
