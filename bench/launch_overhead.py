@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     out = torch.empty(32768, 3072, device=dev, dtype=torch.float8_e4m3fn)
     for kernel in gemm_epilogue.KERNELS:
         record(
-            f"gemm_epilogue._run({kernel!r}) (autotuner)",
+            f"gemm_epilogue._run({kernel!r}) (tuned launcher)",
             lambda k=kernel: gemm_epilogue._run(k, x8, w8, out, scales, bias, "gelu"),
         )
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -96,21 +96,33 @@ def main(argv=None) -> int:
     if tuned.cache:  # the bare JIT kernel at the autotuner's config, descriptors built once
         config = next(iter(tuned.cache.values()))
         descs = [TensorDescriptor.from_tensor(t, [1, 32]) for t in (x8, w8, out)]
-        nargs = dict(zip(["x_desc", "w_desc", "o_desc"], descs)) | config.kwargs
-        config.pre_hook(nargs)
+        config.pre_hook(dict(zip(["x_desc", "w_desc", "o_desc"], descs)) | config.kwargs)
         sms = torch.cuda.get_device_properties(dev).multi_processor_count
-        meta = {
-            "HAS_BIAS": True,
-            "ACTIVATION": "gelu",
-            "FAST_RCP": True,
-            "NUM_SMS": sms,
-            **config.kwargs,
-            "num_warps": config.num_warps,
-            "num_stages": config.num_stages,
-        }
+        flags = {"HAS_BIAS": True, "ACTIVATION": "gelu", "CODES": "float8", "INT8": False,
+                 "HAS_ROW_SCALE": False, "FAST_RCP": True, "NUM_SMS": sms}  # fmt: skip
+        meta = flags | config.all_kwargs()
         programs = (sms * config.kwargs["PER_SM"],)
+        unused = (scales, scales, scales)  # col_zero, col_scale, row_scale: read by int8 only
         record("bare TMA kernel, cached descriptors", lambda: tuned.fn[programs](
-            *descs, bias, scales, 32768, 3072, 768, **meta))  # fmt: skip
+            *descs, bias, scales, *unused, 32768, 3072, 768, **meta))  # fmt: skip
+    # qkv of SAM-B at batch 8 on the int8 GEMM: 32768 x 768 -> 2304, bf16 out, as int8-static's
+    # 48 linears a forward call it
+    xi = torch.randint(-128, 128, (32768, 768), device=dev, dtype=torch.int8)
+    wi = torch.randint(-127, 128, (2304, 768), device=dev, dtype=torch.int8)
+    ops = gemm_epilogue.Int8Operands(wi.sum(1, dtype=torch.int32), torch.rand(2304, device=dev))
+    si = torch.tensor([1e-3, 1.0, 0.0], device=dev)
+    bi = torch.randn(2304, device=dev, dtype=torch.bfloat16)
+    iop = torch.ops.samq.int8_linear
+    iargs = (xi, wi, ops.col_zero, ops.col_scale, si, None, bi, "none", "none", torch.bfloat16)
+    record("samq.int8_linear (op)", lambda: iop(*iargs))
+    with torch.inference_mode():
+        record("samq.int8_linear (op, inference mode)", lambda: iop(*iargs))
+    record("gemm_epilogue.launch (int8)", lambda: gemm_epilogue.launch(
+        xi, wi, si, bi, "none", codes="none", int8=ops, out_dtype=torch.bfloat16))  # fmt: skip
+    oi = torch.empty(32768, 2304, device=dev, dtype=torch.bfloat16)
+    for kernel in gemm_epilogue.KERNELS:
+        record(f"gemm_epilogue._run({kernel!r}) (int8, tuned launcher)", lambda k=kernel: (
+            gemm_epilogue._run(k, xi, wi, oi, si, bi, "none", codes="none", int8=ops)))  # fmt: skip
 
     # proj / qkv GEMMs: cuBLAS float8 as inductor calls it
     w_qkv = torch.randn(2304, 768, device=dev).to(torch.float8_e4m3fn)
