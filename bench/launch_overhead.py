@@ -117,6 +117,18 @@ def main(argv=None) -> int:
     record("samq.int8_linear (op)", lambda: iop(*iargs))
     with torch.inference_mode():
         record("samq.int8_linear (op, inference mode)", lambda: iop(*iargs))
+    with torch.no_grad():  # as SamPredictor calls the model
+        record("samq.int8_linear (op, no_grad)", lambda: iop(*iargs))
+    # the same Python function registered with torch.library.Library instead of custom_op (no
+    # autograd wrapper, no aliasing check, no dynamo-disable frame): what dispatch alone costs
+    twin = torch.library.Library("samq_bench", "DEF")
+    twin.define(str(iop.default._schema).removeprefix("samq::"))
+    twin.impl("int8_linear", gemm_epilogue.int8_linear_op._init_fn, "CUDA")
+    top = torch.ops.samq_bench.int8_linear
+    with torch.no_grad():
+        record("Library.impl twin of samq.int8_linear (no_grad)", lambda: top(*iargs))
+    with torch.inference_mode():
+        record("Library.impl twin of samq.int8_linear (inference mode)", lambda: top(*iargs))
     record("gemm_epilogue.launch (int8)", lambda: gemm_epilogue.launch(
         xi, wi, si, bi, "none", codes="none", int8=ops, out_dtype=torch.bfloat16))  # fmt: skip
     oi = torch.empty(32768, 2304, device=dev, dtype=torch.bfloat16)
