@@ -80,9 +80,11 @@ def gemm_rows(
     kernels: tuple = (),
     shapes: tuple = (),
     programs_per_sm: tuple = (1, 2),
+    autotuned: bool = True,
 ) -> list[dict]:
     """Each GEMM config on each shape; `a_in_registers` adds variants whose dot takes x from
-    registers (`gemm_epilogue._in_registers`), named "... a-regs"."""
+    registers (`gemm_epilogue._in_registers`), named "... a-regs". `autotuned`: also time
+    `launch` at the config it picks (which tunes every config first: slow)."""
     import triton
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -146,7 +148,7 @@ def gemm_rows(
                     row["error"] = f"{type(err).__name__}: {str(err)[:120]}"
                 rows.append(row)
                 _print_row(row)
-        if only:
+        if only or not autotuned:
             continue
         auto = partial(
             ge.launch,
@@ -377,6 +379,9 @@ def main() -> None:
     )
     parser.add_argument("--shapes", nargs="+", default=(), help="only these GEMM shapes")
     parser.add_argument(
+        "--no-autotuned", action="store_true", help="skip the autotuned `launch` row of each shape"
+    )
+    parser.add_argument(
         "--programs-per-sm", type=int, nargs="+", default=[1, 2], help="TMA kernel programs an SM"
     )
     parser.add_argument(
@@ -415,7 +420,8 @@ def main() -> None:
             rows += window_as_global_rows()
         else:
             rows += gemm_rows(part, None, args.a_in_registers, configs, tuple(args.kernels),
-                              tuple(args.shapes), tuple(args.programs_per_sm))  # fmt: skip
+                              tuple(args.shapes), tuple(args.programs_per_sm),
+                              not args.no_autotuned)  # fmt: skip
     table = [
         (r.get("shape", "window"), r.get("dtype", ""), r["kernel"], str(r.get("config", "")),
          f"{r['ms']:.3f}" if "ms" in r else r.get("error", ""), str(r.get("regs", "")),

@@ -109,10 +109,12 @@ if triton is not None:
     from samq_fx.triton_attention import to_codes
 
     @triton.jit
-    def _gelu_times(y, scale, FAST_RCP: tl.constexpr):
-        """`gelu_fast`(y) · scale: a clamp, five FMAs, one exp2 and one reciprocal (the
-        hardware's approximate one on a GPU, an exact divide under the interpreter)."""
-        x = tl.minimum(tl.maximum(y * 0.7071067811865476, -4.0), 4.0)
+    def _gelu_scaled(y, x_per_y, FAST_RCP: tl.constexpr):
+        """`gelu_fast`(y / c) · c for y = c·v already scaled by the output's c > 0 (GELU(v)·c =
+        y·Φ(v)): Φ's argument is y·x_per_y, x_per_y = 1/(√2·c). A clamp, five FMAs, one exp2
+        and one reciprocal (the hardware's approximate one on a GPU, an exact divide under
+        the interpreter)."""
+        x = tl.minimum(tl.maximum(y * x_per_y, -4.0), 4.0)
         x2 = x * x
         p = -0.0002384943945799023 + x2 * 2.989293534483295e-06  # `_GELU_T`, Horner in x²
         p = 0.008954372256994247 + x2 * p
@@ -125,7 +127,7 @@ if triton is not None:
             )
         else:
             r = 1.0 / d
-        return y * scale * r
+        return y * r
 
     @triton.jit
     def _in_registers(a):
@@ -153,36 +155,47 @@ if triton is not None:
     ):  # fmt: skip
         """Rescale, zero-point correction, bias, activation, and the next linear's quantizer.
 
-        float8: y = acc·scales[0]. int8: y = (acc - col_zero[n])·col_scale[n]·scales[0], the
-        int32 sum corrected for the input's zero point before any rounding. Then ·row_scale[m]
-        (per-token dynamic inputs), + bias, the activation, and for `CODES` "float8" / "int8"
-        the division by the output scale scales[1] (int8: rounded half to even, + the zero
-        point scales[2]) and the clamp to the code range.
+        float8: y = acc·scales[0]. int8: y = (acc - col_zero[n])·col_scale[n]·scales[0]. Then
+        ·row_scale[m] (per-token dynamic inputs), + bias, the activation, and for `CODES`
+        "float8" / "int8" the division by the output scale scales[1] (int8: rounded half to
+        even, + the zero point scales[2]) and the clamp to the code range.
 
         The epilogue runs on the same warps as the tensor-core loop, so its instruction count
-        is GEMM time: the divide by the output scale is one multiply by its reciprocal, and
-        GELU is `_gelu_times` (no erf)."""
+        is GEMM time (the GELU kernel issues more instructions than its tile's tensor-core
+        work takes). Each element gets one FMA, acc·mult[n] + shift[n], before the activation:
+        the output scale's reciprocal, the bias and (without row scales) the zero point's
+        correction -col_zero[n]·mult[n] are per-column constants, and GELU is
+        `_gelu_scaled` (no erf). int32 sums and col_zero convert to float32 exactly while
+        below 2^24 (K <= 1024: |x·w| <= 2^14); longer rows (SAM's lin2, K = 3072) round the
+        sum by 2^-24 of itself, far under the bf16 output's or the codes' rounding. With row
+        scales the zero point is removed from the int32 sums, before any rounding."""
         n_ok = offs_n < N
-        if INT8:
-            acc = acc - tl.load(COL_ZERO + offs_n, mask=n_ok, other=0)[None, :]
-            col = tl.load(COL_SCALE + offs_n, mask=n_ok, other=0.0) * tl.load(SCALES)
-            y = acc.to(tl.float32) * col[None, :]
-        else:
-            y = acc * tl.load(SCALES)
-        if HAS_ROW_SCALE:
-            y = y * tl.load(ROW_SCALE + offs_m, mask=offs_m < M, other=0.0)[:, None]
-        if HAS_BIAS:
-            y += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         if CODES == "none":
             inv_out = 1.0
         else:
             inv_out = 1.0 / tl.load(SCALES + 1)
+        # inv_out > 0 commutes with ReLU and rescales GELU (`_gelu_scaled`), so it joins the
+        # per-column multiplier and shift: y = acc·mult[n] + shift[n] is one FMA an element
+        if HAS_BIAS:
+            shift = tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32) * inv_out
+        else:
+            shift = tl.zeros_like(offs_n).to(tl.float32)
+        if INT8:
+            mult = tl.load(COL_SCALE + offs_n, mask=n_ok, other=0.0) * (tl.load(SCALES) * inv_out)
+            col_zero = tl.load(COL_ZERO + offs_n, mask=n_ok, other=0)
+            if HAS_ROW_SCALE:
+                y = (acc - col_zero[None, :]).to(tl.float32) * mult[None, :]
+                y = y * tl.load(ROW_SCALE + offs_m, mask=offs_m < M, other=0.0)[:, None]
+            else:  # |acc|, |col_zero| < 2^24 for K <= 1024: exact in float32 (see docstring)
+                y = acc.to(tl.float32) * mult[None, :]
+                shift -= col_zero.to(tl.float32) * mult
+        else:
+            y = acc * (tl.load(SCALES) * inv_out)
+        y += shift[None, :]
         if ACTIVATION == "gelu":
-            y = _gelu_times(y, inv_out, FAST_RCP)
+            y = _gelu_scaled(y, 0.7071067811865476 / inv_out, FAST_RCP)
         elif ACTIVATION == "relu":
-            y = tl.maximum(y, 0.0) * inv_out
-        elif CODES != "none":
-            y = y * inv_out
+            y = tl.maximum(y, 0.0)
         zero = tl.load(SCALES + 2) if CODES == "int8" else 0.0
         return to_codes(y, zero, CODES)
 

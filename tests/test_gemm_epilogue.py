@@ -135,6 +135,17 @@ _INT8_INTERPRETER_SCRIPT = textwrap.dedent(
             wrong_codes += int(out.ne(ref).sum())
         else:
             worst = max(worst, float((out - y).abs().max() / y.abs().max()))
+    # a long row whose int32 sums pass 2^24 (float32's exact integers): the epilogue converts
+    # them to float32 before removing the zero point, so they round by 2^-24 of themselves
+    x = (127 - torch.randint(0, 3, (8, 3072))).to(torch.int8)
+    w = (127 - torch.randint(0, 3, (16, 3072))).to(torch.int8)
+    ops = fe.Int8Operands(37 * w.sum(1, dtype=torch.int32), torch.rand(16) * 1e-2 + 1e-3)
+    assert int((x.long() @ w.long().t()).min()) > 2**24
+    scales, b = torch.tensor([0.02, 1.0, 0.0]), torch.randn(16)
+    out = fe.launch(x, w, scales, b, "none", codes="none", int8=ops, out_dtype=torch.float32,
+                    block=(16, 16, 32)).double()
+    y = expected(x, w, ops, scales, b, "none")
+    worst = max(worst, float((out - y).abs().max() / y.abs().max()))
     # rounding ties: integer sums / 2 land on k + 0.5, which rounds to even as torch.round does,
     # before the zero point is added (an odd zero point would flip the parity otherwise)
     x = torch.randint(-3, 4, (32, 32), dtype=torch.int8)

@@ -286,8 +286,10 @@ def test_int4_default_dequantizes_every_linear(calibrated):
     and the decoder alike (tinygemm only when asked: it is slow at SAM's row counts)."""
     q = calibrated("W4A16-int4")
     lowered = samq_fx.lower(q, "int4-weight", verbose=False)
-    kernels = lowered.samq_lowering_report.lowered
+    kernels = dict(lowered.samq_lowering_report.lowered)
     assert any(s.startswith("dec:") for s in kernels) and any(s.startswith("enc:") for s in kernels)
+    # the preset's position embedding is a table, not a linear: 8-bit codes (session 15)
+    assert kernels.pop("enc:pos_embed") == "8-bit codes per channel, dequantized per call"
     assert set(kernels.values()) == {"int4 weights, dequantized per call x float GEMM"}
     out, eager, fake, source = _compile_and_run(lowered, q)
     assert "int4pack" not in source, "the encoder runs tinygemm by default"
