@@ -109,18 +109,23 @@ if triton is not None:
     from samq_fx.triton_attention import to_codes
 
     @triton.jit
+    def _gelu_exponent(y, x_per_y):
+        """t of `gelu_fast`'s fit Φ = 1 / (1 + 2^t) at x = y·x_per_y clamped to ±4: five FMAs,
+        `_GELU_T` by Horner in x²."""
+        x = tl.minimum(tl.maximum(y * x_per_y, -4.0), 4.0)
+        x2 = x * x
+        p = -0.0002384943945799023 + x2 * 2.989293534483295e-06
+        p = 0.008954372256994247 + x2 * p
+        p = -0.3126406967639923 + x2 * p
+        return x * (-3.246238946914673 + x2 * p)
+
+    @triton.jit
     def _gelu_scaled(y, x_per_y, FAST_RCP: tl.constexpr):
         """`gelu_fast`(y / c) · c for y = c·v already scaled by the output's c > 0 (GELU(v)·c =
         y·Φ(v)): Φ's argument is y·x_per_y, x_per_y = 1/(√2·c). A clamp, five FMAs, one exp2
         and one reciprocal (the hardware's approximate one on a GPU, an exact divide under
         the interpreter)."""
-        x = tl.minimum(tl.maximum(y * x_per_y, -4.0), 4.0)
-        x2 = x * x
-        p = -0.0002384943945799023 + x2 * 2.989293534483295e-06  # `_GELU_T`, Horner in x²
-        p = 0.008954372256994247 + x2 * p
-        p = -0.3126406967639923 + x2 * p
-        t = x * (-3.246238946914673 + x2 * p)
-        d = 1.0 + tl.exp2(t)
+        d = 1.0 + tl.exp2(_gelu_exponent(y, x_per_y))
         if FAST_RCP:
             r = tl.inline_asm_elementwise(
                 "rcp.approx.ftz.f32 $0, $1;", "=r,r", [d], dtype=tl.float32, is_pure=True, pack=1
