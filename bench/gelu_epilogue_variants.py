@@ -27,7 +27,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
-from samq_fx.gemm_epilogue import _tile, linear_act_reference  # noqa: E402
+from samq_fx.gemm_epilogue import _tile, _tile_sums, linear_act_reference  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mlp_epilogue import _median_ms  # noqa: E402  (bench/mlp_epilogue.py)
@@ -84,11 +84,8 @@ def _kernel(
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True):
         pid_m, pid_n = _tile(tile, num_m, num_n, 8)
         off_m, off_n = pid_m * BLOCK_M, pid_n * BLOCK_N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for ki in range(tl.cdiv(K, BLOCK_K)):
-            acc = tl.dot(
-                x_desc.load([off_m, ki * BLOCK_K]), w_desc.load([off_n, ki * BLOCK_K]).T, acc
-            )
+        acc = _tile_sums(x_desc, w_desc, off_m, off_n, tl.cdiv(K, BLOCK_K), BLOCK_M, BLOCK_N,
+                         BLOCK_K, False, False)  # fmt: skip
         offs_n = off_n + tl.arange(0, BLOCK_N)
         y = acc * tl.load(SCALES) + tl.load(BIAS + offs_n).to(tl.float32)[None, :]
         y = _act(y, 1.0 / tl.load(SCALES + 1), VARIANT)

@@ -42,7 +42,7 @@ import triton.language as tl  # noqa: E402
 from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 from samq_fx import gemm_epilogue as ge  # noqa: E402
-from samq_fx.gemm_epilogue import _gelu_exponent, _tile  # noqa: E402
+from samq_fx.gemm_epilogue import _gelu_exponent, _tile, _tile_sums  # noqa: E402
 from samq_fx.triton_attention import int8_codes  # noqa: E402
 
 VARIANTS = ("i2f, exp2+rcp", "i2f, tanh", "split, exp2+rcp", "split, tanh", "i2f, none")
@@ -98,11 +98,8 @@ def _kernel(
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True):
         pid_m, pid_n = _tile(tile, num_m, num_n, 8)
         off_m, off_n = pid_m * BLOCK_M, pid_n * BLOCK_N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        for ki in range(tl.cdiv(K, BLOCK_K)):
-            a = x_desc.load([off_m, ki * BLOCK_K])
-            b = w_desc.load([off_n, ki * BLOCK_K])
-            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+        acc = _tile_sums(x_desc, w_desc, off_m, off_n, tl.cdiv(K, BLOCK_K), BLOCK_M, BLOCK_N,
+                         BLOCK_K, True, False)  # fmt: skip
         offs_n = off_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         inv_out = 1.0 / tl.load(SCALES + 1)

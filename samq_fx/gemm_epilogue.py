@@ -214,6 +214,27 @@ if triton is not None:
         return first_m + (tile % per_group) % group_rows, (tile % per_group) // group_rows
 
     @triton.jit
+    def _tile_sums(
+        x_desc, w_desc, off_m, off_n, k_tiles,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        INT8: tl.constexpr, A_IN_REGISTERS: tl.constexpr,
+    ):  # fmt: skip
+        """x[off_m : off_m + BLOCK_M] · w[off_n : off_n + BLOCK_N]ᵀ over k_tiles BLOCK_K-steps
+        from TMA descriptors: int32 sums for int8 codes, float32 for float8 (the persistent
+        kernel's tile, and the bench variants' in bench/*_epilogue_variants.py)."""
+        if INT8:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            a = x_desc.load([off_m, ki * BLOCK_K])
+            if A_IN_REGISTERS:
+                a = _in_registers(a)
+            b = w_desc.load([off_n, ki * BLOCK_K])
+            acc = tl.dot(a, b.T, acc, out_dtype=acc.dtype)
+        return acc
+
+    @triton.jit
     def _linear_act_kernel_tma(
         x_desc, w_desc, o_desc, BIAS, SCALES, COL_ZERO, COL_SCALE, ROW_SCALE,
         M, N, K,
@@ -241,16 +262,8 @@ if triton is not None:
         for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS * PER_SM, flatten=True):
             pid_m, pid_n = _tile(tile, num_m, num_n, GROUP_M)
             off_m, off_n = pid_m * BLOCK_M, pid_n * BLOCK_N
-            if INT8:
-                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-            else:
-                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for ki in range(k_tiles):
-                a = x_desc.load([off_m, ki * BLOCK_K])
-                if A_IN_REGISTERS:
-                    a = _in_registers(a)
-                b = w_desc.load([off_n, ki * BLOCK_K])
-                acc = tl.dot(a, b.T, acc, out_dtype=acc.dtype)
+            acc = _tile_sums(x_desc, w_desc, off_m, off_n, k_tiles, BLOCK_M, BLOCK_N, BLOCK_K,
+                             INT8, A_IN_REGISTERS)  # fmt: skip
             offs_m = off_m + tl.arange(0, BLOCK_M)
             offs_n = off_n + tl.arange(0, BLOCK_N)
             y = _epilogue(acc, BIAS, SCALES, COL_ZERO, COL_SCALE, ROW_SCALE, offs_m, offs_n, M, N,
