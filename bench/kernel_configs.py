@@ -112,7 +112,7 @@ def gemm_rows(
         unused = scales
         cz, cs = extra if extra else (unused, unused)
         flags = {"HAS_BIAS": True, "ACTIVATION": act, "CODES": codes, "INT8": extra is not None,
-                 "HAS_ROW_SCALE": False, "FAST_RCP": True}  # fmt: skip
+                 "HAS_ROW_SCALE": False, "HW_APPROX": True}  # fmt: skip
         flops = 2 * m * n * k
         for bm, bn, bk, warps, stages in [only[1]] if only else configs:
             meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,

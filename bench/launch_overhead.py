@@ -99,7 +99,7 @@ def main(argv=None) -> int:
         config.pre_hook(dict(zip(["x_desc", "w_desc", "o_desc"], descs)) | config.kwargs)
         sms = torch.cuda.get_device_properties(dev).multi_processor_count
         flags = {"HAS_BIAS": True, "ACTIVATION": "gelu", "CODES": "float8", "INT8": False,
-                 "HAS_ROW_SCALE": False, "FAST_RCP": True, "NUM_SMS": sms}  # fmt: skip
+                 "HAS_ROW_SCALE": False, "HW_APPROX": True, "NUM_SMS": sms}  # fmt: skip
         meta = flags | config.all_kwargs()
         programs = (sms * config.kwargs["PER_SM"],)
         unused = (scales, scales, scales)  # col_zero, col_scale, row_scale: read by int8 only

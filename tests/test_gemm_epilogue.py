@@ -63,7 +63,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     descs = [TensorDescriptor.from_tensor(t, blk) for t, blk in ((x, [16, 64]), (w, [16, 64]), (out, [16, 16]))]
     fe._linear_act_kernel_tma[(6,)](*descs, b, scales, scales, scales, scales, m, n, k,
                                     HAS_BIAS=True, ACTIVATION="gelu", CODES="float8", INT8=False,
-                                    HAS_ROW_SCALE=False, FAST_RCP=False, BLOCK_M=16, BLOCK_N=16,
+                                    HAS_ROW_SCALE=False, HW_APPROX=False, BLOCK_M=16, BLOCK_N=16,
                                     BLOCK_K=64, GROUP_M=2, NUM_SMS=3, PER_SM=2)
     y = (x.float() @ w.float().t()) * scales[0] + b
     ref = (fe.gelu_fast(y) / scales[1]).clamp(-448, 448)
@@ -168,7 +168,7 @@ _INT8_INTERPRETER_SCRIPT = textwrap.dedent(
     descs = [TensorDescriptor.from_tensor(t, blk) for t, blk in ((x, [16, 64]), (w, [16, 64]), (out, [16, 16]))]
     fe._linear_act_kernel_tma[(3,)](*descs, b, scales, ops.col_zero, ops.col_scale, scales,
                                     m, n, k, HAS_BIAS=True, ACTIVATION="none", CODES="none",
-                                    INT8=True, HAS_ROW_SCALE=False, FAST_RCP=False, BLOCK_M=16,
+                                    INT8=True, HAS_ROW_SCALE=False, HW_APPROX=False, BLOCK_M=16,
                                     BLOCK_N=16, BLOCK_K=64, GROUP_M=2, NUM_SMS=3, PER_SM=1)
     y = expected(x, w, ops, scales, b, "none")
     worst = max(worst, float((out.double() - y).abs().max() / y.abs().max()))
@@ -184,6 +184,41 @@ def test_int8_kernel_under_the_triton_interpreter(triton_interpreter):
     worst, wrong_codes = triton_interpreter(_INT8_INTERPRETER_SCRIPT).split()
     assert float(worst) < 1e-6, f"kernel vs reference, largest relative error {worst}"
     assert int(wrong_codes) == 0, f"{wrong_codes} int8 codes differ from torch.round's"
+
+
+_GELU_FORMS_SCRIPT = textwrap.dedent(
+    """
+    import torch, triton, triton.language as tl
+    from samq_fx import gemm_epilogue as fe
+
+    @triton.jit
+    def forms(Y, EXP_OUT, TANH_OUT, c, n: tl.constexpr):
+        y = tl.load(Y + tl.arange(0, n))
+        tl.store(EXP_OUT + tl.arange(0, n), fe._gelu_scaled(y / c, 0.7071067811865476 * c, False))
+        tl.store(TANH_OUT + tl.arange(0, n), fe._gelu_tanh(y * 0.7071067811865476,
+                                                             0.7071067811865476 / c, False))
+
+    y = torch.linspace(-12, 12, 4096)
+    c = 0.05
+    exp_form, tanh_form = torch.empty_like(y), torch.empty_like(y)
+    forms[(1,)](y, exp_form, tanh_form, c, 4096)
+    ref = fe.gelu_fast(y).double() / c
+    scale = 1.0 + y.double().abs() / c
+    print(float(((exp_form.double() - ref).abs() / scale).max()),
+          float(((tanh_form.double() - ref).abs() / scale).max()))
+    """
+)
+
+
+def test_both_gelu_forms_compute_gelu_fast(triton_interpreter):
+    """The epilogue's two GELUs, on the output's scale c: `_gelu_scaled` (exp2 and a
+    reciprocal, for float8 codes and bf16 outputs) and `_gelu_tanh` (one tanh, int8 codes; its
+    fit's coefficients rescaled by hand) are `gelu_fast` to float32 rounding, relative to
+    1 + |y|/c: the tanh form's cancellation near Φ = 0 is an absolute error, which codes on
+    a grid of step c do not see."""
+    exp_err, tanh_err = (float(v) for v in triton_interpreter(_GELU_FORMS_SCRIPT).split())
+    assert exp_err < 1e-6, f"exp2 form off gelu_fast by {exp_err:.2e}"
+    assert tanh_err < 1e-6, f"tanh form off gelu_fast by {tanh_err:.2e}"
 
 
 def _affine_case(seed: int, m: int, n: int, k: int):
