@@ -284,11 +284,17 @@ if triton is not None:
         NUM_SMS: tl.constexpr,
         PER_SM: tl.constexpr,
         A_IN_REGISTERS: tl.constexpr = False,
+        r_desc=None,
+        HAS_RESIDUAL: tl.constexpr = False,
     ):  # fmt: skip
         """Persistent Hopper variant: PER_SM programs per SM walk the tiles; TMA moves the tiles
         (zero-filled past the edges, stores clipped) and the tile loop is flattened with the K
         loop, so the next tile's loads overlap this tile's epilogue. With two programs an SM,
-        one's epilogue (GELU's, mostly) also overlaps the other's tensor-core loop."""
+        one's epilogue (GELU's, mostly) also overlaps the other's tensor-core loop. `r_desc`:
+        the residual stream, added to the output (`HAS_RESIDUAL`, codes "none") a half tile
+        at a time (`r_desc` and `o_desc` blocks BLOCK_M x BLOCK_N/2): the residual's and the
+        output's shared-memory buffers then take what the output's alone took, so a tile at
+        3 stages still fits twice in an SM."""
         num_m = tl.cdiv(M, BLOCK_M)
         num_n = tl.cdiv(N, BLOCK_N)
         k_tiles = tl.cdiv(K, BLOCK_K)
@@ -301,7 +307,15 @@ if triton is not None:
             offs_n = off_n + tl.arange(0, BLOCK_N)
             y = _epilogue(acc, BIAS, SCALES, COL_ZERO, COL_SCALE, ROW_SCALE, offs_m, offs_n, M, N,
                           HAS_BIAS, ACTIVATION, CODES, INT8, HAS_ROW_SCALE, HW_APPROX)  # fmt: skip
-            o_desc.store([off_m, off_n], y.to(o_desc.dtype))
+            if HAS_RESIDUAL:  # CODES "none": y is the output; in two column halves (below)
+                y0, y1 = tl.split(tl.permute(tl.reshape(y, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+                half = off_n + BLOCK_N // 2
+                y0 += r_desc.load([off_m, off_n]).to(tl.float32)
+                o_desc.store([off_m, off_n], y0.to(o_desc.dtype))
+                y1 += r_desc.load([off_m, half]).to(tl.float32)
+                o_desc.store([off_m, half], y1.to(o_desc.dtype))
+            else:
+                o_desc.store([off_m, off_n], y.to(o_desc.dtype))
 
     @triton.jit
     def _linear_act_kernel(
@@ -319,6 +333,8 @@ if triton is not None:
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
         A_IN_REGISTERS: tl.constexpr = False,
+        RESIDUAL=None,
+        HAS_RESIDUAL: tl.constexpr = False,
     ):  # fmt: skip
         pid_m, pid_n = _tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -343,17 +359,29 @@ if triton is not None:
             w_ptrs += BLOCK_K
         y = _epilogue(acc, BIAS, SCALES, COL_ZERO, COL_SCALE, ROW_SCALE, offs_m, offs_n, M, N,
                       HAS_BIAS, ACTIVATION, CODES, INT8, HAS_ROW_SCALE, HW_APPROX)  # fmt: skip
+        ok = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        if HAS_RESIDUAL:  # contiguous (M, N), like OUT when `launch` made it
+            r_ptrs = RESIDUAL + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+            y += tl.load(r_ptrs, mask=ok, other=0.0).to(tl.float32)
         o_ptrs = OUT + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-        tl.store(
-            o_ptrs, y.to(OUT.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :]
-        )
+        tl.store(o_ptrs, y.to(OUT.dtype.element_ty), mask=ok)
 
     def _prune(configs, named_args, **kwargs):
         k = named_args["K"]
         kept = [c for c in configs if k % c.kwargs["BLOCK_K"] == 0]
         return kept or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8})]
 
-    _KEY = ["M", "N", "K", "HAS_BIAS", "ACTIVATION", "CODES", "INT8", "HAS_ROW_SCALE"]
+    _KEY = [
+        "M",
+        "N",
+        "K",
+        "HAS_BIAS",
+        "ACTIVATION",
+        "CODES",
+        "INT8",
+        "HAS_ROW_SCALE",
+        "HAS_RESIDUAL",
+    ]
     _CONFIGS = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                       num_warps=w, num_stages=s)
@@ -373,6 +401,8 @@ if triton is not None:
         nargs["x_desc"].block_shape = [bm, bk]
         nargs["w_desc"].block_shape = [bn, bk]
         nargs["o_desc"].block_shape = [bm, bn]
+        if nargs.get("r_desc") is not None:  # the residual's epilogue works in column halves
+            nargs["o_desc"].block_shape = nargs["r_desc"].block_shape = [bm, bn // 2]
 
     _TMA_CONFIGS = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "PER_SM": p},
@@ -462,6 +492,7 @@ def row_bucket(m: int) -> int:
 def _run(
     kernel: str, x, w, out, scales, bias, activation, block=None,
     *, codes: str = "float8", int8: Int8Operands | None = None, key: tuple | None = None,
+    residual: Tensor | None = None,
 ) -> None:  # fmt: skip
     """Launch `kernel` autotuned, or the pointer kernel at a fixed `block` (see `launch`).
     `key`: this call's `_tuning_key`, if the caller has it already."""
@@ -478,13 +509,14 @@ def _run(
         "HAS_BIAS": bias is not None, "ACTIVATION": activation, "CODES": codes,
         "INT8": int8 is not None,
         "HAS_ROW_SCALE": int8 is not None and int8.row_scale is not None,
-        "HW_APPROX": x.is_cuda,
+        "HW_APPROX": x.is_cuda, "HAS_RESIDUAL": residual is not None,
     }  # fmt: skip
     if block is None and key is None:
-        key = _tuning_key(x, w, out, bias, activation, codes, int8)
+        key = _tuning_key(x, w, out, bias, activation, codes, int8, residual)
     if kernel == "pointer":
         args = (x, w, bias_arg, out, scales, *extra, m, n, k,
                 x.stride(0), w.stride(0), out.stride(0))  # fmt: skip
+        common["RESIDUAL"] = residual
         if block is not None:
             bm, bn, bk = block
             grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
@@ -503,6 +535,8 @@ def _run(
     x_desc = TensorDescriptor.from_tensor(x, [1, 32])
     w_desc = TensorDescriptor.from_tensor(w, [1, 32])
     o_desc = TensorDescriptor.from_tensor(out, [1, 16])
+    if residual is not None:
+        common["r_desc"] = TensorDescriptor.from_tensor(residual, [1, 16])
     grid = lambda meta: (  # noqa: E731
         min(
             sms * meta["PER_SM"], triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
@@ -512,13 +546,14 @@ def _run(
                 **common, NUM_SMS=sms)  # fmt: skip
 
 
-def _tuning_key(x, w, out, bias, activation, codes="float8", int8=None) -> tuple:
+def _tuning_key(x, w, out, bias, activation, codes="float8", int8=None, residual=None) -> tuple:
     """What the autotuners' keys and pruning read, with the row count bucketed (`row_bucket`):
-    the shape, bias, activation, output codes, int8 operands and the dtypes."""
+    the shape, bias, activation, output codes, int8 operands, residual and the dtypes."""
     bias_dtype = None if bias is None else bias.dtype
     row_scaled = int8 is not None and int8.row_scale is not None
+    residual_dtype = None if residual is None else residual.dtype
     return (row_bucket(x.shape[0]), w.shape[0], x.shape[1], activation, codes, row_scaled,
-            x.dtype, out.dtype, bias_dtype)  # fmt: skip
+            x.dtype, out.dtype, bias_dtype, residual_dtype)  # fmt: skip
 
 
 @functools.cache
@@ -538,13 +573,15 @@ def launch(
     out_dtype: torch.dtype | None = None,
     block: tuple[int, int, int] | None = None,
     kernel: str | None = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """Run a Triton kernel: `kernel` from `KERNELS`, or None for the faster on this shape
     (timed once per `_tuning_key`). x (M, K) and w (N, K) are float8 codes, or int8 codes with
     `int8` set; `codes` picks the output (`CODES`), stored as `out_dtype` (default: the codes'
     dtype; required for "none"). `block` = (BLOCK_M, BLOCK_N, BLOCK_K) runs the pointer kernel
     untuned, as the interpreter tests do; they also store float32 to see the values before the
-    float8 rounding."""
+    float8 rounding. `residual` (M, N), with codes "none": added to the output in float32
+    before its one rounding (a block's `x + linear(...)`, `passes/fuse_residual_add.py`)."""
     if triton is None:
         raise RuntimeError("the fused quantized linear needs Triton, which is not installed")
     m, k = x.shape
@@ -559,13 +596,19 @@ def launch(
     out_dtype = out_dtype or CODES[codes]
     if out_dtype is None:
         raise ValueError("codes='none' writes the linear's output: name its out_dtype")
+    if residual is not None:
+        if codes != "none":
+            raise ValueError("a residual adds to the linear's output: codes must be 'none'")
+        if tuple(residual.shape) != (m, n):
+            raise ValueError(f"residual of shape {tuple(residual.shape)}; the output is {(m, n)}")
+        residual = residual.contiguous()
     x, w = x.contiguous(), w.contiguous()
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
-    spec = {"codes": codes, "int8": int8}
+    spec = {"codes": codes, "int8": int8, "residual": residual}
     if block is not None:
         _run("pointer", x, w, out, scales, bias, activation, block=block, **spec)
         return out
-    key = spec["key"] = _tuning_key(x, w, out, bias, activation, codes, int8)
+    key = spec["key"] = _tuning_key(x, w, out, bias, activation, codes, int8, residual)
     if kernel is None:
         kernel = _CHOSEN.get(key)
         if kernel is None:
@@ -725,7 +768,7 @@ def quantize_int8_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
 
 def int8_linear_reference(
     x: Tensor, w: Tensor, scales: Tensor, bias: Tensor | None, activation: str, codes: str,
-    int8: Int8Operands, out_dtype: torch.dtype,
+    int8: Int8Operands, out_dtype: torch.dtype, residual: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
     """The int8 kernel's function in PyTorch (`_epilogue`): torch._int_mm's exact int32 sums,
     then float32 elementwise with the exact (erf) GELU. The CPU runs this (inductor fuses the
@@ -739,6 +782,8 @@ def int8_linear_reference(
         y = y + bias.float()
     if activation != "none":
         y = _activation(y, activation)
+    if residual is not None:
+        y = y + residual.float()
     if codes == "int8":
         return (torch.round(y / scales[1]) + scales[2]).clamp(-128, 127).to(torch.int8)
     if codes == "float8":
@@ -750,7 +795,7 @@ def int8_linear_reference(
 def int8_linear_op(
     x: Tensor, w: Tensor, col_zero: Tensor, col_scale: Tensor, scales: Tensor,
     row_scale: Tensor | None, bias: Tensor | None, activation: str, codes: str,
-    out_dtype: torch.dtype,
+    out_dtype: torch.dtype, residual: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
     """An int8 x int8 linear with everything after the int32 sums in the GEMM's epilogue.
 
@@ -761,6 +806,7 @@ def int8_linear_op(
             for codes="int8" the next linear's input scale and zero point.
         bias: (N,) or None. activation: "none", "gelu" or "relu".
         codes: "none" (the output in `out_dtype`) or "int8" (the next linear's codes).
+        residual: (M, N) or None, added to the output (codes "none"): `x + linear(...)`.
 
     Returns:
         (M, N). CUDA runs the Triton kernel, the CPU `int8_linear_reference`.
@@ -768,12 +814,14 @@ def int8_linear_op(
     operands = Int8Operands(col_zero, col_scale, row_scale)
     if x.device.type == "cuda":
         return launch(x, w, scales, bias, activation, codes=codes, int8=operands,
-                      out_dtype=out_dtype)  # fmt: skip
-    return int8_linear_reference(x, w, scales, bias, activation, codes, operands, out_dtype)
+                      out_dtype=out_dtype, residual=residual)  # fmt: skip
+    return int8_linear_reference(x, w, scales, bias, activation, codes, operands, out_dtype,
+                                 residual)  # fmt: skip
 
 
 @int8_linear_op.register_fake
-def _(x, w, col_zero, col_scale, scales, row_scale, bias, activation, codes, out_dtype):
+def _(x, w, col_zero, col_scale, scales, row_scale, bias, activation, codes, out_dtype,
+      residual=None):  # fmt: skip
     return x.new_empty((x.shape[0], w.shape[0]), dtype=out_dtype)
 
 
@@ -804,29 +852,33 @@ class Int8LinearOnCodes(nn.Module):
                                                     self.x_scale.new_zeros(())]))  # fmt: skip
         self.register_buffer("bias", bias)
 
-    def _matmul(self, x8: Tensor, row_scale=None, activation="none", codes="none") -> Tensor:
+    def _matmul(
+        self, x8: Tensor, row_scale=None, activation="none", codes="none", residual=None
+    ) -> Tensor:
         x2 = x8.reshape(-1, x8.shape[-1])
         out_dtype = torch.int8 if codes == "int8" else self.out_dtype
+        if residual is not None:  # `passes/fuse_residual_add.py`: x + this linear, one rounding
+            residual = residual.reshape(x2.shape[0], self.weight.shape[0])
         args = (x2, self.weight, self.col_zero, self.w_scale, self.scales, row_scale, self.bias,
-                activation, codes, out_dtype)  # fmt: skip
+                activation, codes, out_dtype, residual)  # fmt: skip
         if x2.is_cuda:
             y = int8_linear_op(*args)
         else:
             operands = Int8Operands(self.col_zero, self.w_scale, row_scale)
             y = int8_linear_reference(x2, self.weight, self.scales, self.bias, activation, codes,
-                                      operands, out_dtype)  # fmt: skip
+                                      operands, out_dtype, residual)  # fmt: skip
         return y.reshape(*x8.shape[:-1], self.weight.shape[0])
 
-    def forward(self, x8: Tensor) -> Tensor:
-        return self._matmul(x8)
+    def forward(self, x8: Tensor, residual: Tensor | None = None) -> Tensor:
+        return self._matmul(x8, residual=residual)
 
 
 class Int8Linear(Int8LinearOnCodes):
     """int8-static: x quantized with its calibrated scale and zero point (fused by inductor
     into x's producer), then the int8 GEMM."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self._matmul(quantize_int8_static(x, self.x_scale, self.x_zero))
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        return self._matmul(quantize_int8_static(x, self.x_scale, self.x_zero), residual=residual)
 
 
 class Int8LinearDynamic(Int8LinearOnCodes):
@@ -836,9 +888,9 @@ class Int8LinearDynamic(Int8LinearOnCodes):
     def __init__(self, codes, w_scale, bias, out_dtype: torch.dtype) -> None:
         super().__init__(codes, w_scale, 1.0, 0, bias, out_dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         x8, row_scale = quantize_int8_per_token(x)
-        return self._matmul(x8.reshape(x.shape), row_scale)
+        return self._matmul(x8.reshape(x.shape), row_scale, residual=residual)
 
 
 class Int8LinearAct(Int8LinearOnCodes):

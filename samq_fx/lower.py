@@ -69,6 +69,7 @@ from samq_fx.meta import get_info
 from samq_fx.passes.fuse_attention import fuse_attention as fuse_attention_pass
 from samq_fx.passes.fuse_attention_codes import fuse_attention_codes
 from samq_fx.passes.fuse_linear_epilogue import fuse_linear_epilogue
+from samq_fx.passes.fuse_residual_add import fuse_residual_add
 from samq_fx.passes.lower_linears import lower_linears
 from samq_fx.passes.lower_tables import lower_tables
 from samq_fx.passes.patch_embed_as_matmul import patch_embed_as_matmul
@@ -148,7 +149,9 @@ class LowerConfig(DictConfig):
             GELU -> lin2) as one 8-bit GEMM whose epilogue applies the GELU and writes lin2's
             8-bit input (`samq_fx.gemm_epilogue`), instead of a bf16 round trip between them;
             and have the window and global attention kernels write their output projection's
-            8-bit input (`passes/fuse_attention_codes.py`).
+            8-bit input (`passes/fuse_attention_codes.py`). int8-static and int8-dynamic (the
+            "samq" kernel): each encoder block's residual add joins the epilogue of the GEMM
+            before it (`passes/fuse_residual_add.py`).
         int4_kernel: int4-weight: one of `INT4_KERNELS`, "dequant" (CPU and CUDA) or
             "tinygemm" (CUDA and bf16 only; refused with the reason elsewhere).
         int8_kernel: int8-static / int8-dynamic: one of `INT8_KERNELS`, "samq" (this
@@ -205,6 +208,7 @@ class LoweringReport:
     fused_epilogues: int = 0
     unfused_epilogues: dict[str, str] = field(default_factory=dict)
     attention_codes: int = 0
+    fused_residuals: int = 0
     weight_bytes: int = 0
     fp16_weight_bytes: int = 0
 
@@ -215,7 +219,8 @@ class LoweringReport:
             f"lowering {self.backend} ({self.dtype}, {self.device}): {len(self.lowered)} sites "
             f"lowered, {len(self.kept)} kept fake-quantized, {self.fused_attention} attentions "
             f"fused ({self.attention}), {self.fused_epilogues} activation epilogues fused, "
-            f"{self.attention_codes} attentions write their projection's codes; "
+            f"{self.attention_codes} attentions write their projection's codes, "
+            f"{self.fused_residuals} residual adds in a GEMM epilogue; "
             f"weights {self.weight_bytes / 2**20:.1f} MiB "
             f"({self.weight_bytes / max(self.fp16_weight_bytes, 1):.2f}x fp16)"
         )
@@ -612,6 +617,16 @@ def _has_mlp_epilogue(cfg: LowerConfig) -> bool:
     )
 
 
+def _fuses_residual(cfg: LowerConfig) -> bool:
+    """Whether `fuse_residual_add` runs: the int8 backends on this project's kernel, whose
+    epilogue adds the residual (`fuse_epilogue` switches it off with the other fusions)."""
+    return (
+        cfg.fuse_epilogue
+        and cfg.backend in ("int8-static", "int8-dynamic")
+        and cfg.int8_kernel == "samq"
+    )
+
+
 def _check_attention_kernel(attention: str, device: torch.device) -> None:
     """Refuse an attention kernel this device cannot run (no silent fallback)."""
     if attention == "flex":
@@ -797,7 +812,9 @@ def lower(
         *edits, cast = _float_passes(part, cfg.fuse_attention)
         # the wired attention kernels quantize their output for the projection: same backends
         codes = [fuse_attention_codes] if fuse_mlp and cfg.fuse_attention else []
-        passes = [lower_tables, lower_linears, *epilogue, *edits, *codes, cast]
+        # the int8 GEMMs add the residual stream in their epilogue (x + lin2, x + proj)
+        residual = [fuse_residual_add] if _fuses_residual(cfg) and part == "image_encoder" else []
+        passes = [lower_tables, lower_linears, *epilogue, *edits, *codes, *residual, cast]
         records = run_passes(gm, ctx, passes)
         results = {r.name: r.result for r in records}  # the latest run of each pass
         prefix = "enc" if part == "image_encoder" else "dec"
@@ -821,6 +838,8 @@ def lower(
             report.unfused_epilogues.update(results["fuse_linear_epilogue"].rejected)
         if "fuse_attention_codes" in results:
             report.attention_codes += results["fuse_attention_codes"].counts["fused"]
+        if "fuse_residual_add" in results:
+            report.fused_residuals += results["fuse_residual_add"].counts["fused"]
         if "fuse_attention" in results:
             report.fused_attention += results["fuse_attention"].counts["fused"]
             report.unfused_attention.update(results["fuse_attention"].rejected)

@@ -146,6 +146,17 @@ _INT8_INTERPRETER_SCRIPT = textwrap.dedent(
                     block=(16, 16, 32)).double()
     y = expected(x, w, ops, scales, b, "none")
     worst = max(worst, float((out - y).abs().max() / y.abs().max()))
+    # the residual stream added in the epilogue (codes "none"), after the activation, on both
+    # kernels; ragged M and N mask its loads
+    for act in ("none", "gelu"):
+        x = torch.randint(-128, 128, (37, 64), dtype=torch.int8)
+        w = torch.randint(-127, 128, (21, 64), dtype=torch.int8)
+        ops = fe.Int8Operands(11 * w.sum(1, dtype=torch.int32), torch.rand(21) * 1e-2 + 1e-3)
+        scales, b, res = torch.tensor([0.02, 1.0, 0.0]), torch.randn(21), torch.randn(37, 21) * 5
+        out = fe.launch(x, w, scales, b, act, codes="none", int8=ops, out_dtype=torch.float32,
+                        block=(16, 16, 32), residual=res).double()
+        y = expected(x, w, ops, scales, b, act) + res.double()
+        worst = max(worst, float((out - y).abs().max() / y.abs().max()))
     # rounding ties: integer sums / 2 land on k + 0.5, which rounds to even as torch.round does,
     # before the zero point is added (an odd zero point would flip the parity otherwise)
     x = torch.randint(-3, 4, (32, 32), dtype=torch.int8)
@@ -165,12 +176,16 @@ _INT8_INTERPRETER_SCRIPT = textwrap.dedent(
     w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
     b, scales, out = torch.randn(n), torch.tensor([0.02, 0.5, 0.0]), torch.zeros(m, n)
     ops = fe.Int8Operands(5 * w.sum(1, dtype=torch.int32), torch.rand(n) * 1e-2)
-    descs = [TensorDescriptor.from_tensor(t, blk) for t, blk in ((x, [16, 64]), (w, [16, 64]), (out, [16, 16]))]
+    # with a residual the epilogue stores half tiles: out's and the residual's blocks 16 x 8
+    descs = [TensorDescriptor.from_tensor(t, blk) for t, blk in ((x, [16, 64]), (w, [16, 64]), (out, [16, 8]))]
+    res = torch.randn(m, n)
     fe._linear_act_kernel_tma[(3,)](*descs, b, scales, ops.col_zero, ops.col_scale, scales,
                                     m, n, k, HAS_BIAS=True, ACTIVATION="none", CODES="none",
                                     INT8=True, HAS_ROW_SCALE=False, HW_APPROX=False, BLOCK_M=16,
-                                    BLOCK_N=16, BLOCK_K=64, GROUP_M=2, NUM_SMS=3, PER_SM=1)
-    y = expected(x, w, ops, scales, b, "none")
+                                    BLOCK_N=16, BLOCK_K=64, GROUP_M=2, NUM_SMS=3, PER_SM=1,
+                                    r_desc=TensorDescriptor.from_tensor(res, [16, 8]),
+                                    HAS_RESIDUAL=True)
+    y = expected(x, w, ops, scales, b, "none") + res.double()
     worst = max(worst, float((out.double() - y).abs().max() / y.abs().max()))
     print(worst, wrong_codes)
     """
@@ -179,7 +194,8 @@ _INT8_INTERPRETER_SCRIPT = textwrap.dedent(
 
 def test_int8_kernel_under_the_triton_interpreter(triton_interpreter):
     """The int8 kernel: exact int32 sums, the zero point removed through the weight's row sums,
-    per-channel and per-token scales, bias and activation to float32 rounding, and the next
+    per-channel and per-token scales, bias, activation and residual to float32 rounding (both
+    kernels), and the next
     linear's int8 codes exactly as torch.round gives them, ties to even included."""
     worst, wrong_codes = triton_interpreter(_INT8_INTERPRETER_SCRIPT).split()
     assert float(worst) < 1e-6, f"kernel vs reference, largest relative error {worst}"

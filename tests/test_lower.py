@@ -4,6 +4,7 @@ lowered model computes what its fake-quant model computes, and the fused attenti
 from __future__ import annotations
 
 import copy
+import importlib
 import warnings
 
 import numpy as np
@@ -101,6 +102,56 @@ def test_int8_static_lowers_every_quantized_linear(q_int8, lowered_int8):
     assert report.fused_epilogues == depth and report.unfused_epilogues == {}
     targets = [n.target for n in enc.graph.nodes if n.op == "call_function"]
     assert torch.ops.aten.gelu.default not in targets, "a GELU was left between the linears"
+
+
+@pytest.fixture(scope="module")
+def lowered_int8_unfused_residual(q_int8):
+    """int8-static with every fusion but the residual adds (`fuse_residual_add` removed)."""
+    lower_module = importlib.import_module("samq_fx.lower")  # the package exports the function
+    original = lower_module._fuses_residual
+    lower_module._fuses_residual = lambda cfg: False
+    try:
+        return lower(q_int8, "int8-static", verbose=False)
+    finally:
+        lower_module._fuses_residual = original
+
+
+def test_residual_adds_join_the_int8_epilogue(lowered_int8, lowered_int8_unfused_residual):
+    """Every encoder block's `x + lin2(...)`, and each global block's `x + proj(...)`, becomes
+    the GEMM's residual input (a windowed block's projection reaches its add through the
+    un-partition, and stays); the finding names the residual on each linear's node."""
+    enc = lowered_int8.image_encoder
+    arch = lowered_int8.samq_arch
+    fused = {
+        n.target.removeprefix("samq_lowered."): n
+        for n in enc.graph.nodes
+        if "fuse_residual_add" in getattr(get_info(n), "findings", {})
+    }
+    expected = {f"blocks_{i}_mlp_lin2" for i in range(arch.encoder_depth)}
+    expected |= {f"blocks_{i}_attn_proj" for i in arch.encoder_global_attn_indexes}
+    assert set(fused) == expected
+    assert lowered_int8.samq_lowering_report.fused_residuals == len(expected)
+    for node in fused.values():
+        residual = get_info(node).findings["fuse_residual_add"]["residual"]
+        assert len(node.args) == 2 and node.args[1].name == residual
+    adds = [n for n in enc.graph.nodes if n.target == torch.ops.aten.add.Tensor]
+    assert not any(a in fused.values() and len(a.users) == 1 for n in adds for a in n.args)
+    assert lowered_int8_unfused_residual.samq_lowering_report.fused_residuals == 0
+
+
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 2))
+def test_fused_residual_adds_compute_the_same_encoder(
+    lowered_int8, lowered_int8_unfused_residual, seed, batch
+):
+    """On the CPU (float32) the fused encoder computes what the unfused one does, to float32
+    rounding: the residual enters after the bias and activation, before the output's cast."""
+    x = torch.randn(batch, 3, 256, 256, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        fused = lowered_int8.image_encoder(x)
+        plain = lowered_int8_unfused_residual.image_encoder(x)
+    err = float((fused - plain).abs().max() / plain.abs().max())
+    assert err < 1e-5, f"fused vs unfused residual adds: largest relative error {err:.2e}"
 
 
 def test_torchao_int8_kernel_is_still_there(q_int8, lowered_int8, lowered_torchao_int8):

@@ -426,6 +426,18 @@ def test_cudagraphs_lowered_model_runs_the_predictor_and_the_mask_generator(cali
         assert abs(len(a) - len(b)) <= max(1, len(a) // 10), (len(a), len(b))
 
 
+def _int8_gemm_case(shape, kernel):
+    """(generator, x codes (M, K), w codes (N, K)) for an int8 GEMM test, seeded by the shape;
+    skips the TMA kernel below sm_90."""
+    if kernel == "tma" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the TMA kernel needs sm_90+")
+    m, n, k = shape
+    g = torch.Generator(device="cuda").manual_seed(m + n)
+    x = torch.randint(-128, 128, (m, k), device="cuda", generator=g, dtype=torch.int8)
+    w = torch.randint(-127, 128, (n, k), device="cuda", generator=g, dtype=torch.int8)
+    return g, x, w
+
+
 @pytest.mark.parametrize("kernel", ["pointer", "tma"])
 @pytest.mark.parametrize("codes", ["none", "int8"])
 @pytest.mark.parametrize(
@@ -441,12 +453,8 @@ def test_int8_kernel_matches_exact_sums(shape, activation, rows, codes, kernel):
     mask decoder's token-side linears see 7 rows a prompt, which cuBLAS's _int_mm refuses."""
     from samq_fx.gemm_epilogue import Int8Operands, gelu_fast, launch
 
-    if kernel == "tma" and torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("the TMA kernel needs sm_90+")
+    g, x, w = _int8_gemm_case(shape, kernel)
     m, n, k = shape
-    g = torch.Generator(device="cuda").manual_seed(m + n)
-    x = torch.randint(-128, 128, (m, k), device="cuda", generator=g, dtype=torch.int8)
-    w = torch.randint(-127, 128, (n, k), device="cuda", generator=g, dtype=torch.int8)
     zero = 0 if rows else 21
     ops = Int8Operands(
         zero * w.sum(1, dtype=torch.int32),
@@ -476,6 +484,37 @@ def test_int8_kernel_matches_exact_sums(shape, activation, rows, codes, kernel):
     off = (out - ref).abs()
     assert float(off.max()) <= 1 and float(off.gt(0).float().mean()) < 1e-3
     assert float(ref.eq(127).float().mean()) < 0.5, "the scales saturate the codes"
+
+
+@pytest.mark.parametrize("kernel", ["pointer", "tma"])
+@pytest.mark.parametrize(
+    "shape", [(32768, 768, 3072), (300, 96, 160)], ids=["sam-b-lin2-b8", "ragged"]
+)
+def test_int8_kernel_adds_the_residual(shape, kernel):
+    """`residual` (fuse_residual_add): the bf16 output is x + the linear, rounded once, within
+    bf16's rounding of the exact sum, and no further from it than the unfused pair (bf16 linear
+    output, then a bf16 add)."""
+    from samq_fx.gemm_epilogue import Int8Operands, launch
+
+    g, x, w = _int8_gemm_case(shape, kernel)
+    m, n, k = shape
+    ops = Int8Operands(
+        13 * w.sum(1, dtype=torch.int32), torch.rand(n, device="cuda", generator=g) * 1e-4 + 1e-5
+    )
+    bias = torch.randn(n, device="cuda", generator=g).bfloat16()
+    res = (torch.randn(m, n, device="cuda", generator=g) * 4).bfloat16()
+    scales = torch.tensor([2.0 / k**0.5, 1.0, 0.0], device="cuda")
+    spec = {"codes": "none", "int8": ops, "out_dtype": torch.bfloat16, "kernel": kernel}
+    fused = launch(x, w, scales, bias, "none", residual=res, **spec).double()
+    unfused = (launch(x, w, scales, bias, "none", **spec) + res).double()
+    y = (x.double() @ w.double().t() - ops.col_zero.double()) * ops.col_scale.double()
+    exact = y * float(scales[0]) + bias.double() + res.double()
+    err_fused = float((fused - exact).abs().max() / exact.abs().max())
+    err_unfused = float((unfused - exact).abs().max() / exact.abs().max())
+    assert err_fused < 2**-8, f"largest error {err_fused:.2e} (bf16 output)"
+    assert err_fused <= err_unfused * 1.01, (err_fused, err_unfused)
+    with pytest.raises(ValueError, match="residual of shape"):
+        launch(x, w, scales, bias, "none", residual=res[:, :-1], **spec)
 
 
 def test_int8_torchao_kernel_still_compiles_to_int_mm(calibrated):

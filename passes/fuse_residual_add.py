@@ -1,0 +1,92 @@
+"""fuse_residual_add: a block's `x + linear(...)` as the int8 GEMM's epilogue.
+
+Every encoder block ends its MLP (and a global block its attention) with
+
+    call_module(samq_lowered.<lin>)(codes) -> aten.add(x, ·)
+
+The linear writes its bf16 output, and inductor leaves the sum unmaterialized: each later
+consumer (the next LayerNorm's statistics, its normalize-and-quantize, the next residual
+add) reads x and every branch output again, up to four bf16 tensors a row. This pass hands x to
+the GEMM instead (`Int8LinearOnCodes.forward(x8, residual)`): its epilogue adds the residual
+tile in float32 and writes the sum, rounded once, so the residual stream is one tensor that the
+next kernels read once. Windowed blocks' projections are left alone: their output is in window
+order and goes through the un-partition (a slice) before the add.
+
+Reads: the lowered modules' types (int8 linears that write their output, not codes).
+Writes: `findings["fuse_residual_add"]` = {"residual": the residual's node name} on the linear.
+Invariant: an add whose linear has another user, whose operands differ in shape or dtype
+(broadcasting, promotion), or that carries `alpha`, stays as it was.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from samq_fx.gemm_epilogue import Int8Linear, Int8LinearDynamic, Int8LinearOnCodes
+from samq_fx.meta import add_finding
+from samq_fx.passes.lower_linears import LOWERED_ATTR
+from samq_fx.pipeline import PassContext, PassResult
+
+PASS_NAME = "fuse_residual_add"
+LOWERED_PREFIX = f"{LOWERED_ATTR}."
+TAKES_RESIDUAL = (Int8LinearOnCodes, Int8Linear, Int8LinearDynamic)
+"""Lowered modules whose forward takes `residual` (exact types: `Int8LinearAct` writes codes)."""
+
+
+def _val(node) -> torch.Tensor | None:
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def _linear_operand(gm: torch.fx.GraphModule, add: torch.fx.Node):
+    """(linear node, residual node) of `add` if one operand is a lowered linear that takes a
+    residual, else None."""
+    for lin, other in ((add.args[1], add.args[0]), (add.args[0], add.args[1])):
+        is_lowered = isinstance(lin, torch.fx.Node) and lin.op == "call_module"
+        if not (is_lowered and lin.target.startswith(LOWERED_PREFIX)):
+            continue
+        if type(gm.get_submodule(lin.target)) in TAKES_RESIDUAL and isinstance(
+            other, torch.fx.Node
+        ):
+            return lin, other
+    return None
+
+
+def fuse_residual_add(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    result = PassResult(counts={"fused": 0})
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    for add in list(gm.graph.nodes):
+        if add.op != "call_function" or add.target != torch.ops.aten.add.Tensor:
+            continue
+        found = _linear_operand(gm, add)
+        if found is None:
+            continue
+        lin, residual = found
+        site = lin.target.removeprefix(LOWERED_PREFIX)
+        out, res = _val(lin), _val(residual)
+        if len(lin.users) != 1:
+            problem = "the linear's output has other users than the add"
+        elif add.kwargs.get("alpha", 1) != 1:
+            problem = "the add scales its operand (alpha)"
+        elif len(lin.args) != 1 or lin.kwargs:
+            problem = "the linear already takes more than its input"
+        elif out is None or res is None:
+            problem = "no shapes recorded on the nodes"
+        elif order[residual] > order[lin]:
+            problem = "the residual is computed after the linear"
+        elif out.shape != res.shape or out.dtype != res.dtype:
+            problem = (
+                f"residual {tuple(res.shape)} {res.dtype} vs output {tuple(out.shape)} {out.dtype}"
+            )
+        else:
+            problem = None
+        if problem:
+            result.rejected[site] = problem
+            continue
+        lin.args = (lin.args[0], residual)
+        add.replace_all_uses_with(lin)
+        gm.graph.erase_node(add)
+        add_finding(lin, PASS_NAME, {"residual": residual.name})
+        result.counts["fused"] += 1
+    return result
