@@ -46,9 +46,8 @@ def _linear_operand(gm: torch.fx.GraphModule, add: torch.fx.Node):
         is_lowered = isinstance(lin, torch.fx.Node) and lin.op == "call_module"
         if not (is_lowered and lin.target.startswith(LOWERED_PREFIX)):
             continue
-        if type(gm.get_submodule(lin.target)) in TAKES_RESIDUAL and isinstance(
-            other, torch.fx.Node
-        ):
+        takes_residual = type(gm.get_submodule(lin.target)) in TAKES_RESIDUAL
+        if takes_residual and isinstance(other, torch.fx.Node):
             return lin, other
     return None
 

@@ -371,17 +371,8 @@ if triton is not None:
         kept = [c for c in configs if k % c.kwargs["BLOCK_K"] == 0]
         return kept or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8})]
 
-    _KEY = [
-        "M",
-        "N",
-        "K",
-        "HAS_BIAS",
-        "ACTIVATION",
-        "CODES",
-        "INT8",
-        "HAS_ROW_SCALE",
-        "HAS_RESIDUAL",
-    ]
+    _KEY = ["M", "N", "K", "HAS_BIAS", "ACTIVATION", "CODES", "INT8", "HAS_ROW_SCALE",
+            "HAS_RESIDUAL"]  # fmt: skip
     _CONFIGS = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                       num_warps=w, num_stages=s)
