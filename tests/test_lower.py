@@ -104,16 +104,20 @@ def test_int8_static_lowers_every_quantized_linear(q_int8, lowered_int8):
     assert torch.ops.aten.gelu.default not in targets, "a GELU was left between the linears"
 
 
-@pytest.fixture(scope="module")
-def lowered_int8_unfused_residual(q_int8):
-    """int8-static with every fusion but the residual adds (`fuse_residual_add` removed)."""
+def _lower_without_residual_fusion(q, backend: str):
+    """`lower(q, backend)` with every fusion but the residual adds (`fuse_residual_add`)."""
     lower_module = importlib.import_module("samq_fx.lower")  # the package exports the function
     original = lower_module._fuses_residual
     lower_module._fuses_residual = lambda cfg: False
     try:
-        return lower(q_int8, "int8-static", verbose=False)
+        return lower(q, backend, verbose=False)
     finally:
         lower_module._fuses_residual = original
+
+
+@pytest.fixture(scope="module")
+def lowered_int8_unfused_residual(q_int8):
+    return _lower_without_residual_fusion(q_int8, "int8-static")
 
 
 def test_residual_adds_join_the_int8_epilogue(lowered_int8, lowered_int8_unfused_residual):
@@ -152,6 +156,21 @@ def test_fused_residual_adds_compute_the_same_encoder(
         plain = lowered_int8_unfused_residual.image_encoder(x)
     err = float((fused - plain).abs().max() / plain.abs().max())
     assert err < 1e-5, f"fused vs unfused residual adds: largest relative error {err:.2e}"
+
+
+def test_int8_dynamic_takes_the_residual_too(q_int8):
+    """int8-dynamic's linears (per-token scales) take the residual as int8-static's do: the
+    same sites fused, the same encoder output to float32 rounding."""
+    fused = lower(q_int8, "int8-dynamic", verbose=False)
+    plain = _lower_without_residual_fusion(q_int8, "int8-dynamic")
+    arch = fused.samq_arch
+    expected = arch.encoder_depth + len(arch.encoder_global_attn_indexes)
+    assert fused.samq_lowering_report.fused_residuals == expected
+    assert plain.samq_lowering_report.fused_residuals == 0
+    x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        a, b = fused.image_encoder(x), plain.image_encoder(x)
+    assert float((a - b).abs().max() / b.abs().max()) < 1e-5
 
 
 def test_torchao_int8_kernel_is_still_there(q_int8, lowered_int8, lowered_torchao_int8):
