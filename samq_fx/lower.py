@@ -739,7 +739,8 @@ def lower(
             fake-quantized, with a warning that names it).
         fuse_epilogue: float8-static and int8-static: fuse each encoder MLP's GELU and the
             next linear's input quantizer into the first GEMM, and each wired attention's
-            output projection's quantizer into its kernel (see `LowerConfig`).
+            output projection's quantizer into its kernel; int8-static and int8-dynamic
+            also add each encoder block's residual in the GEMM before it (see `LowerConfig`).
         int4_kernel: int4-weight: "dequant" or "tinygemm" (`INT4_KERNELS`).
         int8_kernel: int8-static / int8-dynamic: "samq" or "torchao" (`INT8_KERNELS`).
         compile: wrap the image encoder and mask decoder in `torch.compile(fullgraph=True)`.
