@@ -14,8 +14,10 @@ order and goes through the un-partition (a slice) before the add.
 
 Reads: the lowered modules' types (int8 linears that write their output, not codes).
 Writes: `findings["fuse_residual_add"]` = {"residual": the residual's node name} on the linear.
-Invariant: an add whose linear has another user, whose operands differ in shape or dtype
-(broadcasting, promotion), or that carries `alpha`, stays as it was.
+Invariant: an add whose linear has another user stays as it was (not a candidate); one whose
+operands differ in shape or dtype (broadcasting, promotion), whose residual comes after the
+linear, or that carries `alpha`, stays too, with the reason in `rejected` (and the lowering
+report's `unfused_residuals`).
 """
 
 from __future__ import annotations
@@ -41,13 +43,14 @@ def _val(node) -> torch.Tensor | None:
 
 def _linear_operand(gm: torch.fx.GraphModule, add: torch.fx.Node):
     """(linear node, residual node) of `add` if one operand is a lowered linear that takes a
-    residual, else None."""
+    residual and feeds only this add, else None. (A linear with more users is the residual
+    stream itself, after an earlier fusion, or a branch shared with another consumer.)"""
     for lin, other in ((add.args[1], add.args[0]), (add.args[0], add.args[1])):
         is_lowered = isinstance(lin, torch.fx.Node) and lin.op == "call_module"
         if not (is_lowered and lin.target.startswith(LOWERED_PREFIX)):
             continue
         takes_residual = type(gm.get_submodule(lin.target)) in TAKES_RESIDUAL
-        if takes_residual and isinstance(other, torch.fx.Node):
+        if takes_residual and len(lin.users) == 1 and isinstance(other, torch.fx.Node):
             return lin, other
     return None
 
@@ -64,9 +67,7 @@ def fuse_residual_add(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         lin, residual = found
         site = lin.target.removeprefix(LOWERED_PREFIX)
         out, res = _val(lin), _val(residual)
-        if len(lin.users) != 1:
-            problem = "the linear's output has other users than the add"
-        elif add.kwargs.get("alpha", 1) != 1:
+        if add.kwargs.get("alpha", 1) != 1:
             problem = "the add scales its operand (alpha)"
         elif len(lin.args) != 1 or lin.kwargs:
             problem = "the linear already takes more than its input"

@@ -209,6 +209,7 @@ class LoweringReport:
     unfused_epilogues: dict[str, str] = field(default_factory=dict)
     attention_codes: int = 0
     fused_residuals: int = 0
+    unfused_residuals: dict[str, str] = field(default_factory=dict)
     weight_bytes: int = 0
     fp16_weight_bytes: int = 0
 
@@ -841,6 +842,7 @@ def lower(
             report.attention_codes += results["fuse_attention_codes"].counts["fused"]
         if "fuse_residual_add" in results:
             report.fused_residuals += results["fuse_residual_add"].counts["fused"]
+            report.unfused_residuals.update(results["fuse_residual_add"].rejected)
         if "fuse_attention" in results:
             report.fused_attention += results["fuse_attention"].counts["fused"]
             report.unfused_attention.update(results["fuse_attention"].rejected)

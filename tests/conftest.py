@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import samq_fx
+from samq_fx import gemm_epilogue
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -63,3 +64,19 @@ def triton_interpreter():
         return proc.stdout.strip().splitlines()[-1]
 
     return run
+
+
+@pytest.fixture(scope="session")
+def random_int8_linear():
+    """features, seed -> an `Int8Linear` (features x features, calibrated input scale 0.02 and
+    zero point 5, float32 output) with random codes, scales and bias: what the graph-pass
+    tests put where a lowered linear sits."""
+
+    def make(features: int, seed: int = 0) -> gemm_epilogue.Int8Linear:
+        g = torch.Generator().manual_seed(seed)
+        codes = torch.randint(-127, 128, (features, features), generator=g, dtype=torch.int8)
+        w_scale = torch.rand(features, generator=g) * 1e-2 + 1e-3
+        bias = torch.randn(features, generator=g)
+        return gemm_epilogue.Int8Linear(codes, w_scale, 0.02, 5, bias, torch.float32)
+
+    return make

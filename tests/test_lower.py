@@ -135,6 +135,7 @@ def test_residual_adds_join_the_int8_epilogue(lowered_int8, lowered_int8_unfused
     expected |= {f"blocks_{i}_attn_proj" for i in arch.encoder_global_attn_indexes}
     assert set(fused) == expected
     assert lowered_int8.samq_lowering_report.fused_residuals == len(expected)
+    assert lowered_int8.samq_lowering_report.unfused_residuals == {}
     for node in fused.values():
         residual = get_info(node).findings["fuse_residual_add"]["residual"]
         assert len(node.args) == 2 and node.args[1].name == residual
