@@ -27,7 +27,13 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
-from samq_fx.gemm_epilogue import _tile, _tile_sums, linear_act_reference  # noqa: E402
+from samq_fx.gemm_epilogue import (  # noqa: E402
+    _rcp,
+    _tanh,
+    _tile,
+    _tile_sums,
+    linear_act_reference,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mlp_epilogue import _median_ms  # noqa: E402  (bench/mlp_epilogue.py)
@@ -58,18 +64,11 @@ def _act(y, inv_out, VARIANT: tl.constexpr):
     elif VARIANT == 1:
         return y * inv_out * tl.math.fdiv(1.0, 1.0 + tl.exp2(t))
     elif VARIANT == 2:
-        th = tl.inline_asm_elementwise(
-            "tanh.approx.f32 $0, $1;", "=r,r", [t * -0.34657359027997264], dtype=tl.float32,
-            is_pure=True, pack=1,
-        )  # fmt: skip
+        th = _tanh(t * -0.34657359027997264, True)
         h = y * (0.5 * inv_out)
         return h + h * th
     elif VARIANT == 3:
-        r = tl.inline_asm_elementwise(
-            "rcp.approx.ftz.f32 $0, $1;", "=r,r", [1.0 + tl.exp2(t)], dtype=tl.float32,
-            is_pure=True, pack=1,
-        )  # fmt: skip
-        return y * inv_out * r
+        return y * inv_out * _rcp(1.0 + tl.exp2(t), True)
     else:
         return tl.maximum(y, 0.0) * inv_out
 

@@ -49,7 +49,13 @@ import triton.language as tl  # noqa: E402
 from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 from samq_fx import gemm_epilogue as ge  # noqa: E402
-from samq_fx.gemm_epilogue import _gelu_exponent, _tile, _tile_sums  # noqa: E402
+from samq_fx.gemm_epilogue import (  # noqa: E402
+    _gelu_exponent,
+    _gelu_scaled,
+    _tanh,
+    _tile,
+    _tile_sums,
+)
 from samq_fx.triton_attention import int8_codes  # noqa: E402
 
 VARIANTS = ("i2f, exp2+rcp", "i2f, tanh", "split, exp2+rcp", "split, tanh", "i2f, none")
@@ -69,27 +75,13 @@ def _float_of_int32(acc):
 @triton.jit
 def _phi_times(y, x_per_y, TANH: tl.constexpr, FAST: tl.constexpr):
     """`gemm_epilogue._gelu_scaled` (y·Φ, Φ = 1 / (1 + 2^t) from the production fit's t) by
-    exp2 and a reciprocal, or by one tanh: 1 / (1 + 2^t) = (1 + tanh(-t·ln2/2)) / 2."""
-    t = _gelu_exponent(y, x_per_y)
+    exp2 and a reciprocal, or by one tanh, unfolded: 1 / (1 + 2^t) = (1 + tanh(-t·ln2/2)) / 2."""
     if TANH:
-        u = t * -0.34657359027997264
-        if FAST:
-            th = tl.inline_asm_elementwise(
-                "tanh.approx.f32 $0, $1;", "=r,r", [u], dtype=tl.float32, is_pure=True, pack=1
-            )
-        else:
-            th = 1.0 - 2.0 / (1.0 + tl.exp(2.0 * u))
+        th = _tanh(_gelu_exponent(y, x_per_y) * -0.34657359027997264, FAST)
         h = y * 0.5
         out = h + h * th
     else:
-        d = 1.0 + tl.exp2(t)
-        if FAST:
-            r = tl.inline_asm_elementwise(
-                "rcp.approx.ftz.f32 $0, $1;", "=r,r", [d], dtype=tl.float32, is_pure=True, pack=1
-            )
-        else:
-            r = 1.0 / d
-        out = y * r
+        out = _gelu_scaled(y, x_per_y, FAST)
     return out
 
 

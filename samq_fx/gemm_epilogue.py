@@ -109,6 +109,30 @@ if triton is not None:
     from samq_fx.triton_attention import to_codes
 
     @triton.jit
+    def _rcp(d, HW_APPROX: tl.constexpr):
+        """1 / d: the GPU's approximate reciprocal (PTX `rcp.approx.ftz`), an exact divide
+        under the interpreter."""
+        if HW_APPROX:
+            r = tl.inline_asm_elementwise(
+                "rcp.approx.ftz.f32 $0, $1;", "=r,r", [d], dtype=tl.float32, is_pure=True, pack=1
+            )
+        else:
+            r = 1.0 / d
+        return r
+
+    @triton.jit
+    def _tanh(u, HW_APPROX: tl.constexpr):
+        """tanh(u): the GPU's `tanh.approx` (one special-function op, absolute error), exact
+        under the interpreter."""
+        if HW_APPROX:
+            th = tl.inline_asm_elementwise(
+                "tanh.approx.f32 $0, $1;", "=r,r", [u], dtype=tl.float32, is_pure=True, pack=1
+            )
+        else:
+            th = 1.0 - 2.0 / (1.0 + tl.exp(2.0 * u))
+        return th
+
+    @triton.jit
     def _gelu_exponent(y, x_per_y):
         """t of `gelu_fast`'s fit Φ = 1 / (1 + 2^t) at x = y·x_per_y clamped to ±4: five FMAs,
         `_GELU_T` by Horner in x²."""
@@ -125,14 +149,7 @@ if triton is not None:
         y·Φ(v)): Φ's argument is y·x_per_y, x_per_y = 1/(√2·c). A clamp, five FMAs, one exp2
         and one reciprocal (the hardware's approximate one on a GPU, an exact divide under
         the interpreter)."""
-        d = 1.0 + tl.exp2(_gelu_exponent(y, x_per_y))
-        if HW_APPROX:
-            r = tl.inline_asm_elementwise(
-                "rcp.approx.ftz.f32 $0, $1;", "=r,r", [d], dtype=tl.float32, is_pure=True, pack=1
-            )
-        else:
-            r = 1.0 / d
-        return y * r
+        return y * _rcp(1.0 + tl.exp2(_gelu_exponent(y, x_per_y)), HW_APPROX)
 
     @triton.jit
     def _gelu_tanh(x, out_per_x, HW_APPROX: tl.constexpr):
@@ -140,7 +157,7 @@ if triton is not None:
         fit, read as erf(x) ≈ tanh(x·P(x²)) (`_GELU_T` times -ln2/2, folded into the
         coefficients), so GELU(v)·c = h + h·tanh(x·P) with h = x·out_per_x. One special-function
         op an element where `_gelu_scaled` takes two (exp2, rcp), and two multiplies fewer:
-        int8's GELU kernel on SAM-B's lin1 0.220 -> 0.201 ms (bench/int8_epilogue_variants.py).
+        int8's GELU kernel on SAM-B's lin1 0.220 -> 0.192 ms (bench/int8_epilogue_variants.py).
         tanh.approx's error is absolute, so only int8 codes take this form: near Φ = 0 it would
         spoil the relative error that float8 codes and bf16 outputs keep. `HW_APPROX`: the
         GPU's tanh.approx (PTX); the interpreter computes tanh exactly."""
@@ -149,13 +166,7 @@ if triton is not None:
         p = 8.265585859120519e-05 + x2 * -1.0360101926465847e-06
         p = -0.003103348941809878 + x2 * p
         p = 0.10835300874512904 + x2 * p
-        u = xc * (1.1250606867388957 + x2 * p)
-        if HW_APPROX:
-            th = tl.inline_asm_elementwise(
-                "tanh.approx.f32 $0, $1;", "=r,r", [u], dtype=tl.float32, is_pure=True, pack=1
-            )
-        else:
-            th = 1.0 - 2.0 / (1.0 + tl.exp(2.0 * u))
+        th = _tanh(xc * (1.1250606867388957 + x2 * p), HW_APPROX)
         h = x * out_per_x
         return h + h * th
 

@@ -47,14 +47,6 @@ def _graph(proj: nn.Module, extra_user: bool = False, kernel: str = "window"):
     return torch.fx.GraphModule(root, g)
 
 
-def _int8_proj(seed: int = 0) -> gemm_epilogue.Int8Linear:
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(-127, 128, (C, C), generator=g, dtype=torch.int8)
-    w_scale = torch.rand(C, generator=g) * 1e-2 + 1e-3
-    return gemm_epilogue.Int8Linear(codes, w_scale, 0.02, 5, torch.randn(C, generator=g),
-                                    torch.float32)  # fmt: skip
-
-
 def _inputs():
     torch.manual_seed(1)
     q, k, v = torch.randn(3, B, HEADS, KH * KW, D).unbind(0)
@@ -62,8 +54,8 @@ def _inputs():
 
 
 @pytest.mark.parametrize("kernel", list(KERNELS))
-def test_int8_projection_takes_the_kernels_codes_and_nothing_changes(kernel):
-    gm = _graph(_int8_proj(), kernel=kernel)
+def test_int8_projection_takes_the_kernels_codes_and_nothing_changes(kernel, random_int8_linear):
+    gm = _graph(random_int8_linear(C), kernel=kernel)
     inputs = _inputs()
     before = gm(*inputs)
     result = fuse_attention_codes(gm, PassContext("image_encoder", None))
@@ -79,12 +71,12 @@ def test_int8_projection_takes_the_kernels_codes_and_nothing_changes(kernel):
     assert again.counts == {"fused": 0}, "a second run must not stack codes twice"
 
 
-def test_leaves_other_projections_and_shared_outputs_alone():
+def test_leaves_other_projections_and_shared_outputs_alone(random_int8_linear):
     plain = _graph(nn.Linear(C, C))
     result = fuse_attention_codes(plain, PassContext("image_encoder", None))
     assert result.counts == {"fused": 0}
     assert "not a static float8 / int8 linear" in next(iter(result.rejected.values()))
-    shared = _graph(_int8_proj(), extra_user=True)
+    shared = _graph(random_int8_linear(C), extra_user=True)
     result = fuse_attention_codes(shared, PassContext("image_encoder", None))
     assert result.counts == {"fused": 0}
     assert "not only reshaped" in next(iter(result.rejected.values()))
