@@ -1,5 +1,5 @@
 """fuse_linear_epilogue: lin1 -> activation -> lin2, both float8 or both int8, as one GEMM that
-writes lin2's 8-bit input.
+writes lin2's 8-bit input (int8-dynamic: that applies the activation).
 
 After `lower_linears`, SAM's MLPs read
 
@@ -17,8 +17,16 @@ the calibrated scales of the linears they replace; the numeric changes are that 
 sees the float32 accumulator instead of its bf16 rounding, and the kernel's GELU (within
 `GELU_RELATIVE_ERROR`) and its multiply by the output scale's reciprocal.
 
+int8-dynamic has no calibrated scale for lin2's input: its per-token scale needs a whole row of
+lin1's output, more than one output tile. There lin1 becomes an `Int8LinearDynamicAct` (the
+activation in its epilogue, the compute dtype out) and lin2 stays as it was, so inductor's pass
+that quantizes lin2's input per token reads the activated output instead of computing the GELU
+itself (SAM-B, batch 8, H100: that pass took 0.46 ms a block with the erf GELU in it).
+
 Reads: `gemm_epilogue.fuse_pair` (which lowered linears have a fused form), `ctx.config.dtype`.
-Writes: `findings["fuse_linear_epilogue"]` = {"activation", "consumer", "codes"} on lin1's node.
+Writes: `findings["fuse_linear_epilogue"]` = {"activation", "consumer", "input", "codes"} on
+lin1's node ("input": lin1's operands, "int8" / "float8"; "codes": what it writes, "int8",
+"float8" or "none" for the compute dtype).
 Invariant: a pair whose lin1 output has another user, whose activation is not exact GELU or
 ReLU, or whose K the kernel cannot walk stays as it was, listed in `rejected` with the reason.
 """
@@ -67,8 +75,8 @@ def fuse_linear_epilogue(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResu
             continue
         lin1, lin2, activation = pair
         site1, site2 = _lowered_site(lin1), _lowered_site(lin2)
-        module1 = gm.get_submodule(lin1.target)
-        fused = fuse_pair(module1, gm.get_submodule(lin2.target), activation, backend.dtype)
+        module1, module2 = gm.get_submodule(lin1.target), gm.get_submodule(lin2.target)
+        fused = fuse_pair(module1, module2, activation, backend.dtype)
         if isinstance(fused, str):
             problem = fused
         elif len(lin1.users) != 1:
@@ -84,10 +92,12 @@ def fuse_linear_epilogue(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResu
         lowered[site1], lowered[site2] = fused
         act.replace_all_uses_with(lin1)
         gm.graph.erase_node(act)
-        codes = "int8" if fused[1].weight.dtype == torch.int8 else "float8"
+        operands = "int8" if fused[1].weight.dtype == torch.int8 else "float8"
+        codes = "none" if fused[1] is module2 else operands  # int8-dynamic: lin2 as it was
         val = lin1.meta.get("val")
-        if isinstance(val, torch.Tensor):
+        if isinstance(val, torch.Tensor) and codes != "none":
             lin1.meta["val"] = val.to(torch.int8 if codes == "int8" else torch.float8_e4m3fn)
-        add_finding(lin1, PASS_NAME, {"activation": activation, "consumer": site2, "codes": codes})
+        finding = {"activation": activation, "consumer": site2, "input": operands, "codes": codes}
+        add_finding(lin1, PASS_NAME, finding)
         result.counts["fused"] += 1
     return result

@@ -329,6 +329,44 @@ if triton is not None:
                 o_desc.store([off_m, off_n], y.to(o_desc.dtype))
 
     @triton.jit
+    def _linear_act_kernel_tma_ptrs(
+        X, W, OUT, BIAS, SCALES, COL_ZERO, COL_SCALE, ROW_SCALE,
+        M, N, K,
+        HAS_BIAS: tl.constexpr,
+        ACTIVATION: tl.constexpr,
+        CODES: tl.constexpr,
+        INT8: tl.constexpr,
+        HAS_ROW_SCALE: tl.constexpr,
+        HW_APPROX: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+        NUM_SMS: tl.constexpr,
+        PER_SM: tl.constexpr,
+        A_IN_REGISTERS: tl.constexpr = False,
+        RESIDUAL=None,
+        HAS_RESIDUAL: tl.constexpr = False,
+    ):  # fmt: skip
+        """`_linear_act_kernel_tma` on contiguous x (M, K), w (N, K), out and residual (M, N),
+        its TMA descriptors made on the device, once a program, at the config's block shapes.
+        Host-made descriptors cost the CPU about 40 µs a launch (Triton encodes each on every
+        call, plus the config's pre-hook that sets their block shapes: bench/RESULTS.md,
+        session 17), and int8's 48 GEMMs a forward are launch-bound without CUDA graphs."""
+        x_desc = tl.make_tensor_descriptor(X, [M, K], [K, 1], [BLOCK_M, BLOCK_K])
+        w_desc = tl.make_tensor_descriptor(W, [N, K], [K, 1], [BLOCK_N, BLOCK_K])
+        if HAS_RESIDUAL:  # the residual's epilogue works in column halves
+            o_desc = tl.make_tensor_descriptor(OUT, [M, N], [N, 1], [BLOCK_M, BLOCK_N // 2])
+            r_desc = tl.make_tensor_descriptor(RESIDUAL, [M, N], [N, 1], [BLOCK_M, BLOCK_N // 2])
+        else:
+            o_desc = tl.make_tensor_descriptor(OUT, [M, N], [N, 1], [BLOCK_M, BLOCK_N])
+            r_desc = None
+        _linear_act_kernel_tma(x_desc, w_desc, o_desc, BIAS, SCALES, COL_ZERO, COL_SCALE,
+                               ROW_SCALE, M, N, K, HAS_BIAS, ACTIVATION, CODES, INT8,
+                               HAS_ROW_SCALE, HW_APPROX, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+                               NUM_SMS, PER_SM, A_IN_REGISTERS, r_desc, HAS_RESIDUAL)  # fmt: skip
+
+    @triton.jit
     def _linear_act_kernel(
         X, W, BIAS, OUT, SCALES, COL_ZERO, COL_SCALE, ROW_SCALE,
         M, N, K,
@@ -398,17 +436,9 @@ if triton is not None:
         _CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune}
     )(_linear_act_kernel)
 
-    def _set_descriptor_blocks(nargs) -> None:
-        bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
-        nargs["x_desc"].block_shape = [bm, bk]
-        nargs["w_desc"].block_shape = [bn, bk]
-        nargs["o_desc"].block_shape = [bm, bn]
-        if nargs.get("r_desc") is not None:  # the residual's epilogue works in column halves
-            nargs["o_desc"].block_shape = nargs["r_desc"].block_shape = [bm, bn // 2]
-
-    _TMA_CONFIGS = [
+    _TMA_CONFIGS = [  # block shapes reach the descriptors as constexprs: no pre-hook
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "PER_SM": p},
-                      num_warps=w, num_stages=s, pre_hook=_set_descriptor_blocks)
+                      num_warps=w, num_stages=s)
         for bm, bn, bk, w, s, p in (
             (128, 256, 128, 8, 3, 1), (128, 256, 64, 8, 4, 1), (128, 128, 128, 8, 4, 1),
             (128, 128, 128, 4, 4, 1), (256, 128, 128, 8, 3, 1), (128, 128, 64, 4, 5, 1),
@@ -418,8 +448,7 @@ if triton is not None:
         )
     ] + [  # x's tile through registers (`_in_registers`): shared memory for two programs an SM
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "PER_SM": 2,
-                       "A_IN_REGISTERS": True}, num_warps=w, num_stages=s,
-                      pre_hook=_set_descriptor_blocks)
+                       "A_IN_REGISTERS": True}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in (
             (128, 128, 128, 4, 3), (128, 128, 128, 4, 2), (128, 128, 64, 4, 4),
             (128, 128, 128, 8, 3), (64, 256, 64, 4, 3),
@@ -427,7 +456,7 @@ if triton is not None:
     ]  # fmt: skip
     _tuned_kernel_tma = triton.autotune(  # TMA zero-fills past K: any K % 32 == 0 runs
         _TMA_CONFIGS, key=_KEY
-    )(_linear_act_kernel_tma)
+    )(_linear_act_kernel_tma_ptrs)
 
     _launch_pointer = TunedLauncher(_tuned_kernel)
     _launch_tma = TunedLauncher(_tuned_kernel_tma)
@@ -476,11 +505,36 @@ def chosen_kernels() -> dict[tuple, str]:
 
 
 def _tma_ok(x: Tensor) -> bool:
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
-    except ImportError:
+    if triton is None or not hasattr(tl, "make_tensor_descriptor"):
         return False
     return x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0)
+
+
+def _tma_aligned(*tensors: Tensor | None) -> bool:
+    """Whether TMA can address each 2-D tensor: contiguous, its base and its row pitch on
+    16-byte boundaries (a descriptor made on the device is not checked there)."""
+    return all(
+        t is None
+        or (
+            t.is_contiguous() and t.data_ptr() % 16 == 0 and t.shape[1] * t.element_size() % 16 == 0
+        )
+        for t in tensors
+    )
+
+
+def _scratch(size: int, alignment: int, stream: int | None) -> Tensor:
+    """Global memory for the descriptors a TMA kernel makes on the device (Triton's allocator
+    protocol; PyTorch's caching allocator serves it)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_scratch_allocator() -> None:
+    """Install `_scratch` as Triton's allocator unless one is set. Triton keeps the allocator
+    in a context variable, which a new thread does not inherit, so each launch checks."""
+    from triton.runtime import _allocation
+
+    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
+        triton.set_allocator(_scratch)
 
 
 def row_bucket(m: int) -> int:
@@ -515,10 +569,10 @@ def _run(
     }  # fmt: skip
     if block is None and key is None:
         key = _tuning_key(x, w, out, bias, activation, codes, int8, residual)
+    common["RESIDUAL"] = residual
     if kernel == "pointer":
         args = (x, w, bias_arg, out, scales, *extra, m, n, k,
                 x.stride(0), w.stride(0), out.stride(0))  # fmt: skip
-        common["RESIDUAL"] = residual
         if block is not None:
             bm, bn, bk = block
             grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
@@ -530,21 +584,19 @@ def _run(
         )
         _launch_pointer(key, grid, *args, **common)
         return
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
+    if not _tma_aligned(x, w, out, residual):
+        raise ValueError(
+            "the TMA kernel needs contiguous operands on 16-byte boundaries, rows included "
+            f"(x {tuple(x.shape)} {x.dtype}, out {tuple(out.shape)} {out.dtype})"
+        )
+    _ensure_scratch_allocator()
     sms = _multiprocessors(x.device)
-    # block shapes are placeholders until the config's pre_hook sets them
-    x_desc = TensorDescriptor.from_tensor(x, [1, 32])
-    w_desc = TensorDescriptor.from_tensor(w, [1, 32])
-    o_desc = TensorDescriptor.from_tensor(out, [1, 16])
-    if residual is not None:
-        common["r_desc"] = TensorDescriptor.from_tensor(residual, [1, 16])
     grid = lambda meta: (  # noqa: E731
         min(
             sms * meta["PER_SM"], triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
         ),
     )
-    _launch_tma(key, grid, x_desc, w_desc, o_desc, bias_arg, scales, *extra, m, n, k,
+    _launch_tma(key, grid, x, w, out, bias_arg, scales, *extra, m, n, k,
                 **common, NUM_SMS=sms)  # fmt: skip
 
 
@@ -611,11 +663,16 @@ def launch(
         _run("pointer", x, w, out, scales, bias, activation, block=block, **spec)
         return out
     key = spec["key"] = _tuning_key(x, w, out, bias, activation, codes, int8, residual)
+    addressable = _tma_ok(x) and _tma_aligned(x, w, out, residual)
     if kernel is None:
         kernel = _CHOSEN.get(key)
         if kernel is None:
-            kernel = _pick(x, w, out, scales, bias, activation, **spec) if _tma_ok(x) else "pointer"
+            kernel = (
+                _pick(x, w, out, scales, bias, activation, **spec) if addressable else "pointer"
+            )
             _CHOSEN[key] = kernel
+        elif not addressable:  # this call's operands: the pointer kernel computes the same
+            kernel = "pointer"
     elif kernel not in KERNELS or (kernel == "tma" and not _tma_ok(x)):
         raise ValueError(f"kernel {kernel!r} cannot run here; kernels: {KERNELS} (tma: sm_90+)")
     _run(kernel, x, w, out, scales, bias, activation, **spec)
@@ -895,6 +952,21 @@ class Int8LinearDynamic(Int8LinearOnCodes):
         return self._matmul(x8.reshape(x.shape), row_scale, residual=residual)
 
 
+class Int8LinearDynamicAct(Int8LinearDynamic):
+    """int8-dynamic's lin1 + activation: x quantized per token, the GEMM's epilogue applies the
+    activation and writes the compute dtype. lin2's per-token scales need the whole row of
+    this output, which no output tile holds, so lin2 stays an `Int8LinearDynamic` and inductor
+    quantizes its input in one pass (a row reduction) over what this writes."""
+
+    def __init__(self, codes, w_scale, bias, out_dtype: torch.dtype, activation: str) -> None:
+        super().__init__(codes, w_scale, bias, out_dtype)
+        self.activation = activation
+
+    def forward(self, x: Tensor) -> Tensor:
+        x8, row_scale = quantize_int8_per_token(x)
+        return self._matmul(x8.reshape(x.shape), row_scale, activation=self.activation)
+
+
 class Int8LinearAct(Int8LinearOnCodes):
     """lin1 + activation + lin2's input quantizer: int8 in, int8 codes for lin2 out (the int8
     twin of `Float8LinearAct`)."""
@@ -912,7 +984,8 @@ class Int8LinearAct(Int8LinearOnCodes):
 
 def fuse_pair(lin1: nn.Module, lin2: nn.Module, activation: str, out_dtype: torch.dtype):
     """(lin1 with the activation and lin2's input quantizer in its epilogue, lin2 taking the
-    codes it writes) for two float8-static or two int8-static linears, or the reason not."""
+    codes it writes) for two float8-static or two int8-static linears; (lin1 with the
+    activation in its epilogue, lin2 as it was) for two int8-dynamic ones; or the reason not."""
     if type(lin1) is Float8Linear and type(lin2) is Float8Linear:
         first = Float8LinearAct(lin1.weight, lin1.w_scale, lin1.x_scale, lin1.bias,
                                 lin2.x_scale, activation)  # fmt: skip
@@ -925,5 +998,9 @@ def fuse_pair(lin1: nn.Module, lin2: nn.Module, activation: str, out_dtype: torc
         second = Int8LinearOnCodes(lin2.weight, lin2.w_scale, lin2.x_scale, lin2.x_zero,
                                    lin2.bias, out_dtype)  # fmt: skip
         return first, second
+    if type(lin1) is Int8LinearDynamic and type(lin2) is Int8LinearDynamic:
+        first = Int8LinearDynamicAct(lin1.weight, lin1.w_scale, lin1.bias, lin1.out_dtype,
+                                     activation)  # fmt: skip
+        return first, lin2
     names = f"{type(lin1).__name__} and {type(lin2).__name__}"
-    return f"not two float8-static or two int8-static linears ({names})"
+    return f"not two float8-static, two int8-static or two int8-dynamic linears ({names})"

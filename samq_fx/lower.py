@@ -606,16 +606,25 @@ def cast_boundaries(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     return PassResult(counts=counts)
 
 
-MLP_EPILOGUE_KERNEL = "{codes} + {activation} + {codes} out (Triton, fused)"
-"""The report's kernel name of an MLP's lin1 with `fuse_linear_epilogue`'s epilogue."""
+MLP_EPILOGUE_KERNEL = "{input} + {activation} + {out} out (Triton, fused)"
+"""The report's kernel name of an MLP's lin1 with `fuse_linear_epilogue`'s epilogue ("out":
+lin2's codes, or the compute dtype for int8-dynamic)."""
 
 
 def _has_mlp_epilogue(cfg: LowerConfig) -> bool:
     """Whether `cfg` lowers MLPs to linears `fuse_linear_epilogue` can fuse: float8-static, or
-    int8-static on this project's int8 kernel (torchao's has no epilogue to extend)."""
+    int8-static / int8-dynamic on this project's int8 kernel (torchao's has no epilogue to
+    extend)."""
     return cfg.backend == "float8-static" or (
-        cfg.backend == "int8-static" and cfg.int8_kernel == "samq"
+        cfg.backend in ("int8-static", "int8-dynamic") and cfg.int8_kernel == "samq"
     )
+
+
+def _writes_attention_codes(cfg: LowerConfig) -> bool:
+    """Whether `fuse_attention_codes` runs: the static 8-bit backends, whose projections have a
+    calibrated input scale the attention kernels can quantize with (a per-token scale needs
+    all heads of a token, which no attention program holds)."""
+    return cfg.backend in ("float8-static", "int8-static")
 
 
 def _fuses_residual(cfg: LowerConfig) -> bool:
@@ -813,7 +822,8 @@ def lower(
         epilogue = [fuse_linear_epilogue] if fuse_mlp else []
         *edits, cast = _float_passes(part, cfg.fuse_attention)
         # the wired attention kernels quantize their output for the projection: same backends
-        codes = [fuse_attention_codes] if fuse_mlp and cfg.fuse_attention else []
+        wired = fuse_mlp and cfg.fuse_attention and _writes_attention_codes(cfg)
+        codes = [fuse_attention_codes] if wired else []
         # the int8 GEMMs add the residual stream in their epilogue (x + lin2, x + proj)
         residual = [fuse_residual_add] if _fuses_residual(cfg) and part == "image_encoder" else []
         passes = [lower_tables, lower_linears, *epilogue, *edits, *codes, *residual, cast]
@@ -833,7 +843,8 @@ def lower(
                 kernel = finding["kernel"]
                 fused = info.findings.get("fuse_linear_epilogue")
                 if fused:
-                    kernel = MLP_EPILOGUE_KERNEL.format(**fused)
+                    out = fused["codes"] if fused["codes"] != "none" else report.dtype
+                    kernel = MLP_EPILOGUE_KERNEL.format(**fused, out=out)
                 report.lowered[f"{prefix}:{node.target.split('.', 1)[1]}"] = kernel
         if "fuse_linear_epilogue" in results:
             report.fused_epilogues += results["fuse_linear_epilogue"].counts["fused"]

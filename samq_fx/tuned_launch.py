@@ -23,14 +23,16 @@ class TunedLauncher:
     def __init__(self, tuned: Any) -> None:
         self.tuned = tuned
         self.chosen: dict[tuple, Any] = {}
+        self._meta: dict[tuple, dict] = {}  # key -> the chosen config's launch keywords
 
     def __call__(self, key: tuple, grid: Callable | tuple, *args: Any, **kwargs: Any) -> None:
-        config = self.chosen.get(key)
-        if config is None:  # the autotuner benchmarks (or finds) this key's config
+        meta = self._meta.get(key)
+        if meta is None:  # the autotuner benchmarks (or finds) this key's config
             self.tuned[grid](*args, **kwargs)
-            self.chosen[key] = self.tuned.best_config
+            self.chosen[key] = config = self.tuned.best_config
+            self._meta[key] = config.all_kwargs()
             return
-        meta = config.all_kwargs()
+        config = self.chosen[key]
         if config.pre_hook is not None:
             config.pre_hook({**dict(zip(self.tuned.arg_names, args)), **kwargs, **meta})
         self.tuned.fn[grid](*args, **kwargs, **meta)

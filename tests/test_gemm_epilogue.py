@@ -118,6 +118,7 @@ _INT8_INTERPRETER_SCRIPT = textwrap.dedent(
                                             (16, 64, 96, "relu", False, "int8", False),
                                             (33, 17, 32, "gelu", True, "int8", False),
                                             (20, 24, 64, "none", True, "none", True),
+                                            (40, 48, 96, "gelu", True, "none", True),
                                             (24, 32, 64, "none", True, "int8", False)):
         x = torch.randint(-128, 128, (m, k), dtype=torch.int8)
         w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
@@ -187,6 +188,20 @@ _INT8_INTERPRETER_SCRIPT = textwrap.dedent(
                                     HAS_RESIDUAL=True)
     y = expected(x, w, ops, scales, b, "none") + res.double()
     worst = max(worst, float((out.double() - y).abs().max() / y.abs().max()))
+    # the production entry: the same kernel with its descriptors made on the device from
+    # pointers, at the config's block shapes (half tiles with a residual), per-token scales
+    rows = torch.rand(m) + 0.5
+    ops = fe.Int8Operands(torch.zeros(n, dtype=torch.int32), torch.rand(n) * 1e-2, rows)
+    for act, residual in (("none", res), ("gelu", None)):
+        out = torch.zeros(m, n)
+        fe._linear_act_kernel_tma_ptrs[(3,)](x, w, out, b, scales, ops.col_zero, ops.col_scale,
+                                             rows, m, n, k, HAS_BIAS=True, ACTIVATION=act,
+                                             CODES="none", INT8=True, HAS_ROW_SCALE=True,
+                                             HW_APPROX=False, BLOCK_M=16, BLOCK_N=16, BLOCK_K=64,
+                                             GROUP_M=2, NUM_SMS=3, PER_SM=1, RESIDUAL=residual,
+                                             HAS_RESIDUAL=residual is not None)
+        y = expected(x, w, ops, scales, b, act) + (0 if residual is None else res.double())
+        worst = max(worst, float((out.double() - y).abs().max() / y.abs().max()))
     print(worst, wrong_codes)
     """
 )
@@ -427,9 +442,8 @@ def test_pass_fuses_every_mlp_and_keeps_the_outputs(float8_on_cpu):
 def test_other_backends_and_the_switch_leave_the_mlps_alone(float8_on_cpu):
     q, plain, _ = float8_on_cpu
     assert not any(type(m).__name__ == "Float8LinearAct" for m in plain.modules())
-    for backend in ("int8-dynamic", "int8-static"):
-        kernel = "torchao" if backend == "int8-static" else "samq"
-        other = lower(q, backend, int8_kernel=kernel, verbose=False)
+    for backend in ("int8-dynamic", "int8-static"):  # torchao's kernel has no epilogue
+        other = lower(q, backend, int8_kernel="torchao", verbose=False)
         assert other.samq_lowering_report.fused_epilogues == 0
         assert other.samq_lowering.fuse_epilogue  # on, but these have no fused form
     assert (

@@ -104,15 +104,21 @@ def test_int8_static_lowers_every_quantized_linear(q_int8, lowered_int8):
     assert torch.ops.aten.gelu.default not in targets, "a GELU was left between the linears"
 
 
-def _lower_without_residual_fusion(q, backend: str):
-    """`lower(q, backend)` with every fusion but the residual adds (`fuse_residual_add`)."""
+def _lower_with_one_fusion_off(q, backend: str, predicate: str):
+    """`lower(q, backend)` with `samq_fx.lower.<predicate>` (the switch of one fusion pass)
+    answering False, every other fusion as usual."""
     lower_module = importlib.import_module("samq_fx.lower")  # the package exports the function
-    original = lower_module._fuses_residual
-    lower_module._fuses_residual = lambda cfg: False
+    original = getattr(lower_module, predicate)
+    setattr(lower_module, predicate, lambda cfg: False)
     try:
         return lower(q, backend, verbose=False)
     finally:
-        lower_module._fuses_residual = original
+        setattr(lower_module, predicate, original)
+
+
+def _lower_without_residual_fusion(q, backend: str):
+    """`lower(q, backend)` with every fusion but the residual adds (`fuse_residual_add`)."""
+    return _lower_with_one_fusion_off(q, backend, "_fuses_residual")
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +175,46 @@ def test_int8_dynamic_takes_the_residual_too(q_int8):
     assert fused.samq_lowering_report.fused_residuals == expected
     assert plain.samq_lowering_report.fused_residuals == 0
     x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        a, b = fused.image_encoder(x), plain.image_encoder(x)
+    assert float((a - b).abs().max() / b.abs().max()) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def lowered_dynamic_pair(q_int8):
+    """int8-dynamic lowered with and without the MLPs' GELU in lin1's epilogue
+    (`fuse_linear_epilogue`)."""
+    plain = _lower_with_one_fusion_off(q_int8, "int8-dynamic", "_has_mlp_epilogue")
+    return lower(q_int8, "int8-dynamic", verbose=False), plain
+
+
+def test_int8_dynamic_applies_the_gelu_in_lin1(lowered_dynamic_pair):
+    """int8-dynamic's MLPs: lin1 applies the GELU in its epilogue and writes the compute dtype
+    (lin2's per-token scale needs the whole row), lin2 stays a dynamic linear; no GELU node is
+    left; the attention kernels do not write the projections' codes (no static scale)."""
+    fused, plain = lowered_dynamic_pair
+    enc, report = fused.image_encoder, fused.samq_lowering_report
+    depth = fused.samq_arch.encoder_depth
+    kinds = [type(m).__name__ for m in enc.samq_lowered.values()]
+    assert kinds.count("Int8LinearDynamicAct") == depth
+    assert kinds.count("Int8LinearDynamic") == len(kinds) - depth
+    assert report.fused_epilogues == depth and report.unfused_epilogues == {}
+    assert report.attention_codes == 0
+    lin1 = [v for k, v in report.lowered.items() if k.startswith("enc:") and "lin1" in k]
+    assert lin1 == [f"int8 + gelu + {report.dtype} out (Triton, fused)"] * depth
+    targets = [n.target for n in enc.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.gelu.default not in targets, "a GELU was left between the linears"
+    assert plain.samq_lowering_report.fused_epilogues == 0
+    assert any(n.target == torch.ops.aten.gelu.default for n in plain.image_encoder.graph.nodes)
+
+
+@settings(max_examples=3, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 2))
+def test_int8_dynamic_gelu_in_lin1_computes_the_same_encoder(lowered_dynamic_pair, seed, batch):
+    """With the GELU in lin1's epilogue, int8-dynamic's encoder computes what the separate GELU
+    computes: on the CPU both run in float32, so only the order of float32 operations differs."""
+    fused, plain = lowered_dynamic_pair
+    x = torch.randn(batch, 3, 256, 256, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         a, b = fused.image_encoder(x), plain.image_encoder(x)
     assert float((a - b).abs().max() / b.abs().max()) < 1e-5

@@ -374,10 +374,11 @@ def test_float8_epilogue_kernel_matches_its_reference(shape, bias, activation, k
     assert float(ref.abs().amax()) > 10, "the test's scales leave the e4m3 range unused"
 
 
-@pytest.mark.parametrize("backend", ["float8-static", "int8-static"])
+@pytest.mark.parametrize("backend", ["float8-static", "int8-static", "int8-dynamic"])
 def test_compiled_encoder_fuses_the_mlp_epilogue(calibrated, backend):
     """float8-static and int8-static run every MLP's lin1 + GELU + lin2's quantizer as the one
-    Triton GEMM, in the compiled encoder too, and compute what the unfused lowering computes."""
+    Triton GEMM, int8-dynamic lin1 + GELU, in the compiled encoder too (no erf left to
+    inductor), and compute what the unfused lowering computes."""
     if backend == "float8-static" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("float8 needs sm_89+")
     q = calibrated("W8A8-int8")
@@ -392,6 +393,7 @@ def test_compiled_encoder_fuses_the_mlp_epilogue(calibrated, backend):
     out, eager, fake, source = _compile_and_run(lowered, q)
     op = "samq.float8_linear_act" if backend == "float8-static" else "samq.int8_linear"
     assert op in source, "the compiled encoder does not call the kernel"
+    assert not re.search(r"\berf\(", source), "inductor still computes a GELU"
     assert _sqnr(out, eager) > 25, f"compiled vs eager lowered: {_sqnr(out, eager):.1f} dB"
     assert _sqnr(out, fake) > 20, f"lowered vs fake-quant: {_sqnr(out, fake):.1f} dB"
 
@@ -443,8 +445,10 @@ def _int8_gemm_case(shape, kernel):
 @pytest.mark.parametrize(
     "shape,activation,rows",
     [((32768, 2304, 768), "none", False), ((2048, 3072, 768), "gelu", False),
-     ((7, 256, 256), "none", False), ((300, 96, 160), "relu", True), ((1000, 1280, 5120), "none", True)],
-    ids=["sam-b-qkv-b8", "sam-b-lin1", "decoder-7-rows", "ragged-dynamic", "sam-h-lin2-dynamic"],
+     ((7, 256, 256), "none", False), ((300, 96, 160), "relu", True), ((1000, 1280, 5120), "none", True),
+     ((2048, 3072, 768), "gelu", True)],
+    ids=["sam-b-qkv-b8", "sam-b-lin1", "decoder-7-rows", "ragged-dynamic", "sam-h-lin2-dynamic",
+         "sam-b-lin1-dynamic"],
 )  # fmt: skip
 def test_int8_kernel_matches_exact_sums(shape, activation, rows, codes, kernel):
     """The int8 GEMM against float64 sums on the same codes (exact here): the linear's output
@@ -515,6 +519,26 @@ def test_int8_kernel_adds_the_residual(shape, kernel):
     assert err_fused <= err_unfused * 1.01, (err_fused, err_unfused)
     with pytest.raises(ValueError, match="residual of shape"):
         launch(x, w, scales, bias, "none", residual=res[:, :-1], **spec)
+
+
+def test_tma_kernel_leaves_rows_it_cannot_address_to_the_pointer_kernel():
+    """The TMA kernel makes its descriptors on the device, where nothing checks them: an output
+    whose rows are not 16-byte multiples (20 bf16 columns) goes to the pointer kernel with the
+    same result, and asking for TMA by name says why it cannot."""
+    from samq_fx.gemm_epilogue import Int8Operands, _tuning_key, chosen_kernels, launch
+
+    g, x, w = _int8_gemm_case((256, 20, 64), "tma")
+    ops = Int8Operands(torch.zeros(20, device="cuda", dtype=torch.int32),
+                       torch.rand(20, device="cuda", generator=g) * 1e-2)  # fmt: skip
+    scales = torch.tensor([0.05, 1.0, 0.0], device="cuda")
+    spec = {"codes": "none", "int8": ops, "out_dtype": torch.bfloat16}
+    out = launch(x, w, scales, None, "none", **spec).double()
+    exact = (x.double() @ w.double().t()) * ops.col_scale.double() * 0.05
+    assert float((out - exact).abs().max() / exact.abs().max()) < 2**-8
+    key = _tuning_key(x, w, torch.empty(0, 20, dtype=torch.bfloat16), None, "none", "none", ops)
+    assert chosen_kernels()[key].startswith("pointer")
+    with pytest.raises(ValueError, match="16-byte"):
+        launch(x, w, scales, None, "none", kernel="tma", **spec)
 
 
 def test_int8_torchao_kernel_still_compiles_to_int_mm(calibrated):
