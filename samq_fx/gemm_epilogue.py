@@ -530,10 +530,15 @@ def _scratch(size: int, alignment: int, stream: int | None) -> Tensor:
 
 def _ensure_scratch_allocator() -> None:
     """Install `_scratch` as Triton's allocator unless one is set. Triton keeps the allocator
-    in a context variable, which a new thread does not inherit, so each launch checks."""
-    from triton.runtime import _allocation
+    in a context variable, which a new thread does not inherit, so each launch checks. A
+    Triton whose internals name the unset allocator otherwise gets `_scratch` every time."""
+    try:
+        from triton.runtime import _allocation
 
-    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
+        unset = _allocation._allocator.get() is _allocation._NULL_ALLOCATOR
+    except (ImportError, AttributeError):
+        unset = True
+    if unset:
         triton.set_allocator(_scratch)
 
 

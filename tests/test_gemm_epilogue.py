@@ -217,6 +217,45 @@ def test_int8_kernel_under_the_triton_interpreter(triton_interpreter):
     assert int(wrong_codes) == 0, f"{wrong_codes} int8 codes differ from torch.round's"
 
 
+def test_tma_addressing_rules():
+    """What `launch` checks before the TMA kernel makes descriptors on the device, where nothing
+    checks them: contiguous 2-D operands, bases and row pitches on 16-byte boundaries."""
+    from samq_fx.gemm_epilogue import _tma_aligned
+
+    x = torch.zeros(64, 64, dtype=torch.int8)
+    out = torch.zeros(64, 32, dtype=torch.bfloat16)
+    assert _tma_aligned(x, out, None)
+    assert not _tma_aligned(torch.zeros(64, 20, dtype=torch.bfloat16))  # 40-byte rows
+    assert not _tma_aligned(x[:, :32])  # not contiguous
+    shifted = torch.zeros(64 * 64 + 8, dtype=torch.int8)[8:].reshape(64, 64)
+    assert shifted.is_contiguous() and not _tma_aligned(shifted)  # base 8 bytes off
+    assert _tma_aligned(x[16:])  # whole rows off: still aligned
+
+
+def test_scratch_allocator_is_installed_once_and_never_over_a_users():
+    """The device-made descriptors need Triton's allocator: `launch` installs PyTorch's where
+    none is set, and leaves one the user set alone."""
+    triton = pytest.importorskip("triton")
+    from triton.runtime import _allocation
+
+    from samq_fx.gemm_epilogue import _ensure_scratch_allocator, _scratch
+
+    before = _allocation._allocator.get()
+    try:
+        triton.set_allocator(_allocation._NULL_ALLOCATOR)
+        _ensure_scratch_allocator()
+        assert _allocation._allocator.get() is _scratch
+
+        def users(size, alignment, stream):
+            return torch.empty(size, dtype=torch.int8)
+
+        triton.set_allocator(users)
+        _ensure_scratch_allocator()
+        assert _allocation._allocator.get() is users
+    finally:
+        triton.set_allocator(before)
+
+
 _GELU_FORMS_SCRIPT = textwrap.dedent(
     """
     import torch, triton, triton.language as tl
