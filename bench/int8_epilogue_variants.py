@@ -32,10 +32,8 @@ saves); no activation 0.1431.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -44,9 +42,11 @@ import torch
 
 if __package__ is None and "samq_fx" not in sys.modules:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # variant_timing, beside this file
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
+from variant_timing import parse_args, time_alternating  # noqa: E402
 
 from samq_fx import gemm_epilogue as ge  # noqa: E402
 from samq_fx.gemm_epilogue import (  # noqa: E402
@@ -190,16 +190,9 @@ def check() -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--json", type=Path)
-    p.add_argument("--check", action="store_true", help="correctness under the interpreter (CPU)")
-    p.add_argument("--rounds", type=int, default=3, help="alternating timing rounds")
-    args = p.parse_args(argv)
+    args = parse_args(__doc__, argv, rounds=3)
     if args.check:
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            p.error("--check runs on the CPU under Triton's interpreter: set TRITON_INTERPRET=1")
         return check()
-    from triton.testing import do_bench
 
     m, n, k = SAM_B_LIN1
     x, w, ops, bias, scales, ref = _case(m, n, k, "cuda")
@@ -215,9 +208,7 @@ def main(argv=None) -> int:
                          "codes_off": None if variant.endswith("none") else share,
                          "max_steps_off": None if variant.endswith("none") else worst,
                          "ms": float("inf")}  # fmt: skip
-    for _ in range(args.rounds):  # alternating, best of each: the clock drifts under load
-        for variant, run in runs.items():
-            rows[variant]["ms"] = min(rows[variant]["ms"], do_bench(run, warmup=10, rep=60))
+    time_alternating(runs, rows, args.rounds)
     print(f"SAM-B lin1 at batch 8, {CONFIG}, {programs} programs, {torch.cuda.get_device_name()}")
     for r in rows.values():
         off = (

@@ -6,6 +6,7 @@ run of the kernel is in tests/test_lower_gpu.py."""
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -215,6 +216,19 @@ def test_int8_kernel_under_the_triton_interpreter(triton_interpreter):
     worst, wrong_codes = triton_interpreter(_INT8_INTERPRETER_SCRIPT).split()
     assert float(worst) < 1e-6, f"kernel vs reference, largest relative error {worst}"
     assert int(wrong_codes) == 0, f"{wrong_codes} int8 codes differ from torch.round's"
+
+
+def test_token_tile_scales_bench_kernels_under_the_interpreter(triton_interpreter):
+    """bench/int8_token_tile_scales.py's kernels (lin1 writing codes with a scale per row and
+    128-column tile, lin2 rescaling each K tile's sums) still build on `gemm_epilogue`'s
+    helpers and compute their float64 references: its --check passes."""
+    bench = Path(__file__).resolve().parents[1] / "bench" / "int8_token_tile_scales.py"
+    script = (
+        "import runpy, sys; sys.argv = ['bench', '--check']; "
+        f"runpy.run_path({str(bench)!r}, run_name='__main__')"
+    )
+    last = triton_interpreter(script)  # the script exits 0 only if every kernel matches
+    assert "per_tile_db" in last
 
 
 def test_tma_addressing_rules():

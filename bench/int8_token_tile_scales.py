@@ -1,0 +1,297 @@
+"""Whether int8-dynamic's MLP can skip its bf16 round trip: per-token scales against scales per
+token and 128-column tile (1 x 128 groups, as DeepSeek-V3's float8 recipe scales activations).
+
+int8-dynamic quantizes each activation row with its own scale. lin2's input rows are 3072 wide,
+and the GEMM tile that writes them (lin1's) holds 128 columns of a row, so lin1 writes bf16 and
+a separate pass quantizes it (bench/RESULTS.md, session 20: 0.196 ms a block on SAM-B at batch 8,
+plus 0.07 ms of lin1's wider output). With a scale per row and 128-column tile, lin1's epilogue
+can write lin2's codes itself; lin2's K loop then rescales each 128-deep tile's int32 sums by
+its rows' scales before adding them up. This script times both pipelines' kernels on SAM-B's
+MLP at batch 8, on the persistent TMA GEMM at `_pick`'s usual tile (128 x 128 x 128, 4 warps,
+3 stages, two programs an SM):
+
+  lin1, bf16 out       `gemm_epilogue._linear_act_kernel_tma`, per-token row scales + GELU,
+                       bf16 out (what int8-dynamic runs now)
+  per-token pass       `quantize_int8_per_token` compiled by inductor on lin1's output
+  lin2, row scales     the production kernel on per-token codes
+  lin1, tile codes     the same GEMM; its epilogue writes codes and a scale per row and tile
+  lin2, tile, i2f      the K loop rescales each tile's int32 sums, converted by I2F
+  lin2, tile, magic    the same, the conversion by adding 1.5·2^23 in the integer domain and
+                       subtracting it as a float (exact: a 128-deep sum is below 2^22)
+
+`--check` runs every kernel under Triton's interpreter on small shapes (CPU) against float64
+references, and compares the two granularities' error on GELU-like rows.
+
+    PYTHONPATH=. python3 bench/int8_token_tile_scales.py [--json out.json]
+    TRITON_INTERPRET=1 PYTHONPATH=. python3 bench/int8_token_tile_scales.py --check   # CPU
+
+Written in session 20, checked under the interpreter; not yet run on a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+
+if __package__ is None and "samq_fx" not in sys.modules:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # variant_timing, beside this file
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
+from variant_timing import parse_args, time_alternating  # noqa: E402
+
+from samq_fx import gemm_epilogue as ge  # noqa: E402
+from samq_fx.gemm_epilogue import _epilogue, _in_registers, _tile, _tile_sums  # noqa: E402
+from samq_fx.triton_attention import int8_codes  # noqa: E402
+
+SAM_B_LIN1, SAM_B_LIN2 = (32768, 3072, 768), (32768, 768, 3072)
+CONFIG = (128, 128, 128, 4, 3)  # BLOCK_M, BLOCK_N (= the scale tile), BLOCK_K, warps, stages
+
+
+@triton.jit
+def _lin1_tile_codes(
+    x_desc, w_desc, o_desc, TILE_SCALES, BIAS, SCALES, COL_ZERO, COL_SCALE, ROW_SCALE, M, N, K,
+    HW_APPROX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, NUM_SMS: tl.constexpr,
+):  # fmt: skip
+    """lin1 on per-token codes, + GELU, written as int8 codes with a scale per row and
+    BLOCK_N-column tile: TILE_SCALES (M, cdiv(N, BLOCK_N)) float32."""
+    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True):
+        pid_m, pid_n = _tile(tile, num_m, num_n, 8)
+        off_m, off_n = pid_m * BLOCK_M, pid_n * BLOCK_N
+        acc = _tile_sums(x_desc, w_desc, off_m, off_n, tl.cdiv(K, BLOCK_K), BLOCK_M, BLOCK_N,
+                         BLOCK_K, True, False)  # fmt: skip
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        y = _epilogue(acc, BIAS, SCALES, COL_ZERO, COL_SCALE, ROW_SCALE, offs_m, offs_n, M, N,
+                      True, "gelu", "none", True, True, HW_APPROX)  # fmt: skip
+        amax = tl.max(tl.where((offs_n < N)[None, :], tl.abs(y), 0.0), axis=1)
+        scale = tl.maximum(amax / 127.0, 1e-12)
+        o_desc.store([off_m, off_n], int8_codes(y / scale[:, None], 0.0).to(tl.int8))
+        tl.store(TILE_SCALES + offs_m * num_n + pid_n, scale, mask=offs_m < M)
+
+
+@triton.jit
+def _lin2_tile_scaled(
+    x_desc, w_desc, o_desc, A_SCALES, BIAS, SCALES, COL_ZERO, COL_SCALE, M, N, K,
+    MAGIC: tl.constexpr, HW_APPROX: tl.constexpr, A_IN_REGISTERS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_SMS: tl.constexpr,
+):  # fmt: skip
+    """lin2 on codes with a scale per row and BLOCK_K-deep tile of K (A_SCALES (M, K / BLOCK_K)):
+    each tile's int32 sums, to float32, times its rows' scales, summed in float32."""
+    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True):
+        pid_m, pid_n = _tile(tile, num_m, num_n, 8)
+        off_m, off_n = pid_m * BLOCK_M, pid_n * BLOCK_N
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            a = x_desc.load([off_m, ki * BLOCK_K])
+            if A_IN_REGISTERS:
+                a = _in_registers(a)
+            part = tl.dot(a, w_desc.load([off_n, ki * BLOCK_K]).T, out_dtype=tl.int32)
+            scale = tl.load(A_SCALES + offs_m * k_tiles + ki, mask=offs_m < M, other=0.0)
+            if MAGIC:  # |part| <= 128·127·127 < 2^22: 1.5·2^23 + part is exact in float32
+                f = (part + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+            else:
+                f = part.to(tl.float32)
+            acc += f * scale[:, None]
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        y = _epilogue(acc, BIAS, SCALES, COL_ZERO, COL_SCALE, SCALES, offs_m, offs_n, M, N,
+                      True, "none", "none", True, False, HW_APPROX)  # fmt: skip
+        o_desc.store([off_m, off_n], y.to(o_desc.dtype))
+
+
+def _codes(m: int, k: int, g: torch.Generator, device: str) -> torch.Tensor:
+    return torch.randint(-127, 128, (m, k), device=device, dtype=torch.int8, generator=g)
+
+
+def _lin1_case(m, n, k, device):
+    """Per-token input codes and scales, weights, and the GELU output they make (float64 sums,
+    the kernels' GELU `gelu_fast`, so that only float32 rounding separates kernel and
+    reference)."""
+    g = torch.Generator(device=device).manual_seed(1)
+    x, w = _codes(m, k, g, device), _codes(n, k, g, device)
+    rows = torch.rand(m, device=device, generator=g) + 0.5
+    ops = ge.Int8Operands(torch.zeros(n, device=device, dtype=torch.int32),
+                          torch.ones(n, device=device), rows)  # fmt: skip
+    bias = torch.randn(n, device=device, generator=g).bfloat16()
+    scales = torch.tensor([2.0 / (73.0 * 73.0 * math.sqrt(k)), 1.0, 0.0], device=device)
+    y = (x.double() @ w.double().t()) * float(scales[0]) * rows.double()[:, None]
+    y = y + bias.double()
+    return x, w, ops, bias, scales, ge.gelu_fast(y.float()).double()
+
+
+def _lin2_case(m, n, k, block_k, device):
+    """Codes with a scale per row and block_k-deep tile, and the float64 linear of them."""
+    g = torch.Generator(device=device).manual_seed(2)
+    x, w = _codes(m, k, g, device), _codes(n, k, g, device)
+    tile_scales = (torch.rand(m, k // block_k, device=device, generator=g) + 0.5) * 1e-2
+    ops = ge.Int8Operands(torch.zeros(n, device=device, dtype=torch.int32),
+                          torch.rand(n, device=device, generator=g) * 1e-2 + 1e-3)  # fmt: skip
+    bias = torch.randn(n, device=device, generator=g).bfloat16()
+    scales = torch.tensor([1.0, 1.0, 0.0], device=device)
+    xs = x.double() * tile_scales.double().repeat_interleave(block_k, dim=1)
+    y = (xs @ w.double().t()) * ops.col_scale.double() + bias.double()
+    return x, w, ops, bias, scales, tile_scales, y
+
+
+def _descs(x, w, out, config):
+    bm, bn, bk = config[:3]
+    return [TensorDescriptor.from_tensor(t, blk) for t, blk in
+            ((x, [bm, bk]), (w, [bn, bk]), (out, [bm, bn]))]  # fmt: skip
+
+
+def _production(x, w, out, ops, bias, scales, activation, config, programs, gpu):
+    bm, bn, bk, warps, stages = config
+    return partial(ge._linear_act_kernel_tma[(programs,)], *_descs(x, w, out, config), bias,
+                   scales, ops.col_zero, ops.col_scale, ops.row_scale, x.shape[0], w.shape[0],
+                   x.shape[1], HAS_BIAS=True, ACTIVATION=activation, CODES="none", INT8=True,
+                   HAS_ROW_SCALE=True, HW_APPROX=gpu, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                   GROUP_M=8, NUM_SMS=programs, PER_SM=1, A_IN_REGISTERS=gpu and activation == "none",
+                   num_warps=warps, num_stages=stages)  # fmt: skip
+
+
+def _lin1_tiles(x, w, out, tile_scales, ops, bias, scales, config, programs, gpu):
+    bm, bn, bk, warps, stages = config
+    return partial(_lin1_tile_codes[(programs,)], *_descs(x, w, out, config), tile_scales, bias,
+                   scales, ops.col_zero, ops.col_scale, ops.row_scale, x.shape[0], w.shape[0],
+                   x.shape[1], HW_APPROX=gpu, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                   NUM_SMS=programs, num_warps=warps, num_stages=stages)  # fmt: skip
+
+
+def _lin2_tiles(x, w, out, tile_scales, ops, bias, scales, config, programs, gpu, magic):
+    bm, bn, bk, warps, stages = config
+    return partial(_lin2_tile_scaled[(programs,)], *_descs(x, w, out, config), tile_scales, bias,
+                   scales, ops.col_zero, ops.col_scale, x.shape[0], w.shape[0], x.shape[1],
+                   MAGIC=magic, HW_APPROX=gpu, A_IN_REGISTERS=gpu, BLOCK_M=bm, BLOCK_N=bn,
+                   BLOCK_K=bk, NUM_SMS=programs, num_warps=warps, num_stages=stages)  # fmt: skip
+
+
+def _tile_reference(y: torch.Tensor, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and scales of y (M, N) per row and `tile`-column block, in float64."""
+    m, n = y.shape
+    blocks = y.reshape(m, n // tile, tile)
+    scale = (blocks.abs().amax(-1) / 127.0).clamp_min(1e-12)
+    codes = torch.round(blocks / scale[..., None]).clamp(-127, 127)
+    return codes.reshape(m, n), scale
+
+
+def _granularity_error() -> dict:
+    """lin2's output error (SQNR, dB, against float64) with its input quantized per token and
+    per token and 128-column tile, on GELU outputs whose channels differ in scale as SAM's do
+    (a few channels 20x the rest)."""
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(512, 3072, generator=g, dtype=torch.float64) * 2
+    h[:, torch.randperm(3072, generator=g)[:24]] *= 20
+    h = 0.5 * h * (1.0 + torch.erf(h / math.sqrt(2.0)))
+    w = torch.randn(768, 3072, generator=g, dtype=torch.float64) / math.sqrt(3072)
+    exact = h @ w.t()
+
+    def sqnr(approx):
+        return float(10 * torch.log10(exact.pow(2).mean() / (approx - exact).pow(2).mean()))
+
+    token_scale = (h.abs().amax(-1, keepdim=True) / 127.0).clamp_min(1e-12)
+    per_token = torch.round(h / token_scale).clamp(-127, 127) * token_scale
+    codes, tile_scale = _tile_reference(h, 128)
+    per_tile = codes * tile_scale.repeat_interleave(128, dim=1)
+    return {"per_token_db": sqnr(per_token @ w.t()), "per_tile_db": sqnr(per_tile @ w.t())}
+
+
+def check() -> int:
+    """Every kernel under the interpreter: tile codes within one step of the exact ones and their
+    scales to float32 rounding; the tile-scaled lin2 (both conversions) and the production
+    kernels to float32 rounding."""
+    failures = 0
+    config = (16, 16, 32, 4, 1)
+    x, w, ops, bias, scales, y = _lin1_case(40, 48, 96, "cpu")
+    codes = torch.empty(40, 48, dtype=torch.int8)
+    tile_scales = torch.empty(40, 3)
+    _lin1_tiles(x, w, codes, tile_scales, ops, bias, scales, config, 3, False)()
+    ref_codes, ref_scales = _tile_reference(y, 16)
+    off = int((codes.double() - ref_codes).abs().max())
+    rel = float(((tile_scales.double() - ref_scales) / ref_scales).abs().max())
+    print(f"lin1, tile codes: codes at most {off} step(s) off, scales {rel:.1e} relative")
+    failures += off > 1 or rel > 1e-6
+    out = torch.empty(40, 48)
+    _production(x, w, out, ops, bias, scales, "gelu", config, 3, False)()
+    err = float((out.double() - y).abs().max() / y.abs().max())
+    print(f"lin1, bf16 out (production, float32 here): {err:.1e} relative")
+    failures += err > 1e-5
+    x, w, ops, bias, scales, tile_scales, y = _lin2_case(40, 24, 96, 32, "cpu")
+    for magic in (False, True):
+        out = torch.empty(40, 24)
+        _lin2_tiles(x, w, out, tile_scales, ops, bias, scales, config, 3, False, magic)()
+        err = float((out.double() - y).abs().max() / y.abs().max())
+        print(f"lin2, tile scales, {'magic' if magic else 'i2f'}: {err:.1e} relative")
+        failures += err > 1e-6
+    print("granularity on GELU-like rows:", _granularity_error())
+    return 1 if failures else 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(__doc__, argv, rounds=5)
+    if args.check:
+        return check()
+
+    ge._ensure_scratch_allocator()
+    programs = 2 * torch.cuda.get_device_properties(0).multi_processor_count
+    m, n1, k1 = SAM_B_LIN1
+    x, w, ops, bias, scales, _ = _lin1_case(m, n1, k1, "cuda")
+    h = torch.empty(m, n1, dtype=torch.bfloat16, device="cuda")
+    codes1 = torch.empty(m, n1, dtype=torch.int8, device="cuda")
+    tiles1 = torch.empty(m, n1 // CONFIG[1], device="cuda")
+    _, n2, k2 = SAM_B_LIN2
+    x2, w2, ops2, bias2, scales2, tiles2, _ = _lin2_case(m, n2, k2, CONFIG[2], "cuda")
+    rows2 = ge.Int8Operands(ops2.col_zero, ops2.col_scale, tiles2[:, 0].contiguous())
+    out2 = torch.empty(m, n2, dtype=torch.bfloat16, device="cuda")
+    per_token = torch.compile(ge.quantize_int8_per_token, fullgraph=True)
+    runs = {
+        "lin1, bf16 out": _production(x, w, h, ops, bias, scales, "gelu", CONFIG, programs, True),
+        "per-token pass": partial(per_token, h),
+        "lin2, row scales": _production(
+            x2, w2, out2, rows2, bias2, scales2, "none", CONFIG, programs, True
+        ),  # fmt: skip
+        "lin1, tile codes": _lin1_tiles(
+            x, w, codes1, tiles1, ops, bias, scales, CONFIG, programs, True
+        ),  # fmt: skip
+        "lin2, tile, i2f": _lin2_tiles(
+            x2, w2, out2, tiles2, ops2, bias2, scales2, CONFIG, programs, True, False
+        ),  # fmt: skip
+        "lin2, tile, magic": _lin2_tiles(
+            x2, w2, out2, tiles2, ops2, bias2, scales2, CONFIG, programs, True, True
+        ),  # fmt: skip
+    }
+    rows = {}
+    for name, run in runs.items():
+        compiled = run()
+        regs = getattr(compiled, "n_regs", None)
+        rows[name] = {"kernel": name, "regs": regs, "spills": getattr(compiled, "n_spills", None),
+                      "ms": float("inf")}  # fmt: skip
+    time_alternating(runs, rows, args.rounds)
+    now = sum(rows[k]["ms"] for k in ("lin1, bf16 out", "per-token pass", "lin2, row scales"))
+    tiles = rows["lin1, tile codes"]["ms"] + min(
+        rows["lin2, tile, i2f"]["ms"], rows["lin2, tile, magic"]["ms"]
+    )
+    print(f"SAM-B MLP at batch 8, {CONFIG}, {programs} programs, {torch.cuda.get_device_name()}")
+    for r in rows.values():
+        print(f"  {r['kernel']:18s} {r['ms']:.4f} ms  {r['regs']} regs, {r['spills']} spills")
+    print(f"  per token: {now:.4f} ms a block; per token and tile: {tiles:.4f} ms a block")
+    if args.json:
+        meta = {"config": CONFIG, "programs": programs, "device": torch.cuda.get_device_name(),
+                "torch": torch.__version__, "triton": triton.__version__,
+                "per_token_ms": now, "per_tile_ms": tiles}  # fmt: skip
+        args.json.write_text(json.dumps({**meta, "rows": list(rows.values())}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
