@@ -511,12 +511,16 @@ def _tma_ok(x: Tensor) -> bool:
 
 
 def _tma_aligned(*tensors: Tensor | None) -> bool:
-    """Whether TMA can address each 2-D tensor: contiguous, its base and its row pitch on
-    16-byte boundaries (a descriptor made on the device is not checked there)."""
+    """Whether TMA can address each 2-D tensor: not empty, contiguous, its base and its row
+    pitch on 16-byte boundaries (what Triton's host-made descriptors asserted; one made on the
+    device is not checked there)."""
     return all(
         t is None
         or (
-            t.is_contiguous() and t.data_ptr() % 16 == 0 and t.shape[1] * t.element_size() % 16 == 0
+            t.numel() > 0
+            and t.is_contiguous()
+            and t.data_ptr() % 16 == 0
+            and t.shape[1] * t.element_size() % 16 == 0
         )
         for t in tensors
     )

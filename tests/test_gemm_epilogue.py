@@ -244,6 +244,7 @@ def test_tma_addressing_rules():
     shifted = torch.zeros(64 * 64 + 8, dtype=torch.int8)[8:].reshape(64, 64)
     assert shifted.is_contiguous() and not _tma_aligned(shifted)  # base 8 bytes off
     assert _tma_aligned(x[16:])  # whole rows off: still aligned
+    assert not _tma_aligned(x[:0])  # no rows: no descriptor to make
 
 
 def test_scratch_allocator_is_installed_once_and_never_over_a_users():
