@@ -593,12 +593,7 @@ def _run(
         )
         _launch_pointer(key, grid, *args, **common)
         return
-    if not _tma_aligned(x, w, out, residual):
-        raise ValueError(
-            "the TMA kernel needs contiguous operands on 16-byte boundaries, rows included "
-            f"(x {tuple(x.shape)} {x.dtype}, out {tuple(out.shape)} {out.dtype})"
-        )
-    _ensure_scratch_allocator()
+    _ensure_scratch_allocator()  # operands TMA can address: `launch` checks (`_tma_aligned`)
     sms = _multiprocessors(x.device)
     grid = lambda meta: (  # noqa: E731
         min(
@@ -672,18 +667,26 @@ def launch(
         _run("pointer", x, w, out, scales, bias, activation, block=block, **spec)
         return out
     key = spec["key"] = _tuning_key(x, w, out, bias, activation, codes, int8, residual)
-    addressable = _tma_ok(x) and _tma_aligned(x, w, out, residual)
+    # the device's TMA support is asked once per key (at the pick), the operands' alignment
+    # once per TMA call: a key's later calls may come with operands TMA cannot address
+    aligned = functools.partial(_tma_aligned, x, w, out, residual)
     if kernel is None:
         kernel = _CHOSEN.get(key)
         if kernel is None:
+            addressable = _tma_ok(x) and aligned()
             kernel = (
                 _pick(x, w, out, scales, bias, activation, **spec) if addressable else "pointer"
             )
             _CHOSEN[key] = kernel
-        elif not addressable:  # this call's operands: the pointer kernel computes the same
+        elif kernel == "tma" and not aligned():  # the pointer kernel computes the same
             kernel = "pointer"
     elif kernel not in KERNELS or (kernel == "tma" and not _tma_ok(x)):
         raise ValueError(f"kernel {kernel!r} cannot run here; kernels: {KERNELS} (tma: sm_90+)")
+    elif kernel == "tma" and not aligned():
+        raise ValueError(
+            "the TMA kernel needs contiguous operands on 16-byte boundaries, rows included "
+            f"(x {tuple(x.shape)} {x.dtype}, out {tuple(out.shape)} {out.dtype})"
+        )
     _run(kernel, x, w, out, scales, bias, activation, **spec)
     return out
 
@@ -951,14 +954,16 @@ class Int8Linear(Int8LinearOnCodes):
 
 class Int8LinearDynamic(Int8LinearOnCodes):
     """int8-dynamic: x quantized per token at run time (symmetric); the epilogue multiplies by
-    the row scales."""
+    the row scales (and applies `activation`: `Int8LinearDynamicAct`)."""
+
+    activation = "none"
 
     def __init__(self, codes, w_scale, bias, out_dtype: torch.dtype) -> None:
         super().__init__(codes, w_scale, 1.0, 0, bias, out_dtype)
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         x8, row_scale = quantize_int8_per_token(x)
-        return self._matmul(x8.reshape(x.shape), row_scale, residual=residual)
+        return self._matmul(x8.reshape(x.shape), row_scale, self.activation, residual=residual)
 
 
 class Int8LinearDynamicAct(Int8LinearDynamic):
@@ -970,10 +975,6 @@ class Int8LinearDynamicAct(Int8LinearDynamic):
     def __init__(self, codes, w_scale, bias, out_dtype: torch.dtype, activation: str) -> None:
         super().__init__(codes, w_scale, bias, out_dtype)
         self.activation = activation
-
-    def forward(self, x: Tensor) -> Tensor:
-        x8, row_scale = quantize_int8_per_token(x)
-        return self._matmul(x8.reshape(x.shape), row_scale, activation=self.activation)
 
 
 class Int8LinearAct(Int8LinearOnCodes):
