@@ -52,16 +52,23 @@ from samq_fx.triton_attention import int8_codes  # noqa: E402
 
 SAM_B_LIN1, SAM_B_LIN2 = (32768, 3072, 768), (32768, 768, 3072)
 CONFIG = (128, 128, 128, 4, 3)  # BLOCK_M, BLOCK_N (= the scale tile), BLOCK_K, warps, stages
+LIN2_SWEEP = (
+    (128, 128, 128, 4, 3),
+    (128, 128, 128, 8, 3),
+    (128, 64, 128, 4, 4),
+    (64, 128, 128, 4, 4),
+)
 
 
 @triton.jit
 def _lin1_tile_codes(
     x_desc, w_desc, o_desc, TILE_SCALES, BIAS, SCALES, COL_ZERO, COL_SCALE, ROW_SCALE, M, N, K,
     HW_APPROX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, NUM_SMS: tl.constexpr,
+    BLOCK_K: tl.constexpr, NUM_SMS: tl.constexpr, SCALES_T: tl.constexpr = False,
 ):  # fmt: skip
     """lin1 on per-token codes, + GELU, written as int8 codes with a scale per row and
-    BLOCK_N-column tile: TILE_SCALES (M, cdiv(N, BLOCK_N)) float32."""
+    BLOCK_N-column tile: TILE_SCALES (M, cdiv(N, BLOCK_N)) float32, or (cdiv(N, BLOCK_N), M)
+    with SCALES_T (lin2 then reads each K step's scales contiguously)."""
     num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True):
         pid_m, pid_n = _tile(tile, num_m, num_n, 8)
@@ -75,7 +82,10 @@ def _lin1_tile_codes(
         amax = tl.max(tl.where((offs_n < N)[None, :], tl.abs(y), 0.0), axis=1)
         scale = tl.maximum(amax / 127.0, 1e-12)
         o_desc.store([off_m, off_n], int8_codes(y / scale[:, None], 0.0).to(tl.int8))
-        tl.store(TILE_SCALES + offs_m * num_n + pid_n, scale, mask=offs_m < M)
+        if SCALES_T:
+            tl.store(TILE_SCALES + pid_n * M + offs_m, scale, mask=offs_m < M)
+        else:
+            tl.store(TILE_SCALES + offs_m * num_n + pid_n, scale, mask=offs_m < M)
 
 
 @triton.jit
@@ -83,9 +93,11 @@ def _lin2_tile_scaled(
     x_desc, w_desc, o_desc, A_SCALES, BIAS, SCALES, COL_ZERO, COL_SCALE, M, N, K,
     MAGIC: tl.constexpr, HW_APPROX: tl.constexpr, A_IN_REGISTERS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_SMS: tl.constexpr,
+    SCALES_T: tl.constexpr = False,
 ):  # fmt: skip
-    """lin2 on codes with a scale per row and BLOCK_K-deep tile of K (A_SCALES (M, K / BLOCK_K)):
-    each tile's int32 sums, to float32, times its rows' scales, summed in float32."""
+    """lin2 on codes with a scale per row and BLOCK_K-deep tile of K (A_SCALES (M, K / BLOCK_K),
+    or (K / BLOCK_K, M) with SCALES_T): each tile's int32 sums, to float32, times its rows'
+    scales, summed in float32."""
     num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True):
@@ -98,7 +110,10 @@ def _lin2_tile_scaled(
             if A_IN_REGISTERS:
                 a = _in_registers(a)
             part = tl.dot(a, w_desc.load([off_n, ki * BLOCK_K]).T, out_dtype=tl.int32)
-            scale = tl.load(A_SCALES + offs_m * k_tiles + ki, mask=offs_m < M, other=0.0)
+            if SCALES_T:
+                scale = tl.load(A_SCALES + ki * M + offs_m, mask=offs_m < M, other=0.0)
+            else:
+                scale = tl.load(A_SCALES + offs_m * k_tiles + ki, mask=offs_m < M, other=0.0)
             if MAGIC:  # |part| <= 128·127·127 < 2^22: 1.5·2^23 + part is exact in float32
                 f = (part + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
             else:
@@ -160,20 +175,23 @@ def _production(x, w, out, ops, bias, scales, activation, config, programs, gpu)
                    num_warps=warps, num_stages=stages)  # fmt: skip
 
 
-def _lin1_tiles(x, w, out, tile_scales, ops, bias, scales, config, programs, gpu):
+def _lin1_tiles(x, w, out, tile_scales, ops, bias, scales, config, programs, gpu, scales_t=False):
     bm, bn, bk, warps, stages = config
     return partial(_lin1_tile_codes[(programs,)], *_descs(x, w, out, config), tile_scales, bias,
                    scales, ops.col_zero, ops.col_scale, ops.row_scale, x.shape[0], w.shape[0],
                    x.shape[1], HW_APPROX=gpu, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                   NUM_SMS=programs, num_warps=warps, num_stages=stages)  # fmt: skip
+                   NUM_SMS=programs, SCALES_T=scales_t, num_warps=warps,
+                   num_stages=stages)  # fmt: skip
 
 
-def _lin2_tiles(x, w, out, tile_scales, ops, bias, scales, config, programs, gpu, magic):
+def _lin2_tiles(x, w, out, tile_scales, ops, bias, scales, config, programs, gpu, magic,
+                scales_t=False):  # fmt: skip
     bm, bn, bk, warps, stages = config
     return partial(_lin2_tile_scaled[(programs,)], *_descs(x, w, out, config), tile_scales, bias,
                    scales, ops.col_zero, ops.col_scale, x.shape[0], w.shape[0], x.shape[1],
                    MAGIC=magic, HW_APPROX=gpu, A_IN_REGISTERS=gpu, BLOCK_M=bm, BLOCK_N=bn,
-                   BLOCK_K=bk, NUM_SMS=programs, num_warps=warps, num_stages=stages)  # fmt: skip
+                   BLOCK_K=bk, NUM_SMS=programs, SCALES_T=scales_t, num_warps=warps,
+                   num_stages=stages)  # fmt: skip
 
 
 def _tile_reference(y: torch.Tensor, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,6 +239,11 @@ def check() -> int:
     rel = float(((tile_scales.double() - ref_scales) / ref_scales).abs().max())
     print(f"lin1, tile codes: codes at most {off} step(s) off, scales {rel:.1e} relative")
     failures += off > 1 or rel > 1e-6
+    tile_scales_t = torch.empty(3, 40)
+    _lin1_tiles(x, w, codes, tile_scales_t, ops, bias, scales, config, 3, False, True)()
+    same = torch.equal(tile_scales_t.t(), tile_scales)
+    print(f"lin1, tile codes, scales transposed: the same scales {same}")
+    failures += not same
     out = torch.empty(40, 48)
     _production(x, w, out, ops, bias, scales, "gelu", config, 3, False)()
     err = float((out.double() - y).abs().max() / y.abs().max())
@@ -233,8 +256,36 @@ def check() -> int:
         err = float((out.double() - y).abs().max() / y.abs().max())
         print(f"lin2, tile scales, {'magic' if magic else 'i2f'}: {err:.1e} relative")
         failures += err > 1e-6
+    out = torch.empty(40, 24)
+    t = tile_scales.t().contiguous()
+    _lin2_tiles(x, w, out, t, ops, bias, scales, config, 3, False, True, scales_t=True)()
+    err = float((out.double() - y).abs().max() / y.abs().max())
+    print(f"lin2, tile scales transposed, magic: {err:.1e} relative")
+    failures += err > 1e-6
     print("granularity on GELU-like rows:", _granularity_error())
     return 1 if failures else 0
+
+
+def _gpu_errors(runs, h, y1, codes1, tiles1, tiles1_t, out2, y2) -> dict:
+    """The timed kernels' results on the GPU against float64: the same bounds as `--check`'s,
+    loosened for bf16 outputs (2^-8 relative)."""
+    errors = {}
+    runs["lin1, bf16 out"]()
+    errors["lin1, bf16 out"] = float((h.double() - y1).abs().max() / y1.abs().max())
+    runs["lin1, tile codes"]()
+    ref_codes, ref_scales = _tile_reference(y1, CONFIG[1])
+    errors["lin1, tile codes (steps)"] = int((codes1.double() - ref_codes).abs().max())
+    errors["lin1, tile scales"] = float(((tiles1.double() - ref_scales) / ref_scales).abs().max())
+    runs["lin1, tile codes, T"]()
+    errors["lin1, tile scales, T"] = float(
+        ((tiles1_t.t().double() - ref_scales) / ref_scales).abs().max()
+    )
+    for name in [n for n in runs if n.startswith("lin2, tile")]:
+        out2.zero_()
+        runs[name]()
+        errors[name] = float((out2.double() - y2).abs().max() / y2.abs().max())
+    torch.cuda.synchronize()
+    return errors
 
 
 def main(argv=None) -> int:
@@ -245,12 +296,14 @@ def main(argv=None) -> int:
     ge._ensure_scratch_allocator()
     programs = 2 * torch.cuda.get_device_properties(0).multi_processor_count
     m, n1, k1 = SAM_B_LIN1
-    x, w, ops, bias, scales, _ = _lin1_case(m, n1, k1, "cuda")
+    x, w, ops, bias, scales, y1 = _lin1_case(m, n1, k1, "cuda")
     h = torch.empty(m, n1, dtype=torch.bfloat16, device="cuda")
     codes1 = torch.empty(m, n1, dtype=torch.int8, device="cuda")
     tiles1 = torch.empty(m, n1 // CONFIG[1], device="cuda")
     _, n2, k2 = SAM_B_LIN2
-    x2, w2, ops2, bias2, scales2, tiles2, _ = _lin2_case(m, n2, k2, CONFIG[2], "cuda")
+    x2, w2, ops2, bias2, scales2, tiles2, y2 = _lin2_case(m, n2, k2, CONFIG[2], "cuda")
+    tiles1_t = torch.empty(n1 // CONFIG[1], m, device="cuda")
+    tiles2_t = tiles2.t().contiguous()
     rows2 = ge.Int8Operands(ops2.col_zero, ops2.col_scale, tiles2[:, 0].contiguous())
     out2 = torch.empty(m, n2, dtype=torch.bfloat16, device="cuda")
     per_token = torch.compile(ge.quantize_int8_per_token, fullgraph=True)
@@ -269,7 +322,16 @@ def main(argv=None) -> int:
         "lin2, tile, magic": _lin2_tiles(
             x2, w2, out2, tiles2, ops2, bias2, scales2, CONFIG, programs, True, True
         ),  # fmt: skip
+        "lin1, tile codes, T": _lin1_tiles(
+            x, w, codes1, tiles1_t, ops, bias, scales, CONFIG, programs, True, scales_t=True
+        ),  # fmt: skip
     }
+    for config in LIN2_SWEEP:  # the register pressure of two accumulators, and the scales' layout
+        for count in (programs // 2, programs):
+            for magic in (False, True):
+                name = f"lin2, tile, {'magic' if magic else 'i2f'}, T, {config}, {count}"
+                runs[name] = _lin2_tiles(x2, w2, out2, tiles2_t, ops2, bias2, scales2, config,
+                                         count, True, magic, scales_t=True)  # fmt: skip
     rows = {}
     for name, run in runs.items():
         compiled = run()
@@ -277,18 +339,22 @@ def main(argv=None) -> int:
         rows[name] = {"kernel": name, "regs": regs, "spills": getattr(compiled, "n_spills", None),
                       "ms": float("inf")}  # fmt: skip
     time_alternating(runs, rows, args.rounds)
+    errors = _gpu_errors(runs, h, y1, codes1, tiles1, tiles1_t, out2, y2)
     now = sum(rows[k]["ms"] for k in ("lin1, bf16 out", "per-token pass", "lin2, row scales"))
-    tiles = rows["lin1, tile codes"]["ms"] + min(
-        rows["lin2, tile, i2f"]["ms"], rows["lin2, tile, magic"]["ms"]
+    tiles = min(
+        rows["lin1, tile codes"]["ms"]
+        + min(rows[n]["ms"] for n in ("lin2, tile, i2f", "lin2, tile, magic")),
+        rows["lin1, tile codes, T"]["ms"] + min(r["ms"] for n, r in rows.items() if ", T," in n),
     )
     print(f"SAM-B MLP at batch 8, {CONFIG}, {programs} programs, {torch.cuda.get_device_name()}")
     for r in rows.values():
-        print(f"  {r['kernel']:18s} {r['ms']:.4f} ms  {r['regs']} regs, {r['spills']} spills")
+        print(f"  {r['kernel']:52s} {r['ms']:.4f} ms  {r['regs']} regs, {r['spills']} spills")
     print(f"  per token: {now:.4f} ms a block; per token and tile: {tiles:.4f} ms a block")
+    print("  errors against float64 (GPU):", errors)
     if args.json:
         meta = {"config": CONFIG, "programs": programs, "device": torch.cuda.get_device_name(),
                 "torch": torch.__version__, "triton": triton.__version__,
-                "per_token_ms": now, "per_tile_ms": tiles}  # fmt: skip
+                "per_token_ms": now, "per_tile_ms": tiles, "errors": errors}  # fmt: skip
         args.json.write_text(json.dumps({**meta, "rows": list(rows.values())}, indent=1) + "\n")
     return 0
 
