@@ -7,7 +7,8 @@ Every encoder block ends its MLP (and a global block its attention) with
 The linear writes its bf16 output, and inductor leaves the sum unmaterialized: each later
 consumer (the next LayerNorm's statistics, its normalize-and-quantize, the next residual
 add) reads x and every branch output again, up to four bf16 tensors a row. This pass hands x to
-the GEMM instead (`Int8LinearOnCodes.forward(x8, residual)`): its epilogue adds the residual
+the GEMM instead (`Int8LinearOnCodes.forward(x8, residual=x)`, by keyword: int8-dynamic's
+lin2 also takes its input's per-group scales, `Int8LinearOnGroupCodes`): its epilogue adds the residual
 tile in float32 and writes the sum, rounded once, so the residual stream is one tensor that the
 next kernels read once. Windowed blocks' projections are left alone: their output is in window
 order and goes through the un-partition (a slice) before the add.
@@ -25,14 +26,19 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from samq_fx.gemm_epilogue import Int8Linear, Int8LinearDynamic, Int8LinearOnCodes
+from samq_fx.gemm_epilogue import (
+    Int8Linear,
+    Int8LinearDynamic,
+    Int8LinearOnCodes,
+    Int8LinearOnGroupCodes,
+)
 from samq_fx.meta import add_finding
 from samq_fx.passes.lower_linears import LOWERED_ATTR
 from samq_fx.pipeline import PassContext, PassResult
 
 PASS_NAME = "fuse_residual_add"
 LOWERED_PREFIX = f"{LOWERED_ATTR}."
-TAKES_RESIDUAL = (Int8LinearOnCodes, Int8Linear, Int8LinearDynamic)
+TAKES_RESIDUAL = (Int8LinearOnCodes, Int8Linear, Int8LinearDynamic, Int8LinearOnGroupCodes)
 """Lowered modules whose forward takes `residual` (exact types: `Int8LinearAct` writes codes)."""
 
 
@@ -69,8 +75,8 @@ def fuse_residual_add(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         out, res = _val(lin), _val(residual)
         if add.kwargs.get("alpha", 1) != 1:
             problem = "the add scales its operand (alpha)"
-        elif len(lin.args) != 1 or lin.kwargs:
-            problem = "the linear already takes more than its input"
+        elif "residual" in lin.kwargs:
+            problem = "the linear already takes a residual"
         elif out is None or res is None:
             problem = "no shapes recorded on the nodes"
         elif order[residual] > order[lin]:
@@ -84,7 +90,7 @@ def fuse_residual_add(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         if problem:
             result.rejected[site] = problem
             continue
-        lin.args = (lin.args[0], residual)
+        lin.kwargs = {**lin.kwargs, "residual": residual}
         add.replace_all_uses_with(lin)
         gm.graph.erase_node(add)
         add_finding(lin, PASS_NAME, {"residual": residual.name})

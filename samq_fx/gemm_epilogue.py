@@ -66,6 +66,13 @@ bounds the positive side too."""
 K_MULTIPLE = 32
 """The kernel walks K in blocks of 32..128 without masks; other K are refused."""
 
+TILE_COLUMNS = 128
+"""Width of the column groups that codes="int8_tiles" scales one by one: each row of the output
+gets a scale per TILE_COLUMNS columns (1 x 128 groups, the granularity of DeepSeek-V3's
+float8 activations). A GEMM tile of that width holds a whole group, so the epilogue quantizes
+for the next linear what a per-token scale could not (it needs the whole row); the next
+linear's K loop applies the scales a group (a K step of at most that depth) at a time."""
+
 
 def unsupported(in_features: int, activation: str = "none") -> str | None:
     """Why this layer cannot take the kernel (with `activation` in its epilogue; "none": no
@@ -106,7 +113,7 @@ def linear_act_reference(
 
 
 if triton is not None:
-    from samq_fx.triton_attention import to_codes
+    from samq_fx.triton_attention import int8_codes, to_codes
 
     @triton.jit
     def _rcp(d, HW_APPROX: tl.constexpr):
@@ -211,7 +218,7 @@ if triton is not None:
         sum by 2^-24 of itself, far under the bf16 output's or the codes' rounding. With row
         scales the zero point is removed from the int32 sums, before any rounding."""
         n_ok = offs_n < N
-        if CODES == "none":
+        if CODES == "none" or CODES == "int8_tiles":  # int8_tiles: y, quantized after
             inv_out = 1.0
         else:
             inv_out = 1.0 / tl.load(SCALES + 1)
@@ -246,7 +253,28 @@ if triton is not None:
         elif ACTIVATION == "relu":
             y = tl.maximum(y, 0.0)
         zero = tl.load(SCALES + 2) if CODES == "int8" else 0.0
-        return to_codes(y, zero, CODES)
+        return to_codes(y, zero, "none" if CODES == "int8_tiles" else CODES)
+
+    @triton.jit
+    def _tile_codes(y, offs_n, N):
+        """(codes, scales) of y (BLOCK_M, TILE_COLUMNS) per row: s = amax|row| / 127 over the
+        columns inside N, codes round(y / s) (the per-token quantizer on a 128-column group;
+        an all-zero row gets a tiny scale and zero codes)."""
+        amax = tl.max(tl.where((offs_n < N)[None, :], tl.abs(y), 0.0), axis=1)
+        scale = tl.maximum(amax / 127.0, 1e-12)
+        return int8_codes(y / scale[:, None], 0.0), scale
+
+    @triton.jit
+    def _store_tile_scales(TILE_SCALES, scale, pid_n, offs_m, M):
+        """A tile's row scales into TILE_SCALES (cdiv(N, TILE_COLUMNS), M): each K step of the
+        next linear then reads its rows' scales contiguously."""
+        tl.store(TILE_SCALES + pid_n * M + offs_m, scale, mask=offs_m < M)  # < 2^31: `launch`
+
+    @triton.jit
+    def _group_scales(X_TILE_SCALES, k_start, offs_m, M):
+        """The input rows' scales of the column group that holds K index k_start
+        (`TILE_COLUMNS`; X_TILE_SCALES (cdiv(K, TILE_COLUMNS), M))."""
+        return tl.load(X_TILE_SCALES + (k_start // 128) * M + offs_m, mask=offs_m < M, other=0.0)
 
     @triton.jit
     def _tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
@@ -279,6 +307,26 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _tile_sums_group_scaled(
+        x_desc, w_desc, off_m, off_n, k_tiles, X_TILE_SCALES, offs_m, M,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        A_IN_REGISTERS: tl.constexpr,
+    ):  # fmt: skip
+        """`_tile_sums` on int8 codes with a scale per row and `TILE_COLUMNS` group of K: each
+        K step's int32 sums (exact: |sum| < 2^21 for a 128-deep step), to float32, times its
+        rows' scales, summed in float32. BLOCK_K divides 128, so a step lies in one group."""
+        tl.static_assert(128 % BLOCK_K == 0)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            a = x_desc.load([off_m, ki * BLOCK_K])
+            if A_IN_REGISTERS:
+                a = _in_registers(a)
+            part = tl.dot(a, w_desc.load([off_n, ki * BLOCK_K]).T, out_dtype=tl.int32)
+            scale = _group_scales(X_TILE_SCALES, ki * BLOCK_K, offs_m, M)
+            acc += part.to(tl.float32) * scale[:, None]
+        return acc
+
+    @triton.jit
     def _linear_act_kernel_tma(
         x_desc, w_desc, o_desc, BIAS, SCALES, COL_ZERO, COL_SCALE, ROW_SCALE,
         M, N, K,
@@ -297,6 +345,9 @@ if triton is not None:
         A_IN_REGISTERS: tl.constexpr = False,
         r_desc=None,
         HAS_RESIDUAL: tl.constexpr = False,
+        TILE_SCALES=None,
+        X_TILE_SCALES=None,
+        HAS_TILE_SCALES: tl.constexpr = False,
     ):  # fmt: skip
         """Persistent Hopper variant: PER_SM programs per SM walk the tiles; TMA moves the tiles
         (zero-filled past the edges, stores clipped) and the tile loop is flattened with the K
@@ -305,20 +356,31 @@ if triton is not None:
         the residual stream, added to the output (`HAS_RESIDUAL`, codes "none") a half tile
         at a time (`r_desc` and `o_desc` blocks BLOCK_M x BLOCK_N/2): the residual's and the
         output's shared-memory buffers then take what the output's alone took, so a tile at
-        3 stages still fits twice in an SM."""
+        3 stages still fits twice in an SM. `TILE_SCALES`: codes "int8_tiles"'s scales out;
+        `X_TILE_SCALES`: the input's (`HAS_TILE_SCALES`), see `TILE_COLUMNS`."""
+        tl.static_assert(CODES != "int8_tiles" or BLOCK_N == 128)
         num_m = tl.cdiv(M, BLOCK_M)
         num_n = tl.cdiv(N, BLOCK_N)
         k_tiles = tl.cdiv(K, BLOCK_K)
         for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS * PER_SM, flatten=True):
             pid_m, pid_n = _tile(tile, num_m, num_n, GROUP_M)
             off_m, off_n = pid_m * BLOCK_M, pid_n * BLOCK_N
-            acc = _tile_sums(x_desc, w_desc, off_m, off_n, k_tiles, BLOCK_M, BLOCK_N, BLOCK_K,
-                             INT8, A_IN_REGISTERS)  # fmt: skip
             offs_m = off_m + tl.arange(0, BLOCK_M)
             offs_n = off_n + tl.arange(0, BLOCK_N)
+            if HAS_TILE_SCALES:
+                acc = _tile_sums_group_scaled(x_desc, w_desc, off_m, off_n, k_tiles, X_TILE_SCALES,
+                                              offs_m, M, BLOCK_M, BLOCK_N, BLOCK_K,
+                                              A_IN_REGISTERS)  # fmt: skip
+            else:
+                acc = _tile_sums(x_desc, w_desc, off_m, off_n, k_tiles, BLOCK_M, BLOCK_N, BLOCK_K,
+                                 INT8, A_IN_REGISTERS)  # fmt: skip
             y = _epilogue(acc, BIAS, SCALES, COL_ZERO, COL_SCALE, ROW_SCALE, offs_m, offs_n, M, N,
                           HAS_BIAS, ACTIVATION, CODES, INT8, HAS_ROW_SCALE, HW_APPROX)  # fmt: skip
-            if HAS_RESIDUAL:  # CODES "none": y is the output; in two column halves (below)
+            if CODES == "int8_tiles":
+                y, scale = _tile_codes(y, offs_n, N)
+                _store_tile_scales(TILE_SCALES, scale, pid_n, offs_m, M)
+                o_desc.store([off_m, off_n], y.to(o_desc.dtype))
+            elif HAS_RESIDUAL:  # CODES "none": y is the output; in two column halves (below)
                 y0, y1 = tl.split(tl.permute(tl.reshape(y, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
                 half = off_n + BLOCK_N // 2
                 y0 += r_desc.load([off_m, off_n]).to(tl.float32)
@@ -347,6 +409,9 @@ if triton is not None:
         A_IN_REGISTERS: tl.constexpr = False,
         RESIDUAL=None,
         HAS_RESIDUAL: tl.constexpr = False,
+        TILE_SCALES=None,
+        X_TILE_SCALES=None,
+        HAS_TILE_SCALES: tl.constexpr = False,
     ):  # fmt: skip
         """`_linear_act_kernel_tma` on contiguous x (M, K), w (N, K), out and residual (M, N),
         its TMA descriptors made on the device, once a program, at the config's block shapes.
@@ -364,7 +429,8 @@ if triton is not None:
         _linear_act_kernel_tma(x_desc, w_desc, o_desc, BIAS, SCALES, COL_ZERO, COL_SCALE,
                                ROW_SCALE, M, N, K, HAS_BIAS, ACTIVATION, CODES, INT8,
                                HAS_ROW_SCALE, HW_APPROX, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-                               NUM_SMS, PER_SM, A_IN_REGISTERS, r_desc, HAS_RESIDUAL)  # fmt: skip
+                               NUM_SMS, PER_SM, A_IN_REGISTERS, r_desc, HAS_RESIDUAL, TILE_SCALES,
+                               X_TILE_SCALES, HAS_TILE_SCALES)  # fmt: skip
 
     @triton.jit
     def _linear_act_kernel(
@@ -384,7 +450,12 @@ if triton is not None:
         A_IN_REGISTERS: tl.constexpr = False,
         RESIDUAL=None,
         HAS_RESIDUAL: tl.constexpr = False,
+        TILE_SCALES=None,
+        X_TILE_SCALES=None,
+        HAS_TILE_SCALES: tl.constexpr = False,
     ):  # fmt: skip
+        tl.static_assert(CODES != "int8_tiles" or BLOCK_N == 128)
+        tl.static_assert(not HAS_TILE_SCALES or 128 % BLOCK_K == 0)
         pid_m, pid_n = _tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -395,33 +466,49 @@ if triton is not None:
         cols = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
         x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :]
         w_ptrs = W + cols[None, :] * stride_wn + offs_k[:, None]  # wᵀ tile, K-contiguous
-        if INT8:
+        if INT8 and not HAS_TILE_SCALES:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for _ in range(0, K, BLOCK_K):
+        for k_start in range(0, K, BLOCK_K):
             a = tl.load(x_ptrs)
             if A_IN_REGISTERS:
                 a = _in_registers(a)
-            acc = tl.dot(a, tl.load(w_ptrs), acc, out_dtype=acc.dtype)
+            if HAS_TILE_SCALES:  # see `_tile_sums_group_scaled`
+                part = tl.dot(a, tl.load(w_ptrs), out_dtype=tl.int32)
+                scale = _group_scales(X_TILE_SCALES, k_start, offs_m, M)
+                acc += part.to(tl.float32) * scale[:, None]
+            else:
+                acc = tl.dot(a, tl.load(w_ptrs), acc, out_dtype=acc.dtype)
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
         y = _epilogue(acc, BIAS, SCALES, COL_ZERO, COL_SCALE, ROW_SCALE, offs_m, offs_n, M, N,
                       HAS_BIAS, ACTIVATION, CODES, INT8, HAS_ROW_SCALE, HW_APPROX)  # fmt: skip
         ok = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        if CODES == "int8_tiles":
+            y, scale = _tile_codes(y, offs_n, N)
+            _store_tile_scales(TILE_SCALES, scale, pid_n, offs_m, M)
         if HAS_RESIDUAL:  # contiguous (M, N), like OUT when `launch` made it
             r_ptrs = RESIDUAL + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
             y += tl.load(r_ptrs, mask=ok, other=0.0).to(tl.float32)
         o_ptrs = OUT + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
         tl.store(o_ptrs, y.to(OUT.dtype.element_ty), mask=ok)
 
+    def _tile_codes_prune(configs, named_args, **kwargs):
+        """codes "int8_tiles" quantize one `TILE_COLUMNS` group a tile: BLOCK_N = 128 only."""
+        if kwargs.get("CODES", named_args.get("CODES")) != "int8_tiles":
+            return configs
+        return [c for c in configs if c.kwargs["BLOCK_N"] == TILE_COLUMNS]
+
     def _prune(configs, named_args, **kwargs):
         k = named_args["K"]
         kept = [c for c in configs if k % c.kwargs["BLOCK_K"] == 0]
-        return kept or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8})]
+        kept = _tile_codes_prune(kept, named_args, **kwargs)
+        return kept or [triton.Config({"BLOCK_M": 64, "BLOCK_N": TILE_COLUMNS, "BLOCK_K": 32,
+                                       "GROUP_M": 8})]  # fmt: skip
 
     _KEY = ["M", "N", "K", "HAS_BIAS", "ACTIVATION", "CODES", "INT8", "HAS_ROW_SCALE",
-            "HAS_RESIDUAL"]  # fmt: skip
+            "HAS_RESIDUAL", "HAS_TILE_SCALES"]  # fmt: skip
     _CONFIGS = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                       num_warps=w, num_stages=s)
@@ -452,10 +539,14 @@ if triton is not None:
         for bm, bn, bk, w, s in (
             (128, 128, 128, 4, 3), (128, 128, 128, 4, 2), (128, 128, 64, 4, 4),
             (128, 128, 128, 8, 3), (64, 256, 64, 4, 3),
+            # group-scaled K loops hold two accumulators: 64 rows keep them in registers
+            # (H100, SAM-B's lin2: 0.217 ms against 0.254 at 128 x 128 x 8 warps and 0.375 at
+            # 4 warps, which spill; bench/int8_token_tile_scales_h100.json)
+            (64, 128, 128, 4, 4),
         )
     ]  # fmt: skip
     _tuned_kernel_tma = triton.autotune(  # TMA zero-fills past K: any K % 32 == 0 runs
-        _TMA_CONFIGS, key=_KEY
+        _TMA_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _tile_codes_prune}
     )(_linear_act_kernel_tma_ptrs)
 
     _launch_pointer = TunedLauncher(_tuned_kernel)
@@ -468,10 +559,13 @@ the faster (`chosen_kernels`)."""
 CODES = {
     "float8": torch.float8_e4m3fn,
     "int8": torch.int8,
+    "int8_tiles": torch.int8,
     "none": None,
 }
-"""What the epilogue writes: the next linear's float8 or int8 codes, or ("none") the linear's
-output itself, in the dtype the caller asks for."""
+"""What the epilogue writes: the next linear's float8 or int8 codes at its calibrated scale,
+int8 codes with a scale per row and `TILE_COLUMNS` columns ("int8_tiles": dynamic, for a
+next linear with no calibrated scale), or ("none") the linear's output itself, in the dtype the
+caller asks for."""
 _CHOSEN: dict[tuple, str] = {}
 
 
@@ -557,10 +651,12 @@ def row_bucket(m: int) -> int:
 def _run(
     kernel: str, x, w, out, scales, bias, activation, block=None,
     *, codes: str = "float8", int8: Int8Operands | None = None, key: tuple | None = None,
-    residual: Tensor | None = None,
+    residual: Tensor | None = None, tile_scales: Tensor | None = None,
+    x_tile_scales: Tensor | None = None,
 ) -> None:  # fmt: skip
     """Launch `kernel` autotuned, or the pointer kernel at a fixed `block` (see `launch`).
-    `key`: this call's `_tuning_key`, if the caller has it already."""
+    `key`: this call's `_tuning_key`, if the caller has it already. `tile_scales`: where codes
+    "int8_tiles" writes its scales."""
     m, k = x.shape
     n = w.shape[0]
     unused = scales  # a pointer the kernel never reads when its flag is off
@@ -575,10 +671,11 @@ def _run(
         "INT8": int8 is not None,
         "HAS_ROW_SCALE": int8 is not None and int8.row_scale is not None,
         "HW_APPROX": x.is_cuda, "HAS_RESIDUAL": residual is not None,
+        "HAS_TILE_SCALES": x_tile_scales is not None,
     }  # fmt: skip
     if block is None and key is None:
-        key = _tuning_key(x, w, out, bias, activation, codes, int8, residual)
-    common["RESIDUAL"] = residual
+        key = _tuning_key(x, w, out, bias, activation, codes, int8, residual, x_tile_scales)
+    common.update(RESIDUAL=residual, TILE_SCALES=tile_scales, X_TILE_SCALES=x_tile_scales)
     if kernel == "pointer":
         args = (x, w, bias_arg, out, scales, *extra, m, n, k,
                 x.stride(0), w.stride(0), out.stride(0))  # fmt: skip
@@ -604,14 +701,18 @@ def _run(
                 **common, NUM_SMS=sms)  # fmt: skip
 
 
-def _tuning_key(x, w, out, bias, activation, codes="float8", int8=None, residual=None) -> tuple:
+def _tuning_key(
+    x, w, out, bias, activation, codes="float8", int8=None, residual=None, x_tile_scales=None
+) -> tuple:
     """What the autotuners' keys and pruning read, with the row count bucketed (`row_bucket`):
-    the shape, bias, activation, output codes, int8 operands, residual and the dtypes."""
+    the shape, bias, activation, output codes, int8 operands, residual, the input's scales and
+    the dtypes."""
     bias_dtype = None if bias is None else bias.dtype
     row_scaled = int8 is not None and int8.row_scale is not None
     residual_dtype = None if residual is None else residual.dtype
     return (row_bucket(x.shape[0]), w.shape[0], x.shape[1], activation, codes, row_scaled,
-            x.dtype, out.dtype, bias_dtype, residual_dtype)  # fmt: skip
+            x.dtype, out.dtype, bias_dtype, residual_dtype,
+            x_tile_scales is not None)  # fmt: skip
 
 
 @functools.cache
@@ -632,14 +733,19 @@ def launch(
     block: tuple[int, int, int] | None = None,
     kernel: str | None = None,
     residual: Tensor | None = None,
-) -> Tensor:
+    x_tile_scales: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Run a Triton kernel: `kernel` from `KERNELS`, or None for the faster on this shape
     (timed once per `_tuning_key`). x (M, K) and w (N, K) are float8 codes, or int8 codes with
     `int8` set; `codes` picks the output (`CODES`), stored as `out_dtype` (default: the codes'
     dtype; required for "none"). `block` = (BLOCK_M, BLOCK_N, BLOCK_K) runs the pointer kernel
     untuned, as the interpreter tests do; they also store float32 to see the values before the
     float8 rounding. `residual` (M, N), with codes "none": added to the output in float32
-    before its one rounding (a block's `x + linear(...)`, `passes/fuse_residual_add.py`)."""
+    before its one rounding (a block's `x + linear(...)`, `passes/fuse_residual_add.py`).
+
+    codes "int8_tiles" returns (codes (M, N) int8, scales (cdiv(N, 128), M) float32), a scale
+    per row and `TILE_COLUMNS` group; `x_tile_scales` is such an input's scales (int8 x,
+    symmetric: col_zero zero, no row scales)."""
     if triton is None:
         raise RuntimeError("the fused quantized linear needs Triton, which is not installed")
     m, k = x.shape
@@ -660,13 +766,25 @@ def launch(
         if tuple(residual.shape) != (m, n):
             raise ValueError(f"residual of shape {tuple(residual.shape)}; the output is {(m, n)}")
         residual = residual.contiguous()
+    if x_tile_scales is not None:
+        x_tile_scales = _checked_tile_scales(x_tile_scales, m, k, int8)
     x, w = x.contiguous(), w.contiguous()
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
-    spec = {"codes": codes, "int8": int8, "residual": residual}
+    tile_scales = None
+    if (codes == "int8_tiles" or x_tile_scales is not None) and -(
+        -max(n, k) // TILE_COLUMNS
+    ) * m >= 2**31:
+        raise ValueError(f"per-group scales of {m} rows index past 2^31: split the batch")
+    if codes == "int8_tiles":
+        tile_scales = torch.empty(triton.cdiv(n, TILE_COLUMNS), m, device=x.device)
+    spec = {"codes": codes, "int8": int8, "residual": residual, "tile_scales": tile_scales,
+            "x_tile_scales": x_tile_scales}  # fmt: skip
+    result = out if tile_scales is None else (out, tile_scales)
     if block is not None:
         _run("pointer", x, w, out, scales, bias, activation, block=block, **spec)
-        return out
-    key = spec["key"] = _tuning_key(x, w, out, bias, activation, codes, int8, residual)
+        return result
+    key = spec["key"] = _tuning_key(x, w, out, bias, activation, codes, int8, residual,
+                                    x_tile_scales)  # fmt: skip
     # the device's TMA support is asked once per key (at the pick), the operands' alignment
     # once per TMA call: a key's later calls may come with operands TMA cannot address
     aligned = functools.partial(_tma_aligned, x, w, out, residual)
@@ -688,7 +806,20 @@ def launch(
             f"(x {tuple(x.shape)} {x.dtype}, out {tuple(out.shape)} {out.dtype})"
         )
     _run(kernel, x, w, out, scales, bias, activation, **spec)
-    return out
+    return result
+
+
+def _checked_tile_scales(x_tile_scales: Tensor, m: int, k: int, int8: Int8Operands | None):
+    """x_tile_scales, contiguous, or the reason `launch` cannot apply it."""
+    groups = -(-k // TILE_COLUMNS)
+    if int8 is None or int8.row_scale is not None:
+        raise ValueError("group scales apply to int8 codes without row scales")
+    if tuple(x_tile_scales.shape) != (groups, m):
+        raise ValueError(
+            f"x_tile_scales of shape {tuple(x_tile_scales.shape)}; an input of {m} rows and "
+            f"{k} columns has ({groups}, {m}): one per {TILE_COLUMNS}-column group and row"
+        )
+    return x_tile_scales.float().contiguous()
 
 
 PICK_ROUNDS = 3
@@ -837,15 +968,44 @@ def quantize_int8_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
     return codes, scale
 
 
+def quantize_int8_per_group(y: Tensor) -> tuple[Tensor, Tensor]:
+    """(codes (M, N) int8, scales (cdiv(N, 128), M) float32) of y (M, N): `quantize_int8_per_token`
+    on each row's `TILE_COLUMNS`-column groups (a short last group has its own scale), the
+    layout codes "int8_tiles" writes."""
+    m, n = y.shape
+    groups = -(-n // TILE_COLUMNS)
+    padded = torch.nn.functional.pad(y.float(), (0, groups * TILE_COLUMNS - n))
+    codes, scale = quantize_int8_per_token(padded.reshape(m, groups, TILE_COLUMNS))
+    return codes.reshape(m, -1)[:, :n], scale.reshape(m, groups).t().contiguous()
+
+
+def _group_scaled_sums(x: Tensor, w: Tensor, x_tile_scales: Tensor) -> Tensor:
+    """Σ over K's `TILE_COLUMNS` groups of (exact int32 sums of the group) x its rows' scales, in
+    float32 and in the kernel's order: x (M, K) int8 codes with x_tile_scales (groups, M)."""
+    acc = torch.zeros(x.shape[0], w.shape[0], device=x.device)
+    for g, start in enumerate(range(0, x.shape[1], TILE_COLUMNS)):
+        part = torch._int_mm(
+            x[:, start : start + TILE_COLUMNS], w[:, start : start + TILE_COLUMNS].t()
+        )
+        acc += part.float() * x_tile_scales[g][:, None]
+    return acc
+
+
 def int8_linear_reference(
     x: Tensor, w: Tensor, scales: Tensor, bias: Tensor | None, activation: str, codes: str,
     int8: Int8Operands, out_dtype: torch.dtype, residual: Tensor | None = None,
-) -> Tensor:  # fmt: skip
+    x_tile_scales: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:  # fmt: skip
     """The int8 kernel's function in PyTorch (`_epilogue`): torch._int_mm's exact int32 sums,
     then float32 elementwise with the exact (erf) GELU. The CPU runs this (inductor fuses the
     elementwise part into the GEMM's consumer). K must be a multiple of 32 here too
-    (`unsupported`): torch._int_mm's CPU kernel returns wrong sums for K = 1 (torch 2.14)."""
-    acc = torch._int_mm(x, w.t()) - int8.col_zero
+    (`unsupported`): torch._int_mm's CPU kernel returns wrong sums for K = 1 (torch 2.14).
+    `x_tile_scales`: x's scales per `TILE_COLUMNS` group (`_group_scaled_sums`); codes
+    "int8_tiles": (codes, scales) of `quantize_int8_per_group`."""
+    if x_tile_scales is not None:
+        acc = _group_scaled_sums(x, w, x_tile_scales) - int8.col_zero
+    else:
+        acc = torch._int_mm(x, w.t()) - int8.col_zero
     y = acc.float() * (int8.col_scale * scales[0])
     if int8.row_scale is not None:
         y = y * int8.row_scale[:, None]
@@ -855,6 +1015,8 @@ def int8_linear_reference(
         y = _activation(y, activation)
     if residual is not None:
         y = y + residual.float()
+    if codes == "int8_tiles":
+        return quantize_int8_per_group(y)
     if codes == "int8":
         return (torch.round(y / scales[1]) + scales[2]).clamp(-128, 127).to(torch.int8)
     if codes == "float8":
@@ -866,7 +1028,7 @@ def int8_linear_reference(
 def int8_linear_op(
     x: Tensor, w: Tensor, col_zero: Tensor, col_scale: Tensor, scales: Tensor,
     row_scale: Tensor | None, bias: Tensor | None, activation: str, codes: str,
-    out_dtype: torch.dtype, residual: Tensor | None = None,
+    out_dtype: torch.dtype, residual: Tensor | None = None, x_tile_scales: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
     """An int8 x int8 linear with everything after the int32 sums in the GEMM's epilogue.
 
@@ -878,6 +1040,8 @@ def int8_linear_op(
         bias: (N,) or None. activation: "none", "gelu" or "relu".
         codes: "none" (the output in `out_dtype`) or "int8" (the next linear's codes).
         residual: (M, N) or None, added to the output (codes "none"): `x + linear(...)`.
+        x_tile_scales: (cdiv(K, 128), M) or None: x's scales per row and 128-column group
+            (what `int8_linear_group_codes_op` writes; then row_scale is None).
 
     Returns:
         (M, N). CUDA runs the Triton kernel, the CPU `int8_linear_reference`.
@@ -885,15 +1049,38 @@ def int8_linear_op(
     operands = Int8Operands(col_zero, col_scale, row_scale)
     if x.device.type == "cuda":
         return launch(x, w, scales, bias, activation, codes=codes, int8=operands,
-                      out_dtype=out_dtype, residual=residual)  # fmt: skip
+                      out_dtype=out_dtype, residual=residual,
+                      x_tile_scales=x_tile_scales)  # fmt: skip
     return int8_linear_reference(x, w, scales, bias, activation, codes, operands, out_dtype,
-                                 residual)  # fmt: skip
+                                 residual, x_tile_scales)  # fmt: skip
 
 
 @int8_linear_op.register_fake
 def _(x, w, col_zero, col_scale, scales, row_scale, bias, activation, codes, out_dtype,
-      residual=None):  # fmt: skip
+      residual=None, x_tile_scales=None):  # fmt: skip
     return x.new_empty((x.shape[0], w.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("samq::int8_linear_group_codes", mutates_args=())
+def int8_linear_group_codes_op(
+    x: Tensor, w: Tensor, col_zero: Tensor, col_scale: Tensor, scales: Tensor,
+    row_scale: Tensor | None, bias: Tensor | None, activation: str,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """`int8_linear_op` whose epilogue quantizes its output for the next linear with a scale
+    per row and 128-column group (codes "int8_tiles"): int8-dynamic's lin1, whose lin2 has no
+    calibrated input scale. Returns (codes (M, N) int8, scales (cdiv(N, 128), M) float32)."""
+    operands = Int8Operands(col_zero, col_scale, row_scale)
+    if x.device.type == "cuda":
+        return launch(x, w, scales, bias, activation, codes="int8_tiles", int8=operands)
+    return int8_linear_reference(x, w, scales, bias, activation, "int8_tiles", operands,
+                                 torch.int8)  # fmt: skip
+
+
+@int8_linear_group_codes_op.register_fake
+def _(x, w, col_zero, col_scale, scales, row_scale, bias, activation):
+    m, n = x.shape[0], w.shape[0]
+    groups = (n + TILE_COLUMNS - 1) // TILE_COLUMNS
+    return x.new_empty((m, n), dtype=torch.int8), x.new_empty((groups, m), dtype=torch.float32)
 
 
 class Int8LinearOnCodes(nn.Module):
@@ -924,20 +1111,21 @@ class Int8LinearOnCodes(nn.Module):
         self.register_buffer("bias", bias)
 
     def _matmul(
-        self, x8: Tensor, row_scale=None, activation="none", codes="none", residual=None
-    ) -> Tensor:
+        self, x8: Tensor, row_scale=None, activation="none", codes="none", residual=None,
+        x_tile_scales=None,
+    ) -> Tensor:  # fmt: skip
         x2 = x8.reshape(-1, x8.shape[-1])
         out_dtype = torch.int8 if codes == "int8" else self.out_dtype
         if residual is not None:  # `passes/fuse_residual_add.py`: x + this linear, one rounding
             residual = residual.reshape(x2.shape[0], self.weight.shape[0])
         args = (x2, self.weight, self.col_zero, self.w_scale, self.scales, row_scale, self.bias,
-                activation, codes, out_dtype, residual)  # fmt: skip
+                activation, codes, out_dtype, residual, x_tile_scales)  # fmt: skip
         if x2.is_cuda:
             y = int8_linear_op(*args)
         else:
             operands = Int8Operands(self.col_zero, self.w_scale, row_scale)
             y = int8_linear_reference(x2, self.weight, self.scales, self.bias, activation, codes,
-                                      operands, out_dtype, residual)  # fmt: skip
+                                      operands, out_dtype, residual, x_tile_scales)  # fmt: skip
         return y.reshape(*x8.shape[:-1], self.weight.shape[0])
 
     def forward(self, x8: Tensor, residual: Tensor | None = None) -> Tensor:
@@ -970,11 +1158,44 @@ class Int8LinearDynamicAct(Int8LinearDynamic):
     """int8-dynamic's lin1 + activation: x quantized per token, the GEMM's epilogue applies the
     activation and writes the compute dtype. lin2's per-token scales need the whole row of
     this output, which no output tile holds, so lin2 stays an `Int8LinearDynamic` and inductor
-    quantizes its input in one pass (a row reduction) over what this writes."""
+    quantizes its input in one pass (a row reduction) over what this writes (`fuse_pair`'s
+    dynamic_scales="token")."""
 
     def __init__(self, codes, w_scale, bias, out_dtype: torch.dtype, activation: str) -> None:
         super().__init__(codes, w_scale, bias, out_dtype)
         self.activation = activation
+
+
+class Int8LinearDynamicGroupCodes(Int8LinearDynamicAct):
+    """int8-dynamic's lin1 + activation + lin2's input quantizer: x quantized per token; the
+    epilogue applies the activation and quantizes the result with a scale per row and 128-column
+    group (`TILE_COLUMNS`), which one output tile holds. Returns (codes, scales (groups, rows))
+    for an `Int8LinearOnGroupCodes`: no compute-dtype round trip and no per-token pass between
+    the two GEMMs (H100, SAM-B's MLP at batch 8: 0.473 ms a block against 0.680,
+    bench/int8_token_tile_scales_h100.json), and a finer quantization than per token."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x8, row_scale = quantize_int8_per_token(x)
+        args = (x8, self.weight, self.col_zero, self.w_scale, self.scales, row_scale, self.bias,
+                self.activation)  # fmt: skip
+        if x8.is_cuda:
+            codes, scales = int8_linear_group_codes_op(*args)
+        else:
+            operands = Int8Operands(self.col_zero, self.w_scale, row_scale)
+            codes, scales = int8_linear_reference(
+                x8, self.weight, self.scales, self.bias, self.activation, "int8_tiles", operands,
+                torch.int8,
+            )  # fmt: skip
+        return codes.reshape(*x.shape[:-1], self.weight.shape[0]), scales
+
+
+class Int8LinearOnGroupCodes(Int8LinearDynamic):
+    """int8-dynamic's lin2 of a fused pair: takes the codes and per-group scales an
+    `Int8LinearDynamicGroupCodes` wrote; its K loop applies each group's scales to that group's
+    int32 sums."""
+
+    def forward(self, x8: Tensor, x_tile_scales: Tensor, residual: Tensor | None = None) -> Tensor:
+        return self._matmul(x8, residual=residual, x_tile_scales=x_tile_scales)
 
 
 class Int8LinearAct(Int8LinearOnCodes):
@@ -992,10 +1213,23 @@ class Int8LinearAct(Int8LinearOnCodes):
         return self._matmul(x8, activation=self.activation, codes="int8")
 
 
-def fuse_pair(lin1: nn.Module, lin2: nn.Module, activation: str, out_dtype: torch.dtype):
+DYNAMIC_HIDDEN_SCALES = {
+    "group": "lin1's epilogue quantizes lin2's input with a scale per token and 128 hidden "
+    "channels, and lin2 applies them in its K loop (no round trip between the GEMMs)",
+    "token": "lin1 writes the compute dtype with the activation applied, and lin2 quantizes it "
+    "per token, as its other linears do (a pass over the hidden activation)",
+}
+"""How `fuse_pair` scales an int8-dynamic MLP's hidden activation (lin2's input)."""
+
+
+def fuse_pair(
+    lin1: nn.Module, lin2: nn.Module, activation: str, out_dtype: torch.dtype,
+    dynamic_scales: str = "group",
+):  # fmt: skip
     """(lin1 with the activation and lin2's input quantizer in its epilogue, lin2 taking the
-    codes it writes) for two float8-static or two int8-static linears; (lin1 with the
-    activation in its epilogue, lin2 as it was) for two int8-dynamic ones; or the reason not."""
+    codes it writes) for two float8-static or two int8-static linears, and for two int8-dynamic
+    ones with `dynamic_scales` "group"; (lin1 with the activation in its epilogue, lin2 as it
+    was) for two int8-dynamic ones with "token" (`DYNAMIC_HIDDEN_SCALES`); or the reason not."""
     if type(lin1) is Float8Linear and type(lin2) is Float8Linear:
         first = Float8LinearAct(lin1.weight, lin1.w_scale, lin1.x_scale, lin1.bias,
                                 lin2.x_scale, activation)  # fmt: skip
@@ -1009,8 +1243,17 @@ def fuse_pair(lin1: nn.Module, lin2: nn.Module, activation: str, out_dtype: torc
                                    lin2.bias, out_dtype)  # fmt: skip
         return first, second
     if type(lin1) is Int8LinearDynamic and type(lin2) is Int8LinearDynamic:
-        first = Int8LinearDynamicAct(lin1.weight, lin1.w_scale, lin1.bias, lin1.out_dtype,
-                                     activation)  # fmt: skip
-        return first, lin2
+        if dynamic_scales not in DYNAMIC_HIDDEN_SCALES:
+            raise ValueError(
+                f"dynamic_scales {dynamic_scales!r}; one of {list(DYNAMIC_HIDDEN_SCALES)}"
+            )
+        if dynamic_scales == "token":
+            first = Int8LinearDynamicAct(lin1.weight, lin1.w_scale, lin1.bias, lin1.out_dtype,
+                                         activation)  # fmt: skip
+            return first, lin2
+        first = Int8LinearDynamicGroupCodes(lin1.weight, lin1.w_scale, lin1.bias, lin1.out_dtype,
+                                            activation)  # fmt: skip
+        second = Int8LinearOnGroupCodes(lin2.weight, lin2.w_scale, lin2.bias, out_dtype)
+        return first, second
     names = f"{type(lin1).__name__} and {type(lin2).__name__}"
     return f"not two float8-static, two int8-static or two int8-dynamic linears ({names})"

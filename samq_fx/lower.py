@@ -59,6 +59,7 @@ from torch import nn
 from samq_fx.api import PARTS, QuantizedSam
 from samq_fx.capture import CapturedSam, select_mask_outputs
 from samq_fx.gemm_epilogue import (
+    DYNAMIC_HIDDEN_SCALES,
     Float8Linear,
     Int8Linear,
     Int8LinearDynamic,
@@ -156,6 +157,10 @@ class LowerConfig(DictConfig):
             "tinygemm" (CUDA and bf16 only; refused with the reason elsewhere).
         int8_kernel: int8-static / int8-dynamic: one of `INT8_KERNELS`, "samq" (this
             project's kernel on CUDA; torch._int_mm on the CPU) or "torchao".
+        dynamic_scales: int8-dynamic with the fused MLP epilogue: how lin2's input (the MLP's
+            hidden activation) is scaled, one of `DYNAMIC_HIDDEN_SCALES`: "group" (a scale per
+            token and 128 hidden channels, written by lin1's epilogue) or "token" (per token,
+            as every other int8-dynamic input; a compute-dtype round trip between the GEMMs).
     """
 
     backend: str = "int8-static"
@@ -167,8 +172,14 @@ class LowerConfig(DictConfig):
     fuse_epilogue: bool = True
     int4_kernel: str = "dequant"
     int8_kernel: str = "samq"
+    dynamic_scales: str = "group"
 
     def __post_init__(self) -> None:
+        if self.dynamic_scales not in DYNAMIC_HIDDEN_SCALES:
+            raise LoweringError(
+                f"unknown dynamic_scales {self.dynamic_scales!r}; one of "
+                f"{list(DYNAMIC_HIDDEN_SCALES)}"
+            )
         if self.int8_kernel not in INT8_KERNELS:
             raise LoweringError(
                 f"unknown int8 kernel {self.int8_kernel!r}; kernels: {list(INT8_KERNELS)}"
@@ -425,9 +436,11 @@ class KernelBackend:
         device: torch.device,
         int4_kernel: str = "dequant",
         int8_kernel: str = "samq",
+        dynamic_scales: str = "group",
     ) -> None:
         self.name, self.dtype, self.device = name, dtype, device
         self.int4_kernel, self.int8_kernel = int4_kernel, int8_kernel
+        self.dynamic_scales = dynamic_scales  # `fuse_linear_epilogue`'s int8-dynamic pairs
 
     def make_linear(self, site, w_q, weight, in_q, bias, x_val):
         """(module, kernel description) or (None, reason the site stays fake-quantized)."""
@@ -608,7 +621,11 @@ def cast_boundaries(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
 
 MLP_EPILOGUE_KERNEL = "{input} + {activation} + {out} out (Triton, fused)"
 """The report's kernel name of an MLP's lin1 with `fuse_linear_epilogue`'s epilogue ("out":
-lin2's codes, or the compute dtype for int8-dynamic)."""
+lin2's codes, `GROUP_CODES` for int8-dynamic's, or the compute dtype)."""
+GROUP_CODES = "int8 (scales per token and 128 channels)"
+"""The report's name of int8-dynamic's hidden codes (`fuse_linear_epilogue`'s "int8-group")."""
+GROUP_CONSUMER_KERNEL = "int8 x int8 on lin1's codes, scales per token and 128 channels (Triton)"
+"""The report's kernel name of the lin2 that takes them."""
 
 
 def _has_mlp_epilogue(cfg: LowerConfig) -> bool:
@@ -730,6 +747,7 @@ def lower(
     fuse_epilogue: bool = True,
     int4_kernel: str = "dequant",
     int8_kernel: str = "samq",
+    dynamic_scales: str = "group",
     compile: bool = False,
     cudagraphs: bool = False,
     verbose: bool = True,
@@ -753,6 +771,9 @@ def lower(
             also add each encoder block's residual in the GEMM before it (see `LowerConfig`).
         int4_kernel: int4-weight: "dequant" or "tinygemm" (`INT4_KERNELS`).
         int8_kernel: int8-static / int8-dynamic: "samq" or "torchao" (`INT8_KERNELS`).
+        dynamic_scales: int8-dynamic: the MLPs' hidden activation scaled per token and 128
+            channels ("group", written by lin1's epilogue) or per token ("token"); see
+            `LowerConfig`.
         compile: wrap the image encoder and mask decoder in `torch.compile(fullgraph=True)`.
         cudagraphs: with `compile`, replay each image-encoder call as a CUDA graph (see
             `compile_parts`): the float8 pipeline launches more kernels from Python than the
@@ -778,6 +799,7 @@ def lower(
         fuse_epilogue=fuse_epilogue,
         int4_kernel=int4_kernel,
         int8_kernel=int8_kernel,
+        dynamic_scales=dynamic_scales,
     )
     if cudagraphs and not compile:
         raise LoweringError("cudagraphs=True replays the compiled model: pass compile=True too")
@@ -814,7 +836,8 @@ def lower(
     for part in PARTS:
         gm = getattr(model, part)
         state = _pass_state(torch_dtype, cfg.attention, cfg.window_attention)
-        kernels = KernelBackend(cfg.backend, torch_dtype, device, cfg.int4_kernel, cfg.int8_kernel)
+        kernels = KernelBackend(cfg.backend, torch_dtype, device, cfg.int4_kernel, cfg.int8_kernel,
+                                cfg.dynamic_scales)  # fmt: skip
         ctx = PassContext(part, model.samq_arch, config=kernels, state=state)
         # the encoder's MLPs see B x 4096 tokens; the decoder's a few per prompt, where an
         # autotuned kernel per prompt count would cost more than the round trip it saves
@@ -835,6 +858,7 @@ def lower(
             **results["lower_linears"].rejected,
         }.items():
             report.kept[f"{prefix}:{site}"] = reason
+        group_consumers = []
         for node in gm.graph.nodes:
             info = get_info(node)
             findings = info.findings if info is not None else {}
@@ -843,9 +867,13 @@ def lower(
                 kernel = finding["kernel"]
                 fused = info.findings.get("fuse_linear_epilogue")
                 if fused:
-                    out = fused["codes"] if fused["codes"] != "none" else report.dtype
+                    names = {"none": report.dtype, "int8-group": GROUP_CODES}
+                    out = names.get(fused["codes"], fused["codes"])
                     kernel = MLP_EPILOGUE_KERNEL.format(**fused, out=out)
+                    if fused["codes"] == "int8-group":
+                        group_consumers.append(f"{prefix}:{fused['consumer']}")
                 report.lowered[f"{prefix}:{node.target.split('.', 1)[1]}"] = kernel
+        report.lowered.update(dict.fromkeys(group_consumers, GROUP_CONSUMER_KERNEL))
         if "fuse_linear_epilogue" in results:
             report.fused_epilogues += results["fuse_linear_epilogue"].counts["fused"]
             report.unfused_epilogues.update(results["fuse_linear_epilogue"].rejected)

@@ -23,9 +23,14 @@ from samq_fx.gemm_epilogue import (
     Int8Linear,
     Int8LinearAct,
     Int8LinearDynamic,
+    Int8LinearDynamicGroupCodes,
     Int8LinearOnCodes,
+    Int8LinearOnGroupCodes,
+    fuse_pair,
     gelu_fast,
     linear_act_reference,
+    quantize_int8_per_group,
+    quantize_int8_per_token,
     quantize_int8_static,
     quantize_static,
     row_bucket,
@@ -218,6 +223,77 @@ def test_int8_kernel_under_the_triton_interpreter(triton_interpreter):
     assert int(wrong_codes) == 0, f"{wrong_codes} int8 codes differ from torch.round's"
 
 
+_GROUP_SCALES_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from samq_fx import gemm_epilogue as fe
+    torch.manual_seed(0)
+    worst_scale, worst_out, worst_step = 0.0, 0.0, 0
+    # lin1: per-token input, GELU, codes per row and 128-column group; N = 208 leaves a short group (rows 16-byte multiples, for TMA)
+    m, n, k = 37, 208, 64
+    x = torch.randint(-127, 128, (m, k), dtype=torch.int8)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    rows = torch.rand(m) + 0.5
+    ops = fe.Int8Operands(torch.zeros(n, dtype=torch.int32), torch.rand(n) * 1e-3 + 1e-4, rows)
+    scales, b = torch.tensor([1.0, 1.0, 0.0]), torch.randn(n)
+    x[3] = 0  # an all-zero input row: zero codes, a tiny scale, no division by zero
+    y = (x.long() @ w.long().t()).double() * ops.col_scale.double() * rows.double()[:, None]
+    y = fe.gelu_fast((y + b.double()).float()).double()
+    ref_codes, ref_scales = fe.quantize_int8_per_group(y)
+    results = [fe.launch(x, w, scales, b, "gelu", codes="int8_tiles", int8=ops, block=(16, 128, 32))]
+    out, tiles = torch.zeros(m, n, dtype=torch.int8), torch.zeros(2, m)
+    fe._linear_act_kernel_tma_ptrs[(3,)](x, w, out, b, scales, ops.col_zero, ops.col_scale, rows,
+                                         m, n, k, HAS_BIAS=True, ACTIVATION="gelu",
+                                         CODES="int8_tiles", INT8=True, HAS_ROW_SCALE=True,
+                                         HW_APPROX=False, BLOCK_M=16, BLOCK_N=128, BLOCK_K=32,
+                                         GROUP_M=2, NUM_SMS=3, PER_SM=1, TILE_SCALES=tiles)
+    results.append((out, tiles))
+    for codes, got in results:
+        assert codes.dtype == torch.int8 and got.shape == (2, m)
+        worst_step = max(worst_step, int((codes.long() - ref_codes.long()).abs().max()))
+        worst_scale = max(worst_scale, float(((got.double() - ref_scales) / ref_scales).abs().max()))
+    # lin2: codes with per-group scales; K = 320 (groups of 128, 128, 64), ragged M and N
+    m, n, k = 45, 24, 320
+    x = torch.randint(-127, 128, (m, k), dtype=torch.int8)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    groups = (torch.rand(3, m) + 0.5) * 1e-2
+    ops = fe.Int8Operands(torch.zeros(n, dtype=torch.int32), torch.rand(n) * 1e-2 + 1e-3)
+    b, res = torch.randn(n), torch.randn(m, n)
+    xs = x.double() * groups.double().t().repeat_interleave(128, dim=1)[:, :k]
+    expect = (xs @ w.double().t()) * ops.col_scale.double() + b.double()
+    for block in ((16, 16, 32), (16, 16, 64)):
+        got = fe.launch(x, w, scales, b, "none", codes="none", int8=ops, out_dtype=torch.float32,
+                        block=block, x_tile_scales=groups, residual=res).double()
+        worst_out = max(worst_out, float((got - expect - res.double()).abs().max() / expect.abs().max()))
+    for block_k in (64, 128):  # the TMA kernel: zero-filled past K in the last, short group
+        out = torch.zeros(m, n)
+        fe._linear_act_kernel_tma_ptrs[(3,)](x, w, out, b, scales, ops.col_zero, ops.col_scale,
+                                             scales, m, n, k, HAS_BIAS=True, ACTIVATION="none",
+                                             CODES="none", INT8=True, HAS_ROW_SCALE=False,
+                                             HW_APPROX=False, BLOCK_M=16, BLOCK_N=16,
+                                             BLOCK_K=block_k, GROUP_M=2, NUM_SMS=3, PER_SM=1,
+                                             X_TILE_SCALES=groups, HAS_TILE_SCALES=True)
+        worst_out = max(worst_out, float((out.double() - expect).abs().max() / expect.abs().max()))
+    ref = fe.int8_linear_reference(x, w, scales, b, "none", "none", ops, torch.float32,
+                                   x_tile_scales=groups).double()
+    worst_out = max(worst_out, float((ref - expect).abs().max() / expect.abs().max()))
+    print(worst_step, worst_scale, worst_out)
+    """
+)
+
+
+def test_group_scaled_codes_under_the_triton_interpreter(triton_interpreter):
+    """int8-dynamic's fused MLP on both kernels: lin1's epilogue writes codes with a scale per
+    row and 128-column group (a short last group and an all-zero input row included) equal to
+    `quantize_int8_per_group` of the exact output, and lin2's K loop applies each group's scales
+    (K steps of 32, 64 and 128 in groups of 128, a short last group, a residual) to float32
+    rounding of the float64 product; the CPU reference too."""
+    step, scale_err, out_err = triton_interpreter(_GROUP_SCALES_SCRIPT).split()
+    assert int(step) == 0, f"codes {step} steps off the exact ones"
+    assert float(scale_err) < 1e-6, f"group scales off by {scale_err} (relative)"
+    assert float(out_err) < 1e-6, f"group-scaled linear off by {out_err} (relative)"
+
+
 def test_token_tile_scales_bench_kernels_under_the_interpreter(triton_interpreter):
     """bench/int8_token_tile_scales.py's kernels (lin1 writing codes with a scale per row and
     128-column tile, lin2 rescaling each K tile's sums) still build on `gemm_epilogue`'s
@@ -358,6 +434,87 @@ def test_fused_int8_pair_equals_the_unfused_pair(m, n, k, activation, seed):
     assert h8.dtype == torch.int8
     assert torch.equal(h8, quantize_int8_static(h, torch.tensor(s_h), z_h))
     assert torch.equal(second(h8), lin2(h))
+
+
+def test_per_group_quantizer_layout_and_edges():
+    """`quantize_int8_per_group`: scales (groups, rows), one per 128 columns, the last group
+    short; each group's largest value maps to ±127; an all-zero group gets zero codes; and a
+    row of one group is `quantize_int8_per_token`'s."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(5, 300, generator=g) * torch.tensor([1.0] * 128 + [50.0] * 128 + [0.1] * 44)
+    y[2, 128:256] = 0
+    codes, scales = quantize_int8_per_group(y)
+    assert codes.shape == (5, 300) and codes.dtype == torch.int8 and scales.shape == (3, 5)
+    blocks = [(0, 128), (128, 256), (256, 300)]
+    for i, (a, b) in enumerate(blocks):
+        amax = y[:, a:b].abs().amax(1)
+        expect = torch.where(amax > 0, amax / 127, torch.full_like(amax, 1e-12))
+        torch.testing.assert_close(scales[i], expect, rtol=1e-6, atol=0)
+        live = amax > 0
+        assert torch.equal(codes[live, a:b].abs().amax(1), torch.full((int(live.sum()),), 127,
+                                                                       dtype=torch.int8))  # fmt: skip
+    assert not codes[2, 128:256].any()
+    row_codes, row_scale = quantize_int8_per_token(y[:, :128])
+    assert torch.equal(codes[:, :128], row_codes) and torch.equal(scales[0], row_scale)
+
+
+@settings(max_examples=20, deadline=None)
+@given(m=st.integers(1, 40), hidden=st.sampled_from([128, 256, 384]),
+       activation=st.sampled_from(["gelu", "relu"]), seed=st.integers(0, 2**16))  # fmt: skip
+def test_group_scaled_dynamic_pair_equals_its_float64_chain(m, hidden, activation, seed):
+    """`fuse_pair`'s int8-dynamic MLP ("group"): lin1 + activation writing codes per token and
+    128 hidden channels, then lin2 on them, equals the chain computed apart in float64: x
+    quantized per token, lin1, the exact activation, its output quantized per 128-channel
+    group, lin2. Codes may differ by a step where float32 rounding lands on a boundary."""
+    g = torch.Generator().manual_seed(seed)
+    k, n = 64, 48
+    x = torch.randn(2, m, k, generator=g) * 3
+    w1, w2 = (
+        torch.randint(-127, 128, s, generator=g, dtype=torch.int8)
+        for s in ((hidden, k), (n, hidden))
+    )
+    s1, s2 = torch.rand(hidden, generator=g) * 1e-2 + 1e-3, torch.rand(n, generator=g) * 1e-2 + 1e-3
+    b1, b2 = torch.randn(hidden, generator=g), torch.randn(n, generator=g)
+    lin1 = Int8LinearDynamic(w1, s1, b1, torch.float32)
+    lin2 = Int8LinearDynamic(w2, s2, b2, torch.float32)
+    first, second = fuse_pair(lin1, lin2, activation, torch.float32)
+    assert type(first) is Int8LinearDynamicGroupCodes and type(second) is Int8LinearOnGroupCodes
+    codes, scales = first(x)
+    out = second(codes, scales)
+    assert codes.shape == (2, m, hidden) and scales.shape == (hidden // 128, 2 * m)
+
+    rows = x.reshape(-1, k).double()
+    sx = (rows.abs().amax(1) / 127).clamp_min(1e-12)
+    h = (torch.round(rows / sx[:, None]).clamp(-127, 127) * sx[:, None]) @ (
+        w1.double() * s1.double()[:, None]
+    ).t()
+    h = h + b1.double()
+    h = torch.nn.functional.gelu(h) if activation == "gelu" else torch.relu(h)
+    groups = h.reshape(-1, hidden // 128, 128)
+    sh = (groups.abs().amax(-1, keepdim=True) / 127).clamp_min(1e-12)
+    ref_codes = torch.round(groups / sh).clamp(-127, 127)
+    off = (codes.reshape(-1, hidden // 128, 128).double() - ref_codes).abs()
+    assert float(off.max()) <= 1 and float(off.gt(0).double().mean()) < 0.01
+    torch.testing.assert_close(scales.t().double(), sh.squeeze(-1), rtol=1e-5, atol=1e-12)
+    ref = (ref_codes * sh).reshape(-1, hidden) @ (
+        w2.double() * s2.double()[:, None]
+    ).t() + b2.double()
+    err = float((out.reshape(-1, n).double() - ref).abs().max() / ref.abs().max())
+    assert err < 0.01, f"fused dynamic pair vs float64 chain: {err:.2e}"
+
+
+def test_dynamic_scales_choice_is_checked():
+    """`fuse_pair`'s dynamic_scales: "token" keeps lin2 as it was; an unknown one is refused
+    with the choices (and `lower` refuses it before any work)."""
+    codes = torch.randint(-127, 128, (128, 64), dtype=torch.int8)
+    lin1 = Int8LinearDynamic(codes, torch.ones(128), None, torch.float32)
+    lin2 = Int8LinearDynamic(codes.t().contiguous(), torch.ones(64), None, torch.float32)
+    first, second = fuse_pair(lin1, lin2, "gelu", torch.float32, "token")
+    assert second is lin2 and type(first).__name__ == "Int8LinearDynamicAct"
+    with pytest.raises(ValueError, match="'group', 'token'"):
+        fuse_pair(lin1, lin2, "gelu", torch.float32, "channel")
+    with pytest.raises(LoweringError, match="unknown dynamic_scales 'channel'"):
+        lower(None, "int8-dynamic", dynamic_scales="channel")
 
 
 def test_dynamic_int8_survives_zero_rows():

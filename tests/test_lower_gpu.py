@@ -393,6 +393,8 @@ def test_compiled_encoder_fuses_the_mlp_epilogue(calibrated, backend):
     out, eager, fake, source = _compile_and_run(lowered, q)
     op = "samq.float8_linear_act" if backend == "float8-static" else "samq.int8_linear"
     assert op in source, "the compiled encoder does not call the kernel"
+    if backend == "int8-dynamic":  # lin1 writes lin2's codes with per-group scales
+        assert "samq.int8_linear_group_codes" in source
     assert not re.search(r"\berf\(", source), "inductor still computes a GELU"
     assert _sqnr(out, eager) > 25, f"compiled vs eager lowered: {_sqnr(out, eager):.1f} dB"
     assert _sqnr(out, fake) > 20, f"lowered vs fake-quant: {_sqnr(out, fake):.1f} dB"
@@ -519,6 +521,51 @@ def test_int8_kernel_adds_the_residual(shape, kernel):
     assert err_fused <= err_unfused * 1.01, (err_fused, err_unfused)
     with pytest.raises(ValueError, match="residual of shape"):
         launch(x, w, scales, bias, "none", residual=res[:, :-1], **spec)
+
+
+@pytest.mark.parametrize("kernel", ["pointer", "tma"])
+@pytest.mark.parametrize(
+    "lin1,lin2", [((8192, 3072, 768), (8192, 768, 3072)), ((300, 208, 160), (300, 96, 320))],
+    ids=["sam-b-mlp-b2", "ragged"],
+)  # fmt: skip
+def test_int8_group_codes_match_exact_sums(lin1, lin2, kernel):
+    """int8-dynamic's MLP on the GPU: lin1 (per-token input, GELU) writes codes with a scale
+    per row and 128 columns, at most one step off `quantize_int8_per_group` of the float64
+    output where float32 rounding lands next to a boundary, its scales to float32 rounding;
+    lin2's K loop applies each group's scales (a short last group in the ragged case) and adds
+    the residual, within the bf16 output's rounding of the float64 result."""
+    from samq_fx.gemm_epilogue import Int8Operands, gelu_fast, launch, quantize_int8_per_group
+
+    g, x, w = _int8_gemm_case(lin1, kernel)
+    m, n, k = lin1
+    rows = torch.rand(m, device="cuda", generator=g) + 0.5
+    ops = Int8Operands(torch.zeros(n, device="cuda", dtype=torch.int32),
+                       torch.rand(n, device="cuda", generator=g) * 1e-4 + 1e-5, rows)  # fmt: skip
+    bias = torch.randn(n, device="cuda", generator=g).bfloat16()
+    scales = torch.tensor([2.0 / k**0.5, 1.0, 0.0], device="cuda")
+    codes, group_scales = launch(x, w, scales, bias, "gelu", codes="int8_tiles", int8=ops,
+                                 kernel=kernel)  # fmt: skip
+    y = (x.double() @ w.double().t()) * ops.col_scale.double() * float(scales[0])
+    y = gelu_fast((y * rows.double()[:, None] + bias.double()).float()).double()
+    ref_codes, ref_scales = quantize_int8_per_group(y)
+    off = (codes.double() - ref_codes.double()).abs()
+    assert float(off.max()) <= 1 and float(off.gt(0).double().mean()) < 1e-3
+    assert float(((group_scales.double() - ref_scales) / ref_scales).abs().max()) < 1e-5
+
+    g, x2, w2 = _int8_gemm_case(lin2, kernel)
+    m, n, k = lin2
+    ops = Int8Operands(torch.zeros(n, device="cuda", dtype=torch.int32),
+                       torch.rand(n, device="cuda", generator=g) * 1e-2 + 1e-3)  # fmt: skip
+    x_scales = (torch.rand((k + 127) // 128, m, device="cuda", generator=g) + 0.5) * 1e-2
+    bias = torch.randn(n, device="cuda", generator=g).bfloat16()
+    res = (torch.randn(m, n, device="cuda", generator=g) * 4).bfloat16()
+    out = launch(x2, w2, torch.tensor([1.0, 1.0, 0.0], device="cuda"), bias, "none",
+                 codes="none", int8=ops, out_dtype=torch.bfloat16, kernel=kernel,
+                 x_tile_scales=x_scales, residual=res).double()  # fmt: skip
+    xs = x2.double() * x_scales.double().t().repeat_interleave(128, dim=1)[:, :k]
+    exact = (xs @ w2.double().t()) * ops.col_scale.double() + bias.double() + res.double()
+    err = float((out - exact).abs().max() / exact.abs().max())
+    assert err < 2**-8, f"largest error {err:.2e} (bf16 output)"
 
 
 def test_tma_kernel_leaves_rows_it_cannot_address_to_the_pointer_kernel():
