@@ -12,9 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def parse_args(doc: str, argv, rounds: int) -> argparse.Namespace:
-    """--json, --check (refused unless TRITON_INTERPRET=1), --rounds."""
+def parse_args(doc: str, argv, rounds: int, extra: Callable | None = None) -> argparse.Namespace:
+    """--json, --check (refused unless TRITON_INTERPRET=1), --rounds; `extra(parser)` adds a
+    bench's own options."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    if extra is not None:
+        extra(p)
     p.add_argument("--json", type=Path)
     p.add_argument("--check", action="store_true", help="correctness under the interpreter (CPU)")
     p.add_argument("--rounds", type=int, default=rounds, help="alternating timing rounds")

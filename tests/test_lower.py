@@ -145,7 +145,7 @@ def test_residual_adds_join_the_int8_epilogue(lowered_int8, lowered_int8_unfused
     assert lowered_int8.samq_lowering_report.unfused_residuals == {}
     for node in fused.values():
         residual = get_info(node).findings["fuse_residual_add"]["residual"]
-        assert len(node.args) == 2 and node.args[1].name == residual
+        assert len(node.args) == 1 and node.kwargs["residual"].name == residual
     adds = [n for n in enc.graph.nodes if n.target == torch.ops.aten.add.Tensor]
     assert not any(a in fused.values() and len(a.users) == 1 for n in adds for a in n.args)
     assert lowered_int8_unfused_residual.samq_lowering_report.fused_residuals == 0
