@@ -22,10 +22,15 @@ MLP at batch 8, on the persistent TMA GEMM at `_pick`'s usual tile (128 x 128 x 
 `--check` runs every kernel under Triton's interpreter on small shapes (CPU) against float64
 references, and compares the two granularities' error on GELU-like rows.
 
-    PYTHONPATH=. python3 bench/int8_token_tile_scales.py [--json out.json]
+    PYTHONPATH=. python3 bench/int8_token_tile_scales.py [--production] [--json out.json]
     TRITON_INTERPRET=1 PYTHONPATH=. python3 bench/int8_token_tile_scales.py --check   # CPU
 
-Written in session 20, checked under the interpreter; not yet run on a GPU.
+`--production` times `gemm_epilogue`'s own kernels instead (lin1 writing bf16 or group codes,
+lin2 on row or group scales with the residual), each at the configs its autotuner can pick.
+
+Written in session 20; run on the H100 in session 21 (bench/int8_token_tile_scales_h100.json,
+bench/int8_group_production_h100.json; bench/RESULTS.md). That run decided `lower`'s
+int8-dynamic MLP: group-scaled codes written by lin1's epilogue.
 """
 
 from __future__ import annotations
