@@ -1176,8 +1176,8 @@ class Int8LinearDynamicGroupCodes(Int8LinearDynamicAct):
     epilogue applies the activation and quantizes the result with a scale per row and 128-column
     group (`TILE_COLUMNS`), which one output tile holds. Returns (codes, scales (groups, rows))
     for an `Int8LinearOnGroupCodes`: no compute-dtype round trip and no per-token pass between
-    the two GEMMs (H100, SAM-B's MLP at batch 8: 0.473 ms a block against 0.680,
-    bench/int8_token_tile_scales_h100.json), and a finer quantization than per token."""
+    the two GEMMs (H100, SAM-B's MLP at batch 8: 0.468 ms a block against 0.573,
+    bench/int8_group_production_h100.json), and a finer quantization than per token."""
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x8, row_scale = quantize_int8_per_token(x)

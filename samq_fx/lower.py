@@ -148,7 +148,8 @@ class LowerConfig(DictConfig):
         strict: raise instead of keeping a layer fake-quantized.
         fuse_epilogue: float8-static and int8-static: run each image-encoder MLP (lin1 ->
             GELU -> lin2) as one 8-bit GEMM whose epilogue applies the GELU and writes lin2's
-            8-bit input (`samq_fx.gemm_epilogue`), instead of a bf16 round trip between them;
+            8-bit input (`samq_fx.gemm_epilogue`), instead of a bf16 round trip between them
+            (int8-dynamic: codes with dynamic scales, see `dynamic_scales`);
             and have the window and global attention kernels write their output projection's
             8-bit input (`passes/fuse_attention_codes.py`). int8-static and int8-dynamic (the
             "samq" kernel): each encoder block's residual add joins the epilogue of the GEMM

@@ -601,6 +601,17 @@ def test_load_relowers_with_every_saved_option(q_int4, tmp_path):
     assert loaded.samq_lowering_report.fused_attention == 0
 
 
+def test_load_relowers_int8_dynamic_with_its_hidden_scales(lowered_dynamic_pair, tmp_path):
+    """dynamic_scales="token" survives save/load: the loaded model's MLPs are the per-token
+    pair again, not the default group-scaled one."""
+    token = lowered_dynamic_pair[0]
+    loaded = samq_fx.load(samq_fx.save(token, tmp_path / "dynamic.samq"))
+    assert loaded.samq_lowering.dynamic_scales == "token"
+    kinds = [type(m).__name__ for m in loaded.image_encoder.samq_lowered.values()]
+    assert kinds.count("Int8LinearDynamicAct") == loaded.samq_arch.encoder_depth
+    assert "Int8LinearOnGroupCodes" not in kinds
+
+
 def test_lowered_encoder_compiles_fullgraph(lowered_int8):
     x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
