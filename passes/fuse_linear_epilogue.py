@@ -18,7 +18,7 @@ sees the float32 accumulator instead of its bf16 rounding, and the kernel's GELU
 `GELU_RELATIVE_ERROR`) and its multiply by the output scale's reciprocal.
 
 int8-dynamic has no calibrated scale for lin2's input, and a per-token scale needs a whole row
-of lin1's output, more than one output tile. By default (`ctx.config.dynamic_scales` "group")
+of lin1's output, more than one output tile. With `ctx.config.dynamic_scales` "group" (CUDA's default)
 lin1 becomes an `Int8LinearDynamicGroupCodes`: its epilogue quantizes each row's 128-column
 group, which one tile holds, and returns (codes, scales); lin2, an `Int8LinearOnGroupCodes`,
 applies the scales in its K loop. The rewrite is

@@ -161,7 +161,12 @@ class LowerConfig(DictConfig):
         dynamic_scales: int8-dynamic with the fused MLP epilogue: how lin2's input (the MLP's
             hidden activation) is scaled, one of `DYNAMIC_HIDDEN_SCALES`: "group" (a scale per
             token and 128 hidden channels, written by lin1's epilogue) or "token" (per token,
-            as every other int8-dynamic input; a compute-dtype round trip between the GEMMs).
+            as every other int8-dynamic input; a compute-dtype round trip between the GEMMs),
+            or None for `default_dynamic_scales` of the model's device: "group" on CUDA, where
+            it is faster (SAM-B, H100: 1.09x against 1.05x the best bf16) and "token" on the
+            CPU, where the group-scaled GEMM is torch._int_mm a group at a time (tiny SAM,
+            2 cores, batch 4: 26.2 against 31.7 img/s; bench/RESULTS.md, session 21).
+            Group scales are the finer grid either way (tiny SAM: 42.0 against 41.3 dB).
     """
 
     backend: str = "int8-static"
@@ -173,10 +178,10 @@ class LowerConfig(DictConfig):
     fuse_epilogue: bool = True
     int4_kernel: str = "dequant"
     int8_kernel: str = "samq"
-    dynamic_scales: str = "group"
+    dynamic_scales: str | None = None
 
     def __post_init__(self) -> None:
-        if self.dynamic_scales not in DYNAMIC_HIDDEN_SCALES:
+        if self.dynamic_scales is not None and self.dynamic_scales not in DYNAMIC_HIDDEN_SCALES:
             raise LoweringError(
                 f"unknown dynamic_scales {self.dynamic_scales!r}; one of "
                 f"{list(DYNAMIC_HIDDEN_SCALES)}"
@@ -629,6 +634,12 @@ GROUP_CONSUMER_KERNEL = "int8 x int8 on lin1's codes, scales per token and 128 c
 """The report's kernel name of the lin2 that takes them."""
 
 
+def default_dynamic_scales(device: torch.device) -> str:
+    """int8-dynamic's MLP hidden scales when `LowerConfig.dynamic_scales` is None: "group" where
+    the Triton GEMMs write and apply them (CUDA), "token" on the CPU (see `LowerConfig`)."""
+    return "group" if device.type == "cuda" else "token"
+
+
 def _has_mlp_epilogue(cfg: LowerConfig) -> bool:
     """Whether `cfg` lowers MLPs to linears `fuse_linear_epilogue` can fuse: float8-static, or
     int8-static / int8-dynamic on this project's int8 kernel (torchao's has no epilogue to
@@ -748,7 +759,7 @@ def lower(
     fuse_epilogue: bool = True,
     int4_kernel: str = "dequant",
     int8_kernel: str = "samq",
-    dynamic_scales: str = "group",
+    dynamic_scales: str | None = None,
     compile: bool = False,
     cudagraphs: bool = False,
     verbose: bool = True,
@@ -773,8 +784,8 @@ def lower(
         int4_kernel: int4-weight: "dequant" or "tinygemm" (`INT4_KERNELS`).
         int8_kernel: int8-static / int8-dynamic: "samq" or "torchao" (`INT8_KERNELS`).
         dynamic_scales: int8-dynamic: the MLPs' hidden activation scaled per token and 128
-            channels ("group", written by lin1's epilogue) or per token ("token"); see
-            `LowerConfig`.
+            channels ("group", written by lin1's epilogue) or per token ("token"); None: "group"
+            on CUDA, "token" on the CPU (see `LowerConfig`).
         compile: wrap the image encoder and mask decoder in `torch.compile(fullgraph=True)`.
         cudagraphs: with `compile`, replay each image-encoder call as a CUDA graph (see
             `compile_parts`): the float8 pipeline launches more kernels from Python than the
@@ -838,7 +849,7 @@ def lower(
         gm = getattr(model, part)
         state = _pass_state(torch_dtype, cfg.attention, cfg.window_attention)
         kernels = KernelBackend(cfg.backend, torch_dtype, device, cfg.int4_kernel, cfg.int8_kernel,
-                                cfg.dynamic_scales)  # fmt: skip
+                                cfg.dynamic_scales or default_dynamic_scales(device))  # fmt: skip
         ctx = PassContext(part, model.samq_arch, config=kernels, state=state)
         # the encoder's MLPs see B x 4096 tokens; the decoder's a few per prompt, where an
         # autotuned kernel per prompt count would cost more than the round trip it saves

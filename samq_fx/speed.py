@@ -71,7 +71,8 @@ VARIANTS = {"unfused": {"fuse_attention": False}, "triton": {"attention": "trito
             "noepi": {"fuse_epilogue": False},
             "tinygemm": {"int4_kernel": "tinygemm"},
             "torchao": {"int8_kernel": "torchao"},
-            "tokscales": {"dynamic_scales": "token"}}  # fmt: skip
+            "tokscales": {"dynamic_scales": "token"},
+            "grpscales": {"dynamic_scales": "group"}}  # fmt: skip
 """Variants of a lowered setting, one or more `+` suffixes ("float8-static+i8attn+wtri"): the
 attention kernel (without -all the windowed attentions keep flex and the global ones take the
 named kernel); +wtri puts the windows on the Triton window kernel (the fastest there: it reads
@@ -80,9 +81,9 @@ as two linears around a separate activation pass instead of the fused GEMM epilo
 +tinygemm runs int4-weight's linears on tinygemm instead of dequantizing for the float GEMM;
 +torchao runs int8's linears on torchao's Int8Tensor (cuBLAS) instead of this project's kernel;
 +f8sattn is +f8attn on a model calibrated with the global attentions' q, k, v ranges
-(W8A8-int8-attn), which the kernel takes as static scales; +tokscales quantizes int8-dynamic's
-MLP hidden activations per token (a pass between the GEMMs) instead of per token and 128
-channels in lin1's epilogue."""
+(W8A8-int8-attn), which the kernel takes as static scales; +tokscales / +grpscales quantize
+int8-dynamic's MLP hidden activations per token (a pass between the GEMMs) or per token and 128
+channels (lin1's epilogue) where the device's default is the other (`default_dynamic_scales`)."""
 STATIC_ATTENTION = "f8sattn"
 LOWERED_SETTINGS = ("int8-static", "int8-dynamic", "float8-static", "int4-weight")
 DEFAULT_GPU = ("fp32", "bf16", "bf16-compile", "bf16-fused", *LOWERED_SETTINGS)

@@ -21,7 +21,14 @@ from samq_fx.data import generate_scene, mask_box
 from samq_fx.demo import calibration_samples
 from samq_fx.gemm_epilogue import static_scale
 from samq_fx.kernels import rel_pos_attention, rel_pos_bias
-from samq_fx.lower import Int4Linear, LoweringError, compile_parts, lower, optimize_float
+from samq_fx.lower import (
+    Int4Linear,
+    LoweringError,
+    compile_parts,
+    default_dynamic_scales,
+    lower,
+    optimize_float,
+)
 from samq_fx.meta import get_info
 from samq_fx.passes.lower_tables import QuantizedTable
 from samq_fx.quantizers import QuantSpec, UniformQuantizer
@@ -191,9 +198,10 @@ def lowered_dynamic_pair(q_int8):
 
 @pytest.fixture(scope="module")
 def lowered_dynamic_groups(q_int8):
-    """int8-dynamic as `lower` makes it by default: the MLPs' hidden codes with a scale per
-    token and 128 channels, written by lin1's epilogue."""
-    return lower(q_int8, "int8-dynamic", verbose=False)
+    """int8-dynamic as `lower` makes it by default on CUDA (asked for by name here, on the
+    CPU): the MLPs' hidden codes with a scale per token and 128 channels, written by lin1's
+    epilogue."""
+    return lower(q_int8, "int8-dynamic", dynamic_scales="group", verbose=False)
 
 
 def test_int8_dynamic_mlps_pass_group_scaled_codes(lowered_dynamic_groups, lowered_dynamic_pair):
@@ -599,6 +607,19 @@ def test_load_relowers_with_every_saved_option(q_int4, tmp_path):
     loaded = samq_fx.load(samq_fx.save(lowered, tmp_path / "int4.samq"))
     assert loaded.samq_lowering == lowered.samq_lowering
     assert loaded.samq_lowering_report.fused_attention == 0
+
+
+def test_dynamic_scales_default_follows_the_device(q_int8, lowered_dynamic_pair):
+    """dynamic_scales=None: "group" on CUDA (the Triton GEMMs write and apply the scales),
+    "token" on the CPU, where the group-scaled GEMM is torch._int_mm a group at a time; the
+    config keeps None, so a saved model picks again on the device it is loaded on."""
+    assert default_dynamic_scales(torch.device("cuda")) == "group"
+    assert default_dynamic_scales(torch.device("cpu")) == "token"
+    lowered = lower(q_int8, "int8-dynamic", verbose=False)
+    assert lowered.samq_lowering.dynamic_scales is None
+    kinds = [type(m).__name__ for m in lowered.image_encoder.samq_lowered.values()]
+    token = [type(m).__name__ for m in lowered_dynamic_pair[0].image_encoder.samq_lowered.values()]
+    assert kinds == token
 
 
 def test_load_relowers_int8_dynamic_with_its_hidden_scales(lowered_dynamic_pair, tmp_path):
