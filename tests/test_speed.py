@@ -67,3 +67,17 @@ def test_bench_labels_rows_whose_cuda_graphs_inductor_skipped(tmp_path):
     assert main(argv) == 0
     (row,) = json.loads(out.read_text())["rows"]
     assert row["setting"] == "bf16-compile@cg-skipped"
+
+
+def test_every_bench_variant_is_a_valid_lowering_option():
+    """Each `+suffix` of a lowered setting names `LowerConfig` fields with values it accepts (a
+    typo would only surface on a GPU run), and suffixes combine."""
+    from samq_fx.lower import LowerConfig
+    from samq_fx.speed import VARIANTS, lowering_options
+
+    for variant in VARIANTS:
+        backend, options = lowering_options(f"int8-dynamic+{variant}")
+        LowerConfig(backend=backend, **options)  # raises on an unknown field or value
+    backend, options = lowering_options("int8-dynamic+wtri+grpscales")
+    assert backend == "int8-dynamic"
+    assert options == {"window_attention": "triton", "dynamic_scales": "group"}
