@@ -25,6 +25,9 @@ references, and compares the two granularities' error on GELU-like rows.
     PYTHONPATH=. python3 bench/int8_token_tile_scales.py [--production] [--json out.json]
     TRITON_INTERPRET=1 PYTHONPATH=. python3 bench/int8_token_tile_scales.py --check   # CPU
 
+`--wide` times 256-column groups against 128 (lin1 at a 256-wide tile, lin2 rescaling once
+every two K steps): half the rescales, at 31.9 dB against 34.3 on the GELU rows above.
+
 `--production` times `gemm_epilogue`'s own kernels instead (lin1 writing bf16 or group codes,
 lin2 on row or group scales with the residual), each at the configs its autotuner can pick.
 
@@ -130,6 +133,39 @@ def _lin2_tile_scaled(
         o_desc.store([off_m, off_n], y.to(o_desc.dtype))
 
 
+@triton.jit
+def _lin2_wide_groups(
+    x_desc, w_desc, o_desc, A_SCALES, BIAS, SCALES, COL_ZERO, COL_SCALE, M, N, K,
+    GROUP_STEPS: tl.constexpr, HW_APPROX: tl.constexpr, A_IN_REGISTERS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_SMS: tl.constexpr,
+):  # fmt: skip
+    """lin2 on codes with a scale per row and group of GROUP_STEPS·BLOCK_K columns of K
+    (A_SCALES (K / group, M)): the int32 sums accumulate over a group's steps in the tensor
+    cores, and the float32 rescale runs once a group, not once a step (a group as wide as a
+    256-column lin1 tile halves the rescales of 128-column groups)."""
+    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    groups = tl.cdiv(K, BLOCK_K * GROUP_STEPS)
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True):
+        pid_m, pid_n = _tile(tile, num_m, num_n, 8)
+        off_m, off_n = pid_m * BLOCK_M, pid_n * BLOCK_N
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for gi in range(groups):
+            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            for si in range(GROUP_STEPS):
+                k0 = (gi * GROUP_STEPS + si) * BLOCK_K
+                a = x_desc.load([off_m, k0])
+                if A_IN_REGISTERS:
+                    a = _in_registers(a)
+                part = tl.dot(a, w_desc.load([off_n, k0]).T, part, out_dtype=tl.int32)
+            scale = tl.load(A_SCALES + gi * M + offs_m, mask=offs_m < M, other=0.0)
+            acc += part.to(tl.float32) * scale[:, None]
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        y = _epilogue(acc, BIAS, SCALES, COL_ZERO, COL_SCALE, SCALES, offs_m, offs_n, M, N,
+                      True, "none", "none", True, False, HW_APPROX)  # fmt: skip
+        o_desc.store([off_m, off_n], y.to(o_desc.dtype))
+
+
 def _codes(m: int, k: int, g: torch.Generator, device: str) -> torch.Tensor:
     return torch.randint(-127, 128, (m, k), device=device, dtype=torch.int8, generator=g)
 
@@ -199,6 +235,15 @@ def _lin2_tiles(x, w, out, tile_scales, ops, bias, scales, config, programs, gpu
                    num_stages=stages)  # fmt: skip
 
 
+def _lin2_wide(x, w, out, tile_scales_t, ops, bias, scales, config, programs, gpu, steps):
+    bm, bn, bk, warps, stages = config
+    return partial(_lin2_wide_groups[(programs,)], *_descs(x, w, out, config), tile_scales_t,
+                   bias, scales, ops.col_zero, ops.col_scale, x.shape[0], w.shape[0],
+                   x.shape[1], GROUP_STEPS=steps, HW_APPROX=gpu, A_IN_REGISTERS=gpu,
+                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_SMS=programs, num_warps=warps,
+                   num_stages=stages)  # fmt: skip
+
+
 def _tile_reference(y: torch.Tensor, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes and scales of y (M, N) per row and `tile`-column block, in float64."""
     m, n = y.shape
@@ -226,7 +271,10 @@ def _granularity_error() -> dict:
     per_token = torch.round(h / token_scale).clamp(-127, 127) * token_scale
     codes, tile_scale = _tile_reference(h, 128)
     per_tile = codes * tile_scale.repeat_interleave(128, dim=1)
-    return {"per_token_db": sqnr(per_token @ w.t()), "per_tile_db": sqnr(per_tile @ w.t())}
+    wide_codes, wide_scale = _tile_reference(h, 256)
+    wide = wide_codes * wide_scale.repeat_interleave(256, dim=1)
+    return {"per_token_db": sqnr(per_token @ w.t()), "per_tile_db": sqnr(per_tile @ w.t()),
+            "per_256_db": sqnr(wide @ w.t())}  # fmt: skip
 
 
 def check() -> int:
@@ -261,6 +309,13 @@ def check() -> int:
         err = float((out.double() - y).abs().max() / y.abs().max())
         print(f"lin2, tile scales, {'magic' if magic else 'i2f'}: {err:.1e} relative")
         failures += err > 1e-6
+    wide = _lin2_case(40, 24, 128, 64, "cpu")  # groups of 64 = 2 steps of 32
+    out = torch.empty(40, 24)
+    x2, w2, ops2, bias2, scales2, groups2, y2 = wide
+    _lin2_wide(x2, w2, out, groups2.t().contiguous(), ops2, bias2, scales2, config, 3, False, 2)()
+    err = float((out.double() - y2).abs().max() / y2.abs().max())
+    print(f"lin2, groups of two K steps: {err:.1e} relative")
+    failures += err > 1e-6
     out = torch.empty(40, 24)
     t = tile_scales.t().contiguous()
     _lin2_tiles(x, w, out, t, ops, bias, scales, config, 3, False, True, scales_t=True)()
@@ -410,14 +465,74 @@ def production(args) -> int:
     return 0
 
 
+def wide(args) -> int:
+    """128- against 256-column groups (bench kernels, scales (groups, rows)): lin1 at a 128- or
+    256-wide tile writing the codes, lin2 rescaling once a group; the 256-wide lin2 checked
+    against float64 on the GPU."""
+    ge._ensure_scratch_allocator()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    m, n1, k1 = SAM_B_LIN1
+    x, w, ops, bias, scales, _ = _lin1_case(m, n1, k1, "cuda")
+    codes1 = torch.empty(m, n1, dtype=torch.int8, device="cuda")
+    tiles128, tiles256 = (torch.empty(n1 // g, m, device="cuda") for g in (128, 256))
+    _, n2, k2 = SAM_B_LIN2
+    x2, w2, ops2, bias2, scales2, t256, y256 = _lin2_case(m, n2, k2, 256, "cuda")
+    t256 = t256.t().contiguous()
+    t128 = t256.repeat_interleave(2, dim=0).contiguous()  # the same scales, per 128 columns
+    out2 = torch.empty(m, n2, dtype=torch.bfloat16, device="cuda")
+    narrow, eight = (64, 128, 128, 4, 4), (128, 128, 128, 8, 3)
+    runs = {
+        "lin1, 128 groups, (128, 128, 128, 4, 3) x2": _lin1_tiles(
+            x, w, codes1, tiles128, ops, bias, scales, CONFIG, 2 * sms, True, scales_t=True),
+        "lin1, 256 groups, (128, 256, 128, 8, 3)": _lin1_tiles(
+            x, w, codes1, tiles256, ops, bias, scales, (128, 256, 128, 8, 3), sms, True,
+            scales_t=True),
+        "lin2, 128 groups, (64, 128, 128, 4, 4) x2": _lin2_wide(
+            x2, w2, out2, t128, ops2, bias2, scales2, narrow, 2 * sms, True, 1),
+        "lin2, 256 groups, (64, 128, 128, 4, 4) x2": _lin2_wide(
+            x2, w2, out2, t256, ops2, bias2, scales2, narrow, 2 * sms, True, 2),
+        "lin2, 256 groups, (128, 128, 128, 8, 3)": _lin2_wide(
+            x2, w2, out2, t256, ops2, bias2, scales2, eight, sms, True, 2),
+    }  # fmt: skip
+    rows = {}
+    for name, run in runs.items():
+        compiled = run()
+        rows[name] = {"kernel": name, "regs": getattr(compiled, "n_regs", None),
+                      "spills": getattr(compiled, "n_spills", None)}  # fmt: skip
+    time_alternating(runs, rows, args.rounds)
+    errors = {}
+    for name in [n for n in runs if n.startswith("lin2")]:
+        out2.zero_()
+        runs[name]()
+        errors[name] = float((out2.double() - y256).abs().max() / y256.abs().max())
+    for r in rows.values():
+        print(f"  {r['kernel']:52s} {r['ms']:.4f} ms  {r['regs']} regs, {r['spills']} spills")
+    print("  lin2 errors against float64 (GPU):", errors)
+    if args.json:
+        meta = {"mode": "wide", "device": torch.cuda.get_device_name(), "errors": errors,
+                "torch": torch.__version__, "triton": triton.__version__,
+                "granularity": _granularity_error()}  # fmt: skip
+        args.json.write_text(json.dumps({**meta, "rows": list(rows.values())}, indent=1) + "\n")
+    return 0
+
+
 def main(argv=None) -> int:
-    args = parse_args(__doc__, argv, rounds=5, extra=lambda p: p.add_argument(
-        "--production", action="store_true",
-        help="time gemm_epilogue's production kernels at their candidate configs"))  # fmt: skip
+    def options(p):
+        p.add_argument(
+            "--production",
+            action="store_true",
+            help="time gemm_epilogue's production kernels at their candidate configs",
+        )
+        p.add_argument("--wide", action="store_true",
+                       help="128- against 256-column groups (bench kernels)")  # fmt: skip
+
+    args = parse_args(__doc__, argv, rounds=5, extra=options)
     if args.check:
         return check()
     if args.production:
         return production(args)
+    if args.wide:
+        return wide(args)
 
     ge._ensure_scratch_allocator()
     programs = 2 * torch.cuda.get_device_properties(0).multi_processor_count
