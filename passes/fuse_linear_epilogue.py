@@ -103,8 +103,7 @@ def fuse_linear_epilogue(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResu
         lin1, lin2, activation = pair
         site1, site2 = _lowered_site(lin1), _lowered_site(lin2)
         module1, module2 = gm.get_submodule(lin1.target), gm.get_submodule(lin2.target)
-        fused = fuse_pair(module1, module2, activation, backend.dtype,
-                          getattr(backend, "dynamic_scales", "group"))  # fmt: skip
+        fused = fuse_pair(module1, module2, activation, backend.dtype, backend.dynamic_scales)
         if isinstance(fused, str):
             problem = fused
         elif len(lin1.users) != 1:

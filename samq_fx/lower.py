@@ -442,11 +442,12 @@ class KernelBackend:
         device: torch.device,
         int4_kernel: str = "dequant",
         int8_kernel: str = "samq",
-        dynamic_scales: str = "group",
+        dynamic_scales: str | None = None,
     ) -> None:
         self.name, self.dtype, self.device = name, dtype, device
         self.int4_kernel, self.int8_kernel = int4_kernel, int8_kernel
-        self.dynamic_scales = dynamic_scales  # `fuse_linear_epilogue`'s int8-dynamic pairs
+        # `fuse_linear_epilogue`'s int8-dynamic pairs; None: this device's default
+        self.dynamic_scales = dynamic_scales or default_dynamic_scales(device)
 
     def make_linear(self, site, w_q, weight, in_q, bias, x_val):
         """(module, kernel description) or (None, reason the site stays fake-quantized)."""
@@ -849,7 +850,7 @@ def lower(
         gm = getattr(model, part)
         state = _pass_state(torch_dtype, cfg.attention, cfg.window_attention)
         kernels = KernelBackend(cfg.backend, torch_dtype, device, cfg.int4_kernel, cfg.int8_kernel,
-                                cfg.dynamic_scales or default_dynamic_scales(device))  # fmt: skip
+                                cfg.dynamic_scales)  # fmt: skip
         ctx = PassContext(part, model.samq_arch, config=kernels, state=state)
         # the encoder's MLPs see B x 4096 tokens; the decoder's a few per prompt, where an
         # autotuned kernel per prompt count would cost more than the round trip it saves
