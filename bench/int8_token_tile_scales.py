@@ -383,59 +383,21 @@ def production(args) -> int:
     rows2 = ge.Int8Operands(ops2.col_zero, ops2.col_scale, tiles2[0].contiguous())
     out2 = torch.empty(m, n2, dtype=torch.bfloat16, device="cuda")
     res = torch.randn(m, n2, device="cuda").bfloat16()
+    residual = {"RESIDUAL": res, "HAS_RESIDUAL": True}
+    kinds = {  # name -> (x, w, out, operands, bias, scales, activation, codes, extra keywords)
+        "lin1 bf16 out": (x, w, h, ops, bias, scales, "gelu", "none", {}),
+        "lin1 group codes": (x, w, codes1, ops, bias, scales, "gelu", "int8_tiles",
+                             {"TILE_SCALES": tiles1}),
+        "lin2 rows + residual": (x2, w2, out2, rows2, bias2, scales2, "none", "none", residual),
+        "lin2 group + residual": (x2, w2, out2, ops2, bias2, scales2, "none", "none",
+                                  {**residual, "X_TILE_SCALES": tiles2, "HAS_TILE_SCALES": True}),
+    }  # fmt: skip
     runs = {}
     for config in PRODUCTION_CONFIGS:
         for a_regs in (False, True):
             tag = f"{config}{' a-regs' if a_regs else ''}"
-            runs[f"lin1 bf16 out {tag}"] = _production_ptrs(
-                x, w, h, ops, bias, scales, "gelu", "none", config, a_regs, sms
-            )
-            runs[f"lin1 group codes {tag}"] = _production_ptrs(
-                x,
-                w,
-                codes1,
-                ops,
-                bias,
-                scales,
-                "gelu",
-                "int8_tiles",
-                config,
-                a_regs,
-                sms,
-                TILE_SCALES=tiles1,
-            )
-            runs[f"lin2 rows + residual {tag}"] = _production_ptrs(
-                x2,
-                w2,
-                out2,
-                rows2,
-                bias2,
-                scales2,
-                "none",
-                "none",
-                config,
-                a_regs,
-                sms,
-                RESIDUAL=res,
-                HAS_RESIDUAL=True,
-            )
-            runs[f"lin2 group + residual {tag}"] = _production_ptrs(
-                x2,
-                w2,
-                out2,
-                ops2,
-                bias2,
-                scales2,
-                "none",
-                "none",
-                config,
-                a_regs,
-                sms,
-                RESIDUAL=res,
-                HAS_RESIDUAL=True,
-                X_TILE_SCALES=tiles2,
-                HAS_TILE_SCALES=True,
-            )
+            for kind, (*operands, extra) in kinds.items():
+                runs[f"{kind} {tag}"] = _production_ptrs(*operands, config, a_regs, sms, **extra)
     per_token = torch.compile(ge.quantize_int8_per_token, fullgraph=True)
     runs["per-token pass"] = partial(per_token, h)
     rows = {}
