@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import samq_fx
@@ -461,6 +461,7 @@ def test_per_group_quantizer_layout_and_edges():
 @settings(max_examples=20, deadline=None)
 @given(m=st.integers(1, 40), hidden=st.sampled_from([128, 256, 384]),
        activation=st.sampled_from(["gelu", "relu"]), seed=st.integers(0, 2**16))  # fmt: skip
+@example(m=8, hidden=128, activation="gelu", seed=186)  # once failed: x's codes re-derived
 def test_group_scaled_dynamic_pair_equals_its_float64_chain(m, hidden, activation, seed):
     """`fuse_pair`'s int8-dynamic MLP ("group"): lin1 + activation writing codes per token and
     128 hidden channels, then lin2 on them, equals the chain computed apart in float64: x
@@ -483,11 +484,12 @@ def test_group_scaled_dynamic_pair_equals_its_float64_chain(m, hidden, activatio
     out = second(codes, scales)
     assert codes.shape == (2, m, hidden) and scales.shape == (hidden // 128, 2 * m)
 
-    rows = x.reshape(-1, k).double()
-    sx = (rows.abs().amax(1) / 127).clamp_min(1e-12)
-    h = (torch.round(rows / sx[:, None]).clamp(-127, 127) * sx[:, None]) @ (
-        w1.double() * s1.double()[:, None]
-    ).t()
+    # from the per-token input codes both sides take (`quantize_int8_per_token`, float32): a
+    # float64 re-quantization of x can land a code a step off at a rounding boundary, which
+    # moves a group's amax by far more than the pair's float32 rounding (hypothesis: m=8,
+    # seed=186, a scale 9e-4 off)
+    x_codes, sx = quantize_int8_per_token(x)
+    h = (x_codes.double() * sx.double()[:, None]) @ (w1.double() * s1.double()[:, None]).t()
     h = h + b1.double()
     h = torch.nn.functional.gelu(h) if activation == "gelu" else torch.relu(h)
     groups = h.reshape(-1, hidden // 128, 128)
