@@ -28,6 +28,10 @@ references, and compares the two granularities' error on GELU-like rows.
 `--wide` times 256-column groups against 128 (lin1 at a 256-wide tile, lin2 rescaling once
 every two K steps): half the rescales, at 31.9 dB against 34.3 on the GELU rows above.
 
+`--flat` asks what slows the group-scaled lin2: flat K loops with the row scales loaded a group
+ahead or not, groups of 128 and 256 columns, beside the production kernel on row and group
+scales.
+
 `--production` times `gemm_epilogue`'s own kernels instead (lin1 writing bf16 or group codes,
 lin2 on row or group scales with the residual), each at the configs its autotuner can pick.
 
@@ -166,6 +170,48 @@ def _lin2_wide_groups(
         o_desc.store([off_m, off_n], y.to(o_desc.dtype))
 
 
+@triton.jit
+def _lin2_flat_groups(
+    x_desc, w_desc, o_desc, A_SCALES, BIAS, SCALES, COL_ZERO, COL_SCALE, M, N, K,
+    GROUP_STEPS: tl.constexpr, PREFETCH: tl.constexpr, HW_APPROX: tl.constexpr,
+    A_IN_REGISTERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, NUM_SMS: tl.constexpr,
+):  # fmt: skip
+    """`_lin2_wide_groups` with its group's K steps unrolled (`tl.static_range`), so that the K
+    loop stays one flat loop the pipeliner overlaps (the nested loop ran 0.32 ms against 0.21),
+    and, with PREFETCH, each group's row scales loaded one group ahead: the scale load's latency
+    then hides behind a group of tensor-core steps instead of stalling the rescale."""
+    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    groups = tl.cdiv(K, BLOCK_K * GROUP_STEPS)
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True):
+        pid_m, pid_n = _tile(tile, num_m, num_n, 8)
+        off_m, off_n = pid_m * BLOCK_M, pid_n * BLOCK_N
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        scale = tl.load(A_SCALES + offs_m, mask=m_ok, other=0.0)
+        for gi in range(groups):
+            if PREFETCH:  # the next group's scales, issued before this group's dots
+                ahead = tl.load(A_SCALES + (gi + 1) * M + offs_m, mask=m_ok & (gi + 1 < groups),
+                                other=0.0)  # fmt: skip
+            else:
+                scale = tl.load(A_SCALES + gi * M + offs_m, mask=m_ok, other=0.0)
+            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            for si in tl.static_range(GROUP_STEPS):
+                k0 = (gi * GROUP_STEPS + si) * BLOCK_K
+                a = x_desc.load([off_m, k0])
+                if A_IN_REGISTERS:
+                    a = _in_registers(a)
+                part = tl.dot(a, w_desc.load([off_n, k0]).T, part, out_dtype=tl.int32)
+            acc += part.to(tl.float32) * scale[:, None]
+            if PREFETCH:
+                scale = ahead
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        y = _epilogue(acc, BIAS, SCALES, COL_ZERO, COL_SCALE, SCALES, offs_m, offs_n, M, N,
+                      True, "none", "none", True, False, HW_APPROX)  # fmt: skip
+        o_desc.store([off_m, off_n], y.to(o_desc.dtype))
+
+
 def _codes(m: int, k: int, g: torch.Generator, device: str) -> torch.Tensor:
     return torch.randint(-127, 128, (m, k), device=device, dtype=torch.int8, generator=g)
 
@@ -244,6 +290,16 @@ def _lin2_wide(x, w, out, tile_scales_t, ops, bias, scales, config, programs, gp
                    num_stages=stages)  # fmt: skip
 
 
+def _lin2_flat(x, w, out, tile_scales_t, ops, bias, scales, config, programs, gpu, steps,
+               prefetch):  # fmt: skip
+    bm, bn, bk, warps, stages = config
+    return partial(_lin2_flat_groups[(programs,)], *_descs(x, w, out, config), tile_scales_t,
+                   bias, scales, ops.col_zero, ops.col_scale, x.shape[0], w.shape[0],
+                   x.shape[1], GROUP_STEPS=steps, PREFETCH=prefetch, HW_APPROX=gpu,
+                   A_IN_REGISTERS=gpu, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_SMS=programs,
+                   num_warps=warps, num_stages=stages)  # fmt: skip
+
+
 def _tile_reference(y: torch.Tensor, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes and scales of y (M, N) per row and `tile`-column block, in float64."""
     m, n = y.shape
@@ -316,6 +372,14 @@ def check() -> int:
     err = float((out.double() - y2).abs().max() / y2.abs().max())
     print(f"lin2, groups of two K steps: {err:.1e} relative")
     failures += err > 1e-6
+    for steps, prefetch in ((1, True), (2, False), (2, True)):
+        x2, w2, ops2, bias2, scales2, groups2, y2 = _lin2_case(40, 24, 128, 32 * steps, "cpu")
+        out = torch.empty(40, 24)
+        _lin2_flat(x2, w2, out, groups2.t().contiguous(), ops2, bias2, scales2, config, 3, False,
+                   steps, prefetch)()  # fmt: skip
+        err = float((out.double() - y2).abs().max() / y2.abs().max())
+        print(f"lin2, flat groups of {steps} K step(s), prefetch {prefetch}: {err:.1e} relative")
+        failures += err > 1e-6
     out = torch.empty(40, 24)
     t = tile_scales.t().contiguous()
     _lin2_tiles(x, w, out, t, ops, bias, scales, config, 3, False, True, scales_t=True)()
@@ -478,6 +542,76 @@ def wide(args) -> int:
     return 0
 
 
+def flat(args) -> int:
+    """What slows the group-scaled lin2 (0.21 ms against 0.15 on row scales): the scale load's
+    latency or the rescale itself. Flat K loops (`_lin2_flat_groups`) with and without the
+    scales loaded a group ahead, groups of 128 and 256 columns, beside the production kernel
+    on row and on group scales (no residual); every lin2 checked against float64 on the GPU."""
+    ge._ensure_scratch_allocator()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    m, n2, k2 = SAM_B_LIN2
+    x2, w2, ops2, bias2, scales2, t256, y256 = _lin2_case(m, n2, k2, 256, "cuda")
+    t256 = t256.t().contiguous()
+    t128 = t256.repeat_interleave(2, dim=0).contiguous()  # the same scales, per 128 columns
+    rows2 = ge.Int8Operands(ops2.col_zero, ops2.col_scale, t128[0].contiguous())
+    out2 = torch.empty(m, n2, dtype=torch.bfloat16, device="cuda")
+    narrow, half_k = (64, 128, 128, 4, 4), (64, 128, 64, 4, 6)
+    group = {"X_TILE_SCALES": t128, "HAS_TILE_SCALES": True}
+    runs = {
+        "production, row scales (floor)": _production_ptrs(
+            x2, w2, out2, rows2, bias2, scales2, "none", "none", (*narrow, 2), True, sms),
+        "production, 128 groups": _production_ptrs(
+            x2, w2, out2, ops2, bias2, scales2, "none", "none", (*narrow, 2), True, sms, **group),
+    }  # fmt: skip
+    for label, scales_t, config, steps in (("128 groups", t128, narrow, 1),
+                                           ("128 groups of 2 x 64", t128, half_k, 2),
+                                           ("256 groups", t256, narrow, 2)):  # fmt: skip
+        for prefetch in (False, True):
+            runs[f"flat, {label}{', prefetch' if prefetch else ''}"] = _lin2_flat(
+                x2, w2, out2, scales_t, ops2, bias2, scales2, config, 2 * sms, True, steps,
+                prefetch)  # fmt: skip
+    # the projection (K = 768) on codes with a scale per token and head (64 columns), as the
+    # attention kernels could write them, against its row-scaled production kernel
+    xp, wp, opsp, biasp, scalesp, heads, yp = _lin2_case(m, 768, 768, 64, "cuda")
+    heads = heads.t().contiguous()
+    rowsp = ge.Int8Operands(opsp.col_zero, opsp.col_scale, heads[0].contiguous())
+    outp = torch.empty(m, 768, dtype=torch.bfloat16, device="cuda")
+    for config in ((64, 128, 128, 4, 4, 2), (128, 128, 128, 4, 3, 2)):
+        runs[f"proj, production, row scales {config}"] = _production_ptrs(
+            xp, wp, outp, rowsp, biasp, scalesp, "none", "none", config, True, sms
+        )
+    for config in ((64, 128, 64, 4, 6), (128, 128, 64, 4, 4)):
+        for prefetch in (False, True):
+            runs[f"proj, flat, 64 groups {config}{', prefetch' if prefetch else ''}"] = _lin2_flat(
+                xp, wp, outp, heads, opsp, biasp, scalesp, config, 2 * sms, True, 1, prefetch
+            )
+    rows = {}
+    for name, run in runs.items():
+        try:
+            compiled = run()
+        except Exception as err:  # a config past the shared memory: listed, not timed
+            print(f"  {name}: {type(err).__name__}: {str(err)[:120]}")
+            continue
+        rows[name] = {"kernel": name, "regs": getattr(compiled, "n_regs", None),
+                      "spills": getattr(compiled, "n_spills", None)}  # fmt: skip
+    runs = {k: v for k, v in runs.items() if k in rows}
+    time_alternating(runs, rows, args.rounds)
+    errors = {}
+    for name in [n for n in runs if "row scales" not in n]:
+        out, ref = (outp, yp) if name.startswith("proj") else (out2, y256)
+        out.zero_()
+        runs[name]()
+        errors[name] = float((out.double() - ref).abs().max() / ref.abs().max())
+    for r in rows.values():
+        print(f"  {r['kernel']:52s} {r['ms']:.4f} ms  {r['regs']} regs, {r['spills']} spills")
+    print("  errors against float64 (GPU):", errors)
+    if args.json:
+        meta = {"mode": "flat", "device": torch.cuda.get_device_name(), "errors": errors,
+                "torch": torch.__version__, "triton": triton.__version__}  # fmt: skip
+        args.json.write_text(json.dumps({**meta, "rows": list(rows.values())}, indent=1) + "\n")
+    return 0
+
+
 def main(argv=None) -> int:
     def options(p):
         p.add_argument(
@@ -487,6 +621,8 @@ def main(argv=None) -> int:
         )
         p.add_argument("--wide", action="store_true",
                        help="128- against 256-column groups (bench kernels)")  # fmt: skip
+        p.add_argument("--flat", action="store_true",
+                       help="lin2's scale loads a group ahead, flat K loops (bench kernels)")  # fmt: skip
 
     args = parse_args(__doc__, argv, rounds=5, extra=options)
     if args.check:
@@ -495,6 +631,8 @@ def main(argv=None) -> int:
         return production(args)
     if args.wide:
         return wide(args)
+    if args.flat:
+        return flat(args)
 
     ge._ensure_scratch_allocator()
     programs = 2 * torch.cuda.get_device_properties(0).multi_processor_count
