@@ -212,6 +212,46 @@ def _lin2_flat_groups(
         o_desc.store([off_m, off_n], y.to(o_desc.dtype))
 
 
+@triton.jit
+def _lin2_halves(
+    x_desc, w_desc, o_desc, A_SCALES, BIAS, SCALES, COL_ZERO, COL_SCALE, M, N, K,
+    HW_APPROX: tl.constexpr, A_IN_REGISTERS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_SMS: tl.constexpr,
+):  # fmt: skip
+    """The group-scaled lin2 at the row-scaled kernel's 128 x 128 tile: there, an int32 step
+    sum beside the float32 one needs 256 registers a thread and spills, which pushed lin2 to a
+    64-row tile (0.21 ms against 0.15). Here each K step runs as two dots of BLOCK_N / 2
+    columns, each rescaled into its own float32 half before the next, so only half a tile of
+    int32 sums is live. w_desc and o_desc have (BLOCK_N / 2)-column blocks; A_SCALES (K / 128,
+    M)."""
+    HALF: tl.constexpr = BLOCK_N // 2
+    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True):
+        pid_m, pid_n = _tile(tile, num_m, num_n, 8)
+        off_m, off_n = pid_m * BLOCK_M, pid_n * BLOCK_N
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        acc0 = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+        acc1 = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+        for ki in range(k_tiles):
+            a = x_desc.load([off_m, ki * BLOCK_K])
+            if A_IN_REGISTERS:
+                a = _in_registers(a)
+            scale = tl.load(A_SCALES + (ki * BLOCK_K // 128) * M + offs_m, mask=offs_m < M,
+                            other=0.0)[:, None]  # fmt: skip
+            part = tl.dot(a, w_desc.load([off_n, ki * BLOCK_K]).T, out_dtype=tl.int32)
+            acc0 += part.to(tl.float32) * scale
+            part = tl.dot(a, w_desc.load([off_n + HALF, ki * BLOCK_K]).T, out_dtype=tl.int32)
+            acc1 += part.to(tl.float32) * scale
+        offs_n = off_n + tl.arange(0, HALF)
+        y = _epilogue(acc0, BIAS, SCALES, COL_ZERO, COL_SCALE, SCALES, offs_m, offs_n, M, N,
+                      True, "none", "none", True, False, HW_APPROX)  # fmt: skip
+        o_desc.store([off_m, off_n], y.to(o_desc.dtype))
+        y = _epilogue(acc1, BIAS, SCALES, COL_ZERO, COL_SCALE, SCALES, offs_m, offs_n + HALF, M,
+                      N, True, "none", "none", True, False, HW_APPROX)  # fmt: skip
+        o_desc.store([off_m, off_n + HALF], y.to(o_desc.dtype))
+
+
 def _codes(m: int, k: int, g: torch.Generator, device: str) -> torch.Tensor:
     return torch.randint(-127, 128, (m, k), device=device, dtype=torch.int8, generator=g)
 
@@ -300,6 +340,16 @@ def _lin2_flat(x, w, out, tile_scales_t, ops, bias, scales, config, programs, gp
                    num_warps=warps, num_stages=stages)  # fmt: skip
 
 
+def _lin2_split(x, w, out, tile_scales_t, ops, bias, scales, config, programs, gpu, a_regs):
+    bm, bn, bk, warps, stages = config
+    descs = [TensorDescriptor.from_tensor(t, blk) for t, blk in
+             ((x, [bm, bk]), (w, [bn // 2, bk]), (out, [bm, bn // 2]))]  # fmt: skip
+    return partial(_lin2_halves[(programs,)], *descs, tile_scales_t, bias, scales, ops.col_zero,
+                   ops.col_scale, x.shape[0], w.shape[0], x.shape[1], HW_APPROX=gpu,
+                   A_IN_REGISTERS=a_regs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_SMS=programs,
+                   num_warps=warps, num_stages=stages)  # fmt: skip
+
+
 def _tile_reference(y: torch.Tensor, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes and scales of y (M, N) per row and `tile`-column block, in float64."""
     m, n = y.shape
@@ -380,6 +430,13 @@ def check() -> int:
         err = float((out.double() - y2).abs().max() / y2.abs().max())
         print(f"lin2, flat groups of {steps} K step(s), prefetch {prefetch}: {err:.1e} relative")
         failures += err > 1e-6
+    x2, w2, ops2, bias2, scales2, groups2, y2 = _lin2_case(40, 32, 256, 128, "cpu")
+    out = torch.empty(40, 32)
+    _lin2_split(x2, w2, out, groups2.t().contiguous(), ops2, bias2, scales2, (16, 32, 32, 4, 1),
+                3, False, False)()  # fmt: skip
+    err = float((out.double() - y2).abs().max() / y2.abs().max())
+    print(f"lin2, 128 groups, tile in two column halves: {err:.1e} relative")
+    failures += err > 1e-6
     out = torch.empty(40, 24)
     t = tile_scales.t().contiguous()
     _lin2_tiles(x, w, out, t, ops, bias, scales, config, 3, False, True, scales_t=True)()
@@ -570,6 +627,17 @@ def flat(args) -> int:
             runs[f"flat, {label}{', prefetch' if prefetch else ''}"] = _lin2_flat(
                 x2, w2, out2, scales_t, ops2, bias2, scales2, config, 2 * sms, True, steps,
                 prefetch)  # fmt: skip
+    wide = (128, 128, 128, 4, 3)
+    for a_regs in (False, True):
+        runs[f"halves, 128 groups {wide} x2{' a-regs' if a_regs else ''}"] = _lin2_split(
+            x2, w2, out2, t128, ops2, bias2, scales2, wide, 2 * sms, True, a_regs
+        )
+    runs["halves, 128 groups (128, 256, 128, 8, 3) a-regs"] = _lin2_split(
+        x2, w2, out2, t128, ops2, bias2, scales2, (128, 256, 128, 8, 3), sms, True, True
+    )
+    runs[f"production, row scales {wide} x2 a-regs"] = _production_ptrs(
+        x2, w2, out2, rows2, bias2, scales2, "none", "none", (*wide, 2), True, sms
+    )
     # the projection (K = 768) on codes with a scale per token and head (64 columns), as the
     # attention kernels could write them, against its row-scaled production kernel
     xp, wp, opsp, biasp, scalesp, heads, yp = _lin2_case(m, 768, 768, 64, "cuda")
