@@ -37,7 +37,10 @@ lin2 on row or group scales with the residual), each at the configs its autotune
 
 Written in session 20; run on the H100 in session 21 (bench/int8_token_tile_scales_h100.json,
 bench/int8_group_production_h100.json; bench/RESULTS.md). That run decided `lower`'s
-int8-dynamic MLP: group-scaled codes written by lin1's epilogue.
+int8-dynamic MLP: group-scaled codes written by lin1's epilogue. Session 22 ran `--wide` and
+`--flat` (bench/int8_wide_groups_h100.json, bench/int8_flat_groups_h100.json): no variant beat
+the production group-scaled lin2 by more than 7%, none came near the row-scaled one, and per-head
+scales made the projection slower than the per-token pass they would remove.
 """
 
 from __future__ import annotations
