@@ -243,7 +243,9 @@ def window_as_global_rows() -> list[dict]:
 
 GLOBAL_SHAPES = (("SAM-B global", 96, 64, 64, 64), ("SAM-H global", 128, 64, 64, 80))
 """(name, batch x heads, key-grid height, width, head dim) at batch 8."""
-GLOBAL_VARIANTS = {"default": {}}
+GLOBAL_VARIANTS = {"default": {}, "exp2 split": {"EXP2_SPLIT": True}}
+"""Kernel variants by constexpr flags: `exp2 split` computes odd keys' exponentials on the FMA
+pipe (`triton_attention.exp2_fma`), even keys' on the special-function unit."""
 
 
 def global_rows(only: tuple | None = None) -> list[dict]:
@@ -309,17 +311,20 @@ def _global_config_row(row, launch_args, common, cfg, grid, checked, flags=None)
     return row
 
 
-def global_tables_rows() -> list[dict]:
+def global_tables_rows(configs: tuple = (), shapes: tuple = ()) -> list[dict]:
     """The global attention as `fuse_attention` now wires it (`global_attention_op`): the
     rel-pos terms kernel (q and the tables), then the attention kernel reading q, k, v from a
     qkv output (bf16: strided views; float8: static codes) and writing token-major, at each
     config, against `global_attention_reference` on the first image; the autotuned op and
-    the rel-pos terms kernel alone."""
+    the rel-pos terms kernel alone. `configs`: only these (BLOCK_M, BLOCK_N, warps) tiles;
+    `shapes`: only these shape names; every `GLOBAL_VARIANTS` entry at each."""
     from samq_fx import triton_attention as ta
 
     dev = "cuda"
     rows = []
     for name, bh, kh, kw, d in GLOBAL_SHAPES:
+        if shapes and name not in shapes:
+            continue
         length, heads = kh * kw, bh // 8
         g = torch.Generator(device=dev).manual_seed(0)
         qkv = torch.randn(8, length, 3, heads, d, device=dev, generator=g).bfloat16()
@@ -346,10 +351,16 @@ def global_tables_rows() -> list[dict]:
             for cfg in ta._CONFIGS:
                 config = [cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps,
                           cfg.num_stages, cfg.maxnreg]  # fmt: skip
-                row = {"kernel": f"global tables {mode}", "shape": name, "config": config}
-                grid = (length, kh, kw, bh)
-                checked = (out[:1], ref)
-                rows.append(_global_config_row(row, launch_args, common, cfg, grid, checked))
+                if configs and tuple(config[:3]) not in configs:
+                    continue
+                for variant, flags in GLOBAL_VARIANTS.items():
+                    row = {"kernel": f"global tables {mode} {variant}", "shape": name,
+                           "config": config}  # fmt: skip
+                    grid = (length, kh, kw, bh)
+                    checked = (out[:1], ref)
+                    rows.append(
+                        _global_config_row(row, launch_args, common, cfg, grid, checked, flags)
+                    )
             auto = partial(ta.launch_global, *args)
             rows.append({"kernel": f"global tables {mode} (autotuned, with the rel-pos kernel)",
                          "shape": name, "ms": _bench(auto)})  # fmt: skip
@@ -378,6 +389,14 @@ def main() -> None:
         "--configs", nargs="+", help="GEMM tile configs to sweep, each 'BM,BN,BK,WARPS,STAGES'"
     )
     parser.add_argument("--shapes", nargs="+", default=(), help="only these GEMM shapes")
+    parser.add_argument(
+        "--global-tiles",
+        nargs="+",
+        default=(),
+        help="global-tables: only these tiles, each 'BM,BN,WARPS'",
+    )
+    parser.add_argument("--global-shapes", nargs="+", default=(),
+                        help="global-tables: only these shapes, e.g. 'SAM-B global'")  # fmt: skip
     parser.add_argument(
         "--no-autotuned", action="store_true", help="skip the autotuned `launch` row of each shape"
     )
@@ -415,7 +434,8 @@ def main() -> None:
         elif part == "global":
             rows += global_rows()
         elif part == "global-tables":
-            rows += global_tables_rows()
+            tiles = tuple(tuple(int(v) for v in t.split(",")) for t in args.global_tiles)
+            rows += global_tables_rows(tiles, tuple(args.global_shapes))
         elif part == "window-as-global":
             rows += window_as_global_rows()
         else:
