@@ -243,9 +243,10 @@ def window_as_global_rows() -> list[dict]:
 
 GLOBAL_SHAPES = (("SAM-B global", 96, 64, 64, 64), ("SAM-H global", 128, 64, 64, 80))
 """(name, batch x heads, key-grid height, width, head dim) at batch 8."""
-GLOBAL_VARIANTS = {"default": {}, "exp2 split": {"EXP2_SPLIT": True}}
-"""Kernel variants by constexpr flags: `exp2 split` computes odd keys' exponentials on the FMA
-pipe (`triton_attention.exp2_fma`), even keys' on the special-function unit."""
+GLOBAL_VARIANTS = {"default": {}}
+"""Kernel variants by constexpr flags. Branch `experiment/exp2-split` adds `exp2 split` (odd
+keys' exponentials on the FMA pipe): slower at every tile (session 22,
+bench/global_exp2_split_h100_experiment.json)."""
 
 
 def global_rows(only: tuple | None = None) -> list[dict]:

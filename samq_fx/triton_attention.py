@@ -152,22 +152,6 @@ if triton is not None:
         return out
 
     @triton.jit
-    def exp2_fma(x):
-        """2^x without the special-function unit (16 results an SM a clock on Hopper, the
-        softmax's bound at head dim 64): x = n + f, n by the 1.5·2^23 rounding trick, 2^f by a
-        cubic (relative error 7.5e-5, below bf16's rounding), n added to the exponent bits.
-        x below -125 gives 2^-125."""
-        x = tl.maximum(x, -125.0)
-        t = x + 12582912.0  # 1.5·2^23: n = round(x) in the low bits of t
-        f = x - (t - 12582912.0)  # in [-0.5, 0.5]
-        p = 0.0551716648 * f + 0.2426111251
-        p = p * f + 0.6932609677
-        p = p * f + 0.9999280572
-        # bits(t) << 23 = n << 23: 0x4B400000's low 9 bits are zero, the rest shifts out
-        bits = p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
-        return bits.to(tl.float32, bitcast=True)
-
-    @triton.jit
     def program_batch_head(HEADS):
         """(batch·head, batch, head) of this program: grid axis 1 runs over batch·heads."""
         bh = tl.program_id(1)
@@ -190,7 +174,6 @@ if triton is not None:
         EMULATE_ROUNDING: tl.constexpr,
         QKV_VIEWS: tl.constexpr,
         CODES: tl.constexpr,
-        EXP2_SPLIT: tl.constexpr = False,
     ):  # fmt: skip
         ROWS: tl.constexpr = BLOCK_N // KWP  # key-grid rows per key tile
         LOG2E: tl.constexpr = 1.4426950408889634
@@ -259,12 +242,7 @@ if triton is not None:
                 s = tl.where(key_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1) + rh)
             alpha = tl.exp2(m_i - m_new)
-            if EXP2_SPLIT:  # odd keys' exponentials on the FMA pipe, even keys' on the SFU
-                x0, x1 = tl.split(tl.reshape(s - (m_new - rh - p_shift)[:, None],
-                                             (BLOCK_M, BLOCK_N // 2, 2)))  # fmt: skip
-                p = tl.reshape(tl.join(tl.exp2(x0), exp2_fma(x1)), (BLOCK_M, BLOCK_N))
-            else:
-                p = tl.exp2(s - (m_new - rh - p_shift)[:, None])
+            p = tl.exp2(s - (m_new - rh - p_shift)[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
             if EVEN:
