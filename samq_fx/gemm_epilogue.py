@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from samq_fx.quantizers import UniformQuantizer
 from samq_fx.triton_attention import FLOAT8_MAX, quantize_float8_static
-from samq_fx.tuned_launch import TunedLauncher
+from samq_fx.tuned_launch import CACHE_AUTOTUNING, TunedLauncher
 
 try:
     import triton
@@ -525,7 +525,10 @@ if triton is not None:
         )
     ]  # fmt: skip
     _tuned_kernel = triton.autotune(
-        _CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune}
+        _CONFIGS,
+        key=_KEY,
+        prune_configs_by={"early_config_prune": _prune},
+        cache_results=CACHE_AUTOTUNING,
     )(_linear_act_kernel)
 
     _TMA_CONFIGS = [  # block shapes reach the descriptors as constexprs: no pre-hook
@@ -551,7 +554,10 @@ if triton is not None:
         )
     ]  # fmt: skip
     _tuned_kernel_tma = triton.autotune(  # TMA zero-fills past K: any K % 32 == 0 runs
-        _TMA_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _tile_codes_prune}
+        _TMA_CONFIGS,
+        key=_KEY,
+        prune_configs_by={"early_config_prune": _tile_codes_prune},
+        cache_results=CACHE_AUTOTUNING,
     )(_linear_act_kernel_tma_ptrs)
 
     _launch_pointer = TunedLauncher(_tuned_kernel)

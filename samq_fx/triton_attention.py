@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from samq_fx.tuned_launch import TunedLauncher
+from samq_fx.tuned_launch import CACHE_AUTOTUNING, TunedLauncher
 
 P_SCALE = 256.0
 FLOAT8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
@@ -352,6 +352,7 @@ if triton is not None:
         _CONFIGS,
         key=["L", "KH", "KW", "D", "FLOAT8", "QKV_VIEWS", "CODES"],
         prune_configs_by={"early_config_prune": _prune},
+        cache_results=CACHE_AUTOTUNING,
     )(triton.heuristics({"EVEN": _even})(_rel_pos_attention_kernel))
     _launch = TunedLauncher(_tuned_kernel)
 

@@ -11,8 +11,18 @@ later calls with that key go straight to the kernel.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
+
+CACHE_AUTOTUNING = os.environ.get("SAMQ_CACHE_AUTOTUNING", "1") != "0"
+"""Every autotuner here keeps its timings on disk (`cache_results`, in Triton's cache directory:
+`TRITON_CACHE_DIR`, by default ~/.triton/cache), keyed by the kernel's source, the GPU target,
+the shapes and dtypes in its key and the candidate configs. A new process that lowers the same
+model (a restarted server, the next `samq-fx bench` run) compiles only each shape's winning
+config instead of compiling and timing every candidate. GPUs of one target (sm_90: H100 and
+H200) share entries: point TRITON_CACHE_DIR elsewhere, or set SAMQ_CACHE_AUTOTUNING=0 before
+the import, to tune afresh."""
 
 
 class TunedLauncher:
@@ -38,4 +48,4 @@ class TunedLauncher:
         self.tuned.fn[grid](*args, **kwargs, **meta)
 
 
-__all__ = ["TunedLauncher"]
+__all__ = ["CACHE_AUTOTUNING", "TunedLauncher"]

@@ -41,7 +41,7 @@ from samq_fx.triton_attention import (
     output_codes,
     output_dtype,
 )
-from samq_fx.tuned_launch import TunedLauncher
+from samq_fx.tuned_launch import CACHE_AUTOTUNING, TunedLauncher
 
 try:
     import triton
@@ -275,6 +275,7 @@ if triton is not None:
         _CONFIGS,
         key=["L", "KH", "KW", "D", "HEADS"],
         prune_configs_by={"early_config_prune": _prune_chunks},
+        cache_results=CACHE_AUTOTUNING,
     )(_window_attention_kernel)
     _launch = TunedLauncher(_tuned_kernel)
 

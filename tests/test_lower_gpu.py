@@ -595,3 +595,51 @@ def test_int8_torchao_kernel_still_compiles_to_int_mm(calibrated):
     out, eager, fake, source = _compile_and_run(lowered, q)
     assert "int_mm" in source and "samq.int8_linear" not in source
     assert _sqnr(out, fake) > 20, f"lowered vs fake-quant: {_sqnr(out, fake):.1f} dB"
+
+
+_AUTOTUNE_SCRIPT = """
+import sys, torch
+from triton.runtime import autotuner
+from samq_fx.gemm_epilogue import Int8Operands, launch
+if sys.argv[1] == "again":  # every config must come from the first process's timings
+    def refuse(*args, **kwargs):
+        raise AssertionError("the autotuner benchmarked a config again")
+    autotuner.Autotuner._bench = refuse
+g = torch.Generator(device="cuda").manual_seed(0)
+x = torch.randint(-127, 128, (4096, 768), device="cuda", generator=g, dtype=torch.int8)
+w = torch.randint(-127, 128, (1024, 768), device="cuda", generator=g, dtype=torch.int8)
+ops = Int8Operands(torch.zeros(1024, device="cuda", dtype=torch.int32),
+                   torch.full((1024,), 1e-4, device="cuda"))
+scales = torch.tensor([1.0, 1.0, 0.0], device="cuda")
+kernels = ["pointer"] + (["tma"] if torch.cuda.get_device_capability() >= (9, 0) else [])
+for kernel in kernels:
+    out = launch(x, w, scales, None, "gelu", codes="none", int8=ops, out_dtype=torch.bfloat16,
+                 kernel=kernel)
+    print(kernel, float(out.double().sum()))
+"""
+
+
+def test_autotuned_configs_come_from_disk_in_a_new_process(tmp_path):
+    """`CACHE_AUTOTUNING`: the first process times the GEMM's candidate configs and leaves the
+    timings in TRITON_CACHE_DIR; a second process with the same shapes runs without timing
+    any config (its autotuner's benchmark raises) and computes the same outputs."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton")}
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", _AUTOTUNE_SCRIPT, mode],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )  # fmt: skip
+        for mode in ("first", "again")
+    ]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-3000:]
+    assert list((tmp_path / "triton").rglob("*.autotune.json")), "no autotune timings on disk"
+    first, again = (run.stdout.split() for run in runs)
+    assert first == again and len(first) >= 2
