@@ -103,3 +103,30 @@ def test_real_autotuned_kernel_through_the_launcher(triton_interpreter):
     # right results on every call; the launcher kept one config per key; the autotuner tuned
     # each key once (its cache)
     assert out == "True [(50,), (70,)] [16, 32] 2", out
+
+
+_CACHE_FLAGS = textwrap.dedent(
+    """
+    from samq_fx import gemm_epilogue as ge, triton_attention as ta, window_attention as wa
+    tuners = (ge._tuned_kernel, ge._tuned_kernel_tma, ta._tuned_kernel, wa._tuned_kernel)
+    print(*(t.cache_results for t in tuners))
+    """
+)
+
+
+@pytest.mark.parametrize("setting, expected", [(None, "True"), ("0", "False")])
+def test_every_autotuner_keeps_its_timings_on_disk_unless_told_not_to(setting, expected):
+    """CACHE_AUTOTUNING reaches all four autotuners (GEMM pointer and TMA, global and window
+    attention); SAMQ_CACHE_AUTOTUNING=0 turns it off. (That a second process then times no
+    config is a GPU test: the interpreter never caches.)"""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "SAMQ_CACHE_AUTOTUNING"}
+    if setting is not None:
+        env["SAMQ_CACHE_AUTOTUNING"] = setting
+    out = subprocess.run([sys.executable, "-c", _CACHE_FLAGS], env=env, capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    assert out.stdout.split() == [expected] * 4, out.stderr[-2000:]
