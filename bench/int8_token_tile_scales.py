@@ -104,6 +104,17 @@ def _lin1_tile_codes(
 
 
 @triton.jit
+def _store_lin2(acc, o_desc, BIAS, SCALES, COL_ZERO, COL_SCALE, offs_m, off_m, col0, M, N,
+                WIDTH: tl.constexpr, HW_APPROX: tl.constexpr):  # fmt: skip
+    """The bench lin2 kernels' output: `_epilogue` (bias, column scales, no activation) on the
+    float32 sums of columns col0 .. col0 + WIDTH, stored through o_desc."""
+    offs_n = col0 + tl.arange(0, WIDTH)
+    y = _epilogue(acc, BIAS, SCALES, COL_ZERO, COL_SCALE, SCALES, offs_m, offs_n, M, N,
+                  True, "none", "none", True, False, HW_APPROX)  # fmt: skip
+    o_desc.store([off_m, col0], y.to(o_desc.dtype))
+
+
+@triton.jit
 def _lin2_tile_scaled(
     x_desc, w_desc, o_desc, A_SCALES, BIAS, SCALES, COL_ZERO, COL_SCALE, M, N, K,
     MAGIC: tl.constexpr, HW_APPROX: tl.constexpr, A_IN_REGISTERS: tl.constexpr,
@@ -134,10 +145,8 @@ def _lin2_tile_scaled(
             else:
                 f = part.to(tl.float32)
             acc += f * scale[:, None]
-        offs_n = off_n + tl.arange(0, BLOCK_N)
-        y = _epilogue(acc, BIAS, SCALES, COL_ZERO, COL_SCALE, SCALES, offs_m, offs_n, M, N,
-                      True, "none", "none", True, False, HW_APPROX)  # fmt: skip
-        o_desc.store([off_m, off_n], y.to(o_desc.dtype))
+        _store_lin2(acc, o_desc, BIAS, SCALES, COL_ZERO, COL_SCALE, offs_m, off_m, off_n, M, N,
+                    BLOCK_N, HW_APPROX)  # fmt: skip
 
 
 @triton.jit
@@ -167,10 +176,8 @@ def _lin2_wide_groups(
                 part = tl.dot(a, w_desc.load([off_n, k0]).T, part, out_dtype=tl.int32)
             scale = tl.load(A_SCALES + gi * M + offs_m, mask=offs_m < M, other=0.0)
             acc += part.to(tl.float32) * scale[:, None]
-        offs_n = off_n + tl.arange(0, BLOCK_N)
-        y = _epilogue(acc, BIAS, SCALES, COL_ZERO, COL_SCALE, SCALES, offs_m, offs_n, M, N,
-                      True, "none", "none", True, False, HW_APPROX)  # fmt: skip
-        o_desc.store([off_m, off_n], y.to(o_desc.dtype))
+        _store_lin2(acc, o_desc, BIAS, SCALES, COL_ZERO, COL_SCALE, offs_m, off_m, off_n, M, N,
+                    BLOCK_N, HW_APPROX)  # fmt: skip
 
 
 @triton.jit
@@ -209,10 +216,8 @@ def _lin2_flat_groups(
             acc += part.to(tl.float32) * scale[:, None]
             if PREFETCH:
                 scale = ahead
-        offs_n = off_n + tl.arange(0, BLOCK_N)
-        y = _epilogue(acc, BIAS, SCALES, COL_ZERO, COL_SCALE, SCALES, offs_m, offs_n, M, N,
-                      True, "none", "none", True, False, HW_APPROX)  # fmt: skip
-        o_desc.store([off_m, off_n], y.to(o_desc.dtype))
+        _store_lin2(acc, o_desc, BIAS, SCALES, COL_ZERO, COL_SCALE, offs_m, off_m, off_n, M, N,
+                    BLOCK_N, HW_APPROX)  # fmt: skip
 
 
 @triton.jit
@@ -246,13 +251,10 @@ def _lin2_halves(
             acc0 += part.to(tl.float32) * scale
             part = tl.dot(a, w_desc.load([off_n + HALF, ki * BLOCK_K]).T, out_dtype=tl.int32)
             acc1 += part.to(tl.float32) * scale
-        offs_n = off_n + tl.arange(0, HALF)
-        y = _epilogue(acc0, BIAS, SCALES, COL_ZERO, COL_SCALE, SCALES, offs_m, offs_n, M, N,
-                      True, "none", "none", True, False, HW_APPROX)  # fmt: skip
-        o_desc.store([off_m, off_n], y.to(o_desc.dtype))
-        y = _epilogue(acc1, BIAS, SCALES, COL_ZERO, COL_SCALE, SCALES, offs_m, offs_n + HALF, M,
-                      N, True, "none", "none", True, False, HW_APPROX)  # fmt: skip
-        o_desc.store([off_m, off_n + HALF], y.to(o_desc.dtype))
+        _store_lin2(acc0, o_desc, BIAS, SCALES, COL_ZERO, COL_SCALE, offs_m, off_m, off_n, M, N,
+                    HALF, HW_APPROX)  # fmt: skip
+        _store_lin2(acc1, o_desc, BIAS, SCALES, COL_ZERO, COL_SCALE, offs_m, off_m, off_n + HALF,
+                    M, N, HALF, HW_APPROX)  # fmt: skip
 
 
 def _codes(m: int, k: int, g: torch.Generator, device: str) -> torch.Tensor:
@@ -487,6 +489,28 @@ def _production_ptrs(x, w, out, ops, bias, scales, activation, codes, config, a_
                    **extra)  # fmt: skip
 
 
+def _compile_and_time(runs: dict, rounds: int) -> tuple[dict, dict]:
+    """Compile every run (a config that does not compile, past the shared memory, is listed and
+    dropped), then time the rest alternately: (the runs kept, their rows)."""
+    rows = {}
+    for name, run in runs.items():
+        try:
+            compiled = run()
+        except Exception as err:
+            print(f"  {name}: {type(err).__name__}: {str(err)[:120]}")
+            continue
+        rows[name] = {"kernel": name, "regs": getattr(compiled, "n_regs", None),
+                      "spills": getattr(compiled, "n_spills", None)}  # fmt: skip
+    runs = {k: v for k, v in runs.items() if k in rows}
+    time_alternating(runs, rows, rounds)
+    return runs, rows
+
+
+def _print_rows(rows: dict) -> None:
+    for r in rows.values():
+        print(f"  {r['kernel']:52s} {r['ms']:.4f} ms  {r['regs']} regs, {r['spills']} spills")
+
+
 PRODUCTION_CONFIGS = ((128, 128, 128, 4, 3, 2), (128, 128, 128, 8, 3, 1), (64, 128, 128, 4, 4, 2))
 
 
@@ -524,23 +548,12 @@ def production(args) -> int:
                 runs[f"{kind} {tag}"] = _production_ptrs(*operands, config, a_regs, sms, **extra)
     per_token = torch.compile(ge.quantize_int8_per_token, fullgraph=True)
     runs["per-token pass"] = partial(per_token, h)
-    rows = {}
-    for name, run in runs.items():
-        try:
-            compiled = run()
-        except Exception as err:  # a config past the shared memory: listed, not timed
-            print(f"  {name}: {type(err).__name__}: {str(err)[:120]}")
-            continue
-        rows[name] = {"kernel": name, "regs": getattr(compiled, "n_regs", None),
-                      "spills": getattr(compiled, "n_spills", None)}  # fmt: skip
-    runs = {k: v for k, v in runs.items() if k in rows}
-    time_alternating(runs, rows, args.rounds)
+    runs, rows = _compile_and_time(runs, args.rounds)
     best = {kind: min((r for n, r in rows.items() if n.startswith(kind)), key=lambda r: r["ms"])
             for kind in ("lin1 bf16 out", "lin1 group codes", "lin2 rows", "lin2 group")}  # fmt: skip
     now = best["lin1 bf16 out"]["ms"] + rows["per-token pass"]["ms"] + best["lin2 rows"]["ms"]
     group = best["lin1 group codes"]["ms"] + best["lin2 group"]["ms"]
-    for r in rows.values():
-        print(f"  {r['kernel']:52s} {r['ms']:.4f} ms  {r['regs']} regs, {r['spills']} spills")
+    _print_rows(rows)
     print(f"  best: per token {now:.4f} ms a block, per group {group:.4f} ms a block")
     if args.json:
         meta = {"mode": "production", "device": torch.cuda.get_device_name(),
@@ -591,8 +604,7 @@ def wide(args) -> int:
         out2.zero_()
         runs[name]()
         errors[name] = float((out2.double() - y256).abs().max() / y256.abs().max())
-    for r in rows.values():
-        print(f"  {r['kernel']:52s} {r['ms']:.4f} ms  {r['regs']} regs, {r['spills']} spills")
+    _print_rows(rows)
     print("  lin2 errors against float64 (GPU):", errors)
     if args.json:
         meta = {"mode": "wide", "device": torch.cuda.get_device_name(), "errors": errors,
@@ -656,25 +668,14 @@ def flat(args) -> int:
             runs[f"proj, flat, 64 groups {config}{', prefetch' if prefetch else ''}"] = _lin2_flat(
                 xp, wp, outp, heads, opsp, biasp, scalesp, config, 2 * sms, True, 1, prefetch
             )
-    rows = {}
-    for name, run in runs.items():
-        try:
-            compiled = run()
-        except Exception as err:  # a config past the shared memory: listed, not timed
-            print(f"  {name}: {type(err).__name__}: {str(err)[:120]}")
-            continue
-        rows[name] = {"kernel": name, "regs": getattr(compiled, "n_regs", None),
-                      "spills": getattr(compiled, "n_spills", None)}  # fmt: skip
-    runs = {k: v for k, v in runs.items() if k in rows}
-    time_alternating(runs, rows, args.rounds)
+    runs, rows = _compile_and_time(runs, args.rounds)
     errors = {}
     for name in [n for n in runs if "row scales" not in n]:
         out, ref = (outp, yp) if name.startswith("proj") else (out2, y256)
         out.zero_()
         runs[name]()
         errors[name] = float((out.double() - ref).abs().max() / ref.abs().max())
-    for r in rows.values():
-        print(f"  {r['kernel']:52s} {r['ms']:.4f} ms  {r['regs']} regs, {r['spills']} spills")
+    _print_rows(rows)
     print("  errors against float64 (GPU):", errors)
     if args.json:
         meta = {"mode": "flat", "device": torch.cuda.get_device_name(), "errors": errors,
@@ -759,8 +760,7 @@ def main(argv=None) -> int:
         rows["lin1, tile codes, T"]["ms"] + min(r["ms"] for n, r in rows.items() if ", T," in n),
     )
     print(f"SAM-B MLP at batch 8, {CONFIG}, {programs} programs, {torch.cuda.get_device_name()}")
-    for r in rows.values():
-        print(f"  {r['kernel']:52s} {r['ms']:.4f} ms  {r['regs']} regs, {r['spills']} spills")
+    _print_rows(rows)
     print(f"  per token: {now:.4f} ms a block; per token and tile: {tiles:.4f} ms a block")
     print("  errors against float64 (GPU):", errors)
     if args.json:
